@@ -1,0 +1,3 @@
+"""transferkit: fine-tune pretrained image classifiers on image folders."""
+
+__version__ = "0.1.0"

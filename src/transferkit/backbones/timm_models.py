@@ -1,0 +1,103 @@
+"""timm models as backbones: `timm.create_model(name, num_classes=0)` already is one."""
+
+from __future__ import annotations
+
+import math
+import socket
+from contextlib import contextmanager
+from urllib.parse import urlparse
+
+import timm
+from timm.data import resolve_data_config
+
+from transferkit.backbones import TIMM_PREFIX, Backbone, unknown_model
+from transferkit.backbones.weights import (
+    fetch,
+    is_path,
+    load_backbone_weights,
+    load_positional,
+    normalise,
+    read_state_dict,
+    shipped_state_dict,
+)
+from transferkit.errors import WeightsError
+from transferkit.preprocessing import Preprocessing
+
+
+def _reachable(url: str | None, timeout: float = 3.0) -> bool:
+    host = urlparse(url or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _hub_cache_only():
+    """Make huggingface_hub look only in its cache, so an offline miss fails at once instead of
+    after its retries (about a minute)."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _create_pretrained(name: str):
+    def create():
+        return timm.create_model(name, pretrained=True, num_classes=0)
+
+    try:
+        with _hub_cache_only():
+            return create()
+    except Exception:  # noqa: BLE001 - not cached (or not on the hub): try the network below
+        pass
+    from huggingface_hub import constants
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    url = getattr(cfg, "url", None) if cfg is not None and not getattr(cfg, "hf_hub_id", None) else None
+    if constants.HF_HUB_OFFLINE or not _reachable(url):
+        raise WeightsError(
+            f"Cannot get the weights timm:{name}: they are not in the cache and the network is unreachable. "
+            "Use model.weights=null (random init) or model.weights=/path/to/state_dict.pth, or download "
+            "them on a connected machine (scripts/prefetch_weights.py) into the same HF_HOME / TORCH_HOME."
+        )
+    return fetch(f"timm:{name}", create)
+
+
+def _preprocessing(model) -> Preprocessing:
+    cfg = resolve_data_config({}, model=model)
+    size = cfg["input_size"][-1]
+    return Preprocessing(
+        image_size=size,
+        resize_size=math.floor(size / cfg["crop_pct"]),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        interpolation=cfg["interpolation"],
+    )
+
+
+def build_timm_backbone(name: str, weights: str | bool | None) -> Backbone:
+    if not timm.is_model(name.split(".")[0]):
+        raise unknown_model(TIMM_PREFIX + name)
+    weights = normalise(weights)
+    if weights is True:
+        model = _create_pretrained(name)
+    elif weights == "shipped":
+        model = timm.create_model(name, pretrained=False)
+        load_positional(model, shipped_state_dict(name), f"the shipped weights of {name}")
+        model.reset_classifier(0)
+    elif weights is None or is_path(weights):
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+        if weights is not None:
+            load_backbone_weights(model, read_state_dict(weights), weights)
+    else:
+        raise WeightsError(
+            f"model.weights={weights!r} means nothing for timm:{name}; use true (timm's pretrained tag; "
+            f"pick another tag with model.name=timm:{name.split('.')[0]}.<tag>), shipped, a path, or null."
+        )
+    return Backbone(model, model.num_features, _preprocessing(model))

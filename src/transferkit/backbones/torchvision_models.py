@@ -1,0 +1,87 @@
+"""torchvision classification models as backbones, through its weights API."""
+
+from __future__ import annotations
+
+import torchvision
+from torch import nn
+from torchvision.models import get_model, get_model_weights, list_models
+
+from transferkit.backbones import Backbone, unknown_model
+from transferkit.backbones.weights import fetch, is_path, load_backbone_weights, normalise, read_state_dict
+from transferkit.errors import WeightsError
+from transferkit.preprocessing import Preprocessing
+
+
+def torchvision_names() -> list[str]:
+    return list_models(module=torchvision.models)
+
+
+def _weights_enum(name: str, value: str):
+    enum = get_model_weights(name)
+    try:
+        return enum.verify(value)
+    except (KeyError, ValueError) as error:
+        names = ", ".join(["DEFAULT", *(w.name for w in enum)])
+        raise WeightsError(f"model.weights={value!r} is not a weight of {name}; choose one of: {names}, or null.") from error
+
+
+def _preprocessing(weights) -> Preprocessing:
+    """Read size, resize, mean, std and interpolation off the weights' own transforms."""
+    t = weights.transforms()
+    return Preprocessing(
+        image_size=t.crop_size[0],
+        resize_size=t.resize_size[0],
+        mean=tuple(t.mean),
+        std=tuple(t.std),
+        interpolation=t.interpolation.value,
+    )
+
+
+def _drop_aux_heads(model: nn.Module) -> None:
+    """GoogLeNet and Inception train auxiliary classifiers; a backbone needs none."""
+    if getattr(model, "aux_logits", False):
+        model.aux_logits = False
+        for attr in ("AuxLogits", "aux1", "aux2"):
+            if hasattr(model, attr):
+                setattr(model, attr, None)
+
+
+def strip_classifier(model: nn.Module) -> int:
+    """Replace the final classifier with Identity and return the feature width it took."""
+    for attr in ("fc", "classifier", "heads", "head"):
+        head = getattr(model, attr, None)
+        if not isinstance(head, nn.Module):
+            continue
+        if isinstance(head, nn.Linear):
+            setattr(model, attr, nn.Identity())
+            return head.in_features
+        linears = [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear)]
+        if linears:
+            sub, last = linears[-1]
+            head.set_submodule(sub, nn.Identity())
+            return last.in_features
+        convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+        if convs:  # SqueezeNet: 1x1 conv classifier; keep only the pooling, the model flattens
+            setattr(model, attr, nn.AdaptiveAvgPool2d(1))
+            return convs[0].in_channels
+    raise WeightsError(f"Cannot find the classifier of {type(model).__name__} to replace.")
+
+
+def build_torchvision_backbone(name: str, weights: str | bool | None) -> Backbone:
+    if name not in torchvision_names():
+        raise unknown_model(name)
+    weights = normalise(weights)
+    enum = get_model_weights(name)
+    local = weights if is_path(weights) else None
+    chosen = None if weights is None or local else _weights_enum(name, "DEFAULT" if weights is True else weights)
+    if chosen is None:
+        model = get_model(name, weights=None)
+    else:
+        model = fetch(f"{name}:{chosen.name}", lambda: get_model(name, weights=chosen))
+    _drop_aux_heads(model)
+    num_features = strip_classifier(model)
+    if local:
+        load_backbone_weights(model, read_state_dict(local), local)
+    reference = chosen or (enum.DEFAULT if hasattr(enum, "DEFAULT") else None)
+    preprocessing = _preprocessing(reference) if reference is not None else Preprocessing()
+    return Backbone(model, num_features, preprocessing)

@@ -1,0 +1,109 @@
+"""Finding the splits and classes of an image-folder dataset, and checking they agree."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from transferkit.data.images import IMAGE_EXTENSIONS, is_image_file
+from transferkit.errors import ConfigError, DataError
+
+Sample = tuple[Path, int]
+LAYOUT = "<root>/train/<class>/<image>, <root>/val/<class>/<image> (optional: test/)"
+_JUNK_DIRS = {"__MACOSX"}
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The samples of every split, labelled by the index of their class in `class_names`."""
+
+    class_names: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample] | None
+    val_from_train: bool
+
+
+def _is_visible_dir(path: Path) -> bool:
+    return path.is_dir() and not path.name.startswith(".") and path.name not in _JUNK_DIRS
+
+
+def list_class_files(split_dir: Path) -> dict[str, list[Path]]:
+    """Class name -> sorted image files below its folder (sub-folders included)."""
+    classes: dict[str, list[Path]] = {}
+    for class_dir in sorted(p for p in split_dir.iterdir() if _is_visible_dir(p)):
+        files = []
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _JUNK_DIRS)
+            files.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(Path(f)))
+        classes[class_dir.name] = files
+    if not classes:
+        raise DataError(f"{split_dir} holds no class folders. Expected layout: {LAYOUT}.")
+    empty = [name for name, files in classes.items() if not files]
+    if empty:
+        raise DataError(
+            f"Class folder(s) with no images in {split_dir}: {', '.join(empty)}. Add images "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))}) or remove the folder(s)."
+        )
+    return classes
+
+
+def _check_same_classes(split: str, found: list[str], expected: list[str]) -> None:
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    if missing or extra:
+        parts = [f"missing from {split}/: {', '.join(missing)}"] if missing else []
+        parts += [f"not in train/: {', '.join(extra)}"] if extra else []
+        raise DataError(
+            f"{split}/ and train/ hold different classes ({'; '.join(parts)}). "
+            f"Make the class folders of every split the same."
+        )
+
+
+def stratified_split(
+    samples: list[Sample], fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Hold out `fraction` of every class (at least one image where a class has two or more)."""
+    by_class: dict[int, list[Sample]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    rng = random.Random(seed)
+    keep, held_out = [], []
+    for label in sorted(by_class):
+        items = list(by_class[label])
+        rng.shuffle(items)
+        n_out = min(max(round(len(items) * fraction), 1), len(items) - 1) if len(items) > 1 else 0
+        held_out.extend(items[:n_out])
+        keep.extend(items[n_out:])
+    return sorted(keep), sorted(held_out)
+
+
+def find_splits(root: str | Path, val_fraction: float = 0.2, seed: int = 42) -> Splits:
+    """Scan `root`; classes come from train/, other splits must hold the same ones."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root={root} does not exist. Set data.root=PATH to a folder laid out as {LAYOUT}.")
+    if not (root / "train").is_dir():
+        raise DataError(f"{root} has no train/ folder. Expected layout: {LAYOUT}.")
+    train_files = list_class_files(root / "train")
+    class_names = list(train_files)
+
+    def labelled(files: dict[str, list[Path]]) -> list[Sample]:
+        return [(path, class_names.index(name)) for name in class_names for path in files[name]]
+
+    splits: dict[str, list[Sample]] = {}
+    for split in ("val", "test"):
+        if (root / split).is_dir():
+            files = list_class_files(root / split)
+            _check_same_classes(split, list(files), class_names)
+            splits[split] = labelled(files)
+
+    train = labelled(train_files)
+    if "val" in splits:
+        return Splits(class_names, train, splits["val"], splits.get("test"), val_from_train=False)
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={val_fraction} must lie in (0, 1) when {root} has no val/.")
+    train, val = stratified_split(train, val_fraction, seed)
+    return Splits(class_names, train, val, splits.get("test"), val_from_train=True)

@@ -1,0 +1,29 @@
+"""Errors a user can cause. The entry points print them as one line and exit non-zero."""
+
+_WORKER_MARK = "Original Traceback"
+
+
+class UserError(Exception):
+    """A problem with the user's data, config or weights, with the fix in the message."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader worker re-raises our error with its whole traceback as the message;
+        # the user only needs our sentence, which is the traceback's last line.
+        if _WORKER_MARK in message:
+            last = message.strip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
+
+
+class DataError(UserError):
+    """The image folders are missing, malformed or hold unreadable files."""
+
+
+class ConfigError(UserError):
+    """A config value that cannot work."""
+
+
+class WeightsError(UserError):
+    """Pretrained weights that cannot be had (offline, wrong name, missing file, wrong shape)."""

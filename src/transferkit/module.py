@@ -1,0 +1,144 @@
+"""The LightningModule: a pretrained backbone, a new head, the loss, metrics and optimizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from torch import nn
+from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from transferkit.backbones import build_backbone
+from transferkit.errors import ConfigError
+from transferkit.finetune import hold_frozen_in_eval
+from transferkit.heads import build_head
+from transferkit.preprocessing import Preprocessing
+
+
+def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    metrics: dict[str, Any] = {
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "f1": MulticlassF1Score(num_classes, average="macro"),
+    }
+    if num_classes >= 5:
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics, prefix=prefix)
+
+
+class TransferModule(L.LightningModule):
+    """Backbone + head. Every init argument is plain data, so a checkpoint rebuilds the model
+    alone: the class names and the resolved preprocessing are among them.
+
+    `optimizer` and `scheduler` are Hydra configs (`_partial_: true`), built in
+    `configure_optimizers` over the parameters that require grad at that time.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        class_names: list[str],
+        weights: str | bool | None = None,
+        head: dict[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        preprocessing: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if len(class_names) < 2:
+            raise ConfigError(f"A classifier needs at least 2 classes; the data has {len(class_names)}.")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"model.label_smoothing={label_smoothing} must lie in [0, 1).")
+        self.save_hyperparameters()
+        backbone = build_backbone(name, weights)
+        self.backbone = backbone.model
+        self.preprocessing = backbone.preprocessing.with_overrides(**(preprocessing or {}))
+        self.hparams.preprocessing = self.preprocessing.to_dict()  # resolved, for the checkpoint
+        self.head = build_head(backbone.num_features, len(class_names), **(head or {}))
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_metrics = classification_metrics(len(class_names), "train/")
+        self.val_metrics = classification_metrics(len(class_names), "val/")
+        self.test_metrics = classification_metrics(len(class_names), "test/")
+        self.val_acc_best = MaxMetric()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu") -> TransferModule:
+        """Rebuild from a checkpoint alone: the weights are in it, so nothing is downloaded."""
+        return cls.load_from_checkpoint(path, map_location=map_location, weights=None, weights_only=True)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.hparams.class_names)
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.backbone.parameters())
+
+    def train(self, mode: bool = True) -> TransferModule:
+        """Frozen parts stay in eval mode whoever switches the model to training."""
+        super().train(mode)
+        if mode:
+            hold_frozen_in_eval(self.backbone)
+        return self
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.backbone_frozen:  # no autograd graph for a backbone that cannot learn
+            with torch.no_grad():
+                return self.backbone(images)
+        return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, targets = batch
+        logits = self(images)
+        loss = self.criterion(logits, targets)
+        getattr(self, f"{stage}_metrics").update(logits, targets)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets), sync_dist=True)
+        return loss
+
+    def _log_epoch(self, stage: str) -> dict[str, torch.Tensor]:
+        metrics = getattr(self, f"{stage}_metrics")
+        values = metrics.compute()
+        metrics.reset()
+        self.log_dict(values, prog_bar=stage != "test")
+        return values
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def on_train_start(self) -> None:
+        self.val_acc_best.reset()  # forget the sanity check's numbers
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._log_epoch("val")
+        if not self.trainer.sanity_checking:
+            self.val_acc_best.update(values["val/acc"])
+        self.log("val/acc_best", self.val_acc_best.compute() if self.val_acc_best.update_called else values["val/acc"])
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        if self.hparams.optimizer is None:
+            raise ConfigError("No optimizer configured; choose one with optimizer=sgd or optimizer=adamw.")
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        optimizer = instantiate(self.hparams.optimizer)(params=trainable)
+        if not self.hparams.scheduler:
+            return {"optimizer": optimizer}
+        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

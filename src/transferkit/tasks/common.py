@@ -1,0 +1,99 @@
+"""What every task shares: config resolvers, building objects from config groups, the user-error
+boundary, and console output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich import get_console
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.tree import Tree
+
+from transferkit.errors import UserError
+
+log = logging.getLogger("transferkit")
+R = TypeVar("R")
+
+# One random suffix per process: run directories started in the same second never collide.
+_RUN_ID = secrets.token_hex(3)
+if not OmegaConf.has_resolver("run_id"):
+    OmegaConf.register_new_resolver("run_id", lambda: _RUN_ID)
+
+
+def user_errors_exit(task: Callable[[DictConfig], R]) -> Callable[[DictConfig], R]:
+    """A user error ends the process with its one-line message and exit code 2, not a traceback."""
+
+    @functools.wraps(task)
+    def wrapper(cfg: DictConfig) -> R:
+        try:
+            return task(cfg)
+        except UserError as error:
+            log.error("%s", error)
+            sys.exit(error.exit_code)
+
+    return wrapper
+
+
+def plain(cfg: Any) -> Any:
+    """A config node as plain Python data (what checkpoints and loggers can store)."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    """Objects of a group laid out as `name: {_target_: ...}`; `name: null` drops one."""
+    if not cfg:
+        return []
+    return [instantiate(node) for node in cfg.values() if node is not None and "_target_" in node]
+
+
+def build_model(cfg: DictConfig, class_names: list[str], preprocessing: dict[str, Any]):
+    """The LightningModule from the model, optimizer and scheduler groups."""
+    return instantiate(
+        cfg.model,
+        class_names=list(class_names),
+        optimizer=plain(cfg.get("optimizer")),
+        scheduler=plain(cfg.get("scheduler")),
+        preprocessing=preprocessing,
+        _recursive_=False,
+        _convert_="all",
+    )
+
+
+def print_config_tree(cfg: DictConfig, first: tuple[str, ...] = ("data", "model", "finetune", "trainer")) -> None:
+    tree = Tree("config", guide_style="dim")
+    keys = [k for k in first if k in cfg] + [k for k in cfg if k not in first]
+    for key in keys:
+        node = cfg[key]
+        text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else str(node)
+        tree.add(f"[bold]{key}[/bold]").add(Syntax(text, "yaml", background_color="default"))
+    get_console().print(tree)
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write atomically: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def print_results(title: str, results: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    for key, value in results.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}"
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value))
+        table.add_row(key, str(value))
+    get_console().print(table)

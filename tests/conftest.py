@@ -1,0 +1,95 @@
+"""Shared fixtures: generated image folders, configs composed from the real conf/, and a
+network that is never reachable (so no test can download)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from transferkit.data.demo import SHAPES, draw_shape
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+TINY_MODEL = "timm:test_efficientnet"  # 0.1 M parameters, with BatchNorm
+DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: every download fails at once
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(var, DEAD_PROXY)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch_home"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def offline_env() -> dict[str, str]:
+    """The environment for subprocesses: the same dead network."""
+    env = dict(os.environ)
+    env.update({v: DEAD_PROXY for v in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")})
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def make_image_folder(
+    root: Path,
+    classes: tuple[str, ...] = SHAPES[:3],
+    splits: dict[str, int] | None = None,
+    size: int = 40,
+) -> Path:
+    """root/<split>/<class>/<n>.png with learnable pictures (a shape per class)."""
+    splits = splits or {"train": 12, "val": 4}
+    for s, (split, n) in enumerate(splits.items()):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                shape = SHAPES[c % len(SHAPES)]
+                draw_shape(shape, seed=10_000 * s + 100 * c + i, size=size).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def compose_train() -> Callable[..., DictConfig]:
+    """Compose conf/train.yaml as the command line would, with paths under `root`."""
+
+    def _compose(root: Path, overrides: list[str] = ()) -> DictConfig:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+            cfg = compose("train", overrides=[f"paths.root_dir={root}", *overrides])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(root / "run")
+        Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+        return cfg
+
+    return _compose
+
+
+@pytest.fixture
+def tiny_overrides(image_folder: Path) -> list[str]:
+    """A train run that takes seconds: tiny backbone, small images, no workers."""
+    return [
+        "data=imagefolder",
+        f"data.root={image_folder}",
+        "data.image_size=32",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        f"model.name={TINY_MODEL}",
+        "model.weights=null",
+        "trainer=cpu",
+        "trainer.max_epochs=2",
+        "callbacks.rich_progress_bar=null",
+        "callbacks.rich_model_summary=null",
+        "optimizer.lr=0.05",
+    ]

@@ -1,0 +1,185 @@
+"""The data module: classes, splits, image modes, transforms, the demo set and data errors."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_image_folder
+from transferkit.data import DemoDataModule, ImageFolderDataModule
+from transferkit.data.demo import SHAPES, generate_demo
+from transferkit.data.folders import find_splits
+from transferkit.data.images import ImageListDataset, load_rgb
+from transferkit.errors import ConfigError, DataError
+from transferkit.preprocessing import Preprocessing
+
+
+def test_classes_come_from_train_and_every_split_is_labelled(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path, classes=("b_cls", "a_cls"), splits={"train": 5, "val": 2, "test": 3})
+    splits = find_splits(root)
+    assert splits.class_names == ["a_cls", "b_cls"]
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (10, 4, 6)
+    assert not splits.val_from_train
+    assert all(path.parent.name == splits.class_names[label] for path, label in splits.val + splits.test)
+
+
+def test_no_val_folder_gives_a_stratified_seeded_split(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path, classes=("a", "b", "c"), splits={"train": 20})
+    first = find_splits(root, val_fraction=0.25, seed=1)
+    assert first.val_from_train
+    assert Counter(label for _, label in first.val) == {0: 5, 1: 5, 2: 5}
+    assert Counter(label for _, label in first.train) == {0: 15, 1: 15, 2: 15}
+    assert not {p for p, _ in first.train} & {p for p, _ in first.val}
+    assert find_splits(root, val_fraction=0.25, seed=1).val == first.val
+    assert find_splits(root, val_fraction=0.25, seed=2).val != first.val
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
+def test_val_fraction_outside_open_unit_interval_is_refused(tmp_path: Path, fraction: float) -> None:
+    root = make_image_folder(tmp_path, splits={"train": 4})
+    with pytest.raises(ConfigError, match="val_fraction"):
+        find_splits(root, val_fraction=fraction)
+
+
+def test_extensions_case_insensitive_and_junk_ignored(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path, classes=("a", "b"), splits={"train": 2})
+    Image.new("RGB", (8, 8)).save(root / "train" / "a" / "UPPER.JPG", format="JPEG")
+    Image.new("RGB", (8, 8)).save(root / "train" / "a" / "mixed.JpEg", format="JPEG")
+    (root / "train" / "a" / ".DS_Store").write_bytes(b"\0junk")
+    (root / "train" / "a" / "notes.txt").write_text("not an image")
+    (root / "train" / "__MACOSX").mkdir()
+    (root / "train" / ".hidden_class").mkdir()
+    splits = find_splits(root)
+    assert splits.class_names == ["a", "b"]
+    names = {p.name for p, label in splits.train + splits.val if label == 0}
+    assert names == {"000.png", "001.png", "UPPER.JPG", "mixed.JpEg"}
+
+
+@pytest.mark.parametrize(
+    "mode, make",
+    [
+        ("L", lambda: Image.new("L", (10, 8), 128)),
+        ("LA", lambda: Image.new("LA", (10, 8), (128, 0))),
+        ("P", lambda: Image.new("RGB", (10, 8), (200, 10, 10)).convert("P", palette=Image.Palette.ADAPTIVE)),
+        ("RGBA", lambda: Image.new("RGBA", (10, 8), (0, 0, 0, 0))),
+        ("CMYK", lambda: Image.new("CMYK", (10, 8), (0, 255, 255, 0))),
+        ("I;16", lambda: Image.fromarray(np.full((8, 10), 65535, dtype=np.uint16))),
+    ],
+)
+def test_every_image_mode_loads_as_rgb(tmp_path: Path, mode: str, make) -> None:
+    image = make()
+    assert image.mode == mode
+    path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
+    image.save(path)
+    rgb = load_rgb(path)
+    assert rgb.mode == "RGB" and rgb.size == (10, 8)
+    pixel = rgb.getpixel((0, 0))
+    expected = {"L": (128,) * 3, "LA": (255,) * 3, "P": (200, 10, 10), "RGBA": (255,) * 3,
+                "CMYK": (255, 0, 0), "I;16": (255,) * 3}[mode]
+    assert pixel == expected  # transparency is composited on white; 16 bits scaled to 8
+
+
+def test_undecodable_image_error_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"this is not a jpeg")
+    with pytest.raises(DataError, match="broken.jpg"):
+        load_rgb(bad)
+    good = tmp_path / "ok.png"
+    Image.new("RGB", (64, 64), "red").save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    with pytest.raises(DataError, match="truncated.png"):
+        ImageListDataset([(truncated, 0)])[0]
+
+
+def test_eval_transform_resizes_by_the_crop_ratio_then_crops() -> None:
+    pre = Preprocessing().with_overrides(image_size=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert pre.resize_size == round(64 * 256 / 224)
+    image = Image.new("RGB", (100, 50), (255, 0, 0))
+    out = pre.transforms(train=False)(image)
+    assert out.shape == (3, 64, 64)
+    torch.testing.assert_close(out[:, 0, 0], torch.tensor([2.0, -2.0, -2.0]))  # (x - .5) / .25
+
+
+def test_train_transform_augments_unless_augment_is_false() -> None:
+    pre = Preprocessing().with_overrides(image_size=32)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    augmented = pre.transforms(train=True, augment=True)
+    torch.manual_seed(0)
+    a, b = augmented(image), augmented(image)
+    assert a.shape == (3, 32, 32) and not torch.equal(a, b)
+    fixed = pre.transforms(train=True, augment=False)
+    torch.testing.assert_close(fixed(image), pre.transforms(train=False)(image), rtol=0, atol=0)
+
+
+def test_datamodule_batches_follow_the_preprocessing(image_folder: Path) -> None:
+    dm = ImageFolderDataModule(image_folder, batch_size=5, num_workers=0, image_size=48)
+    assert dm.preprocessing_overrides == {"image_size": 48}
+    dm.preprocessing = Preprocessing().with_overrides(image_size=36)
+    dm.setup("fit")
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (5, 3, 36, 36) and labels.dtype == torch.int64
+    assert len(dm.datasets["train"]) == 36 and len(dm.datasets["val"]) == 12
+    assert not dm.has_test
+    assert len(dm.test_dataloader().dataset) == 12  # no test/: evaluation falls back to val
+
+
+def test_num_workers_defaults_to_the_cores_at_most_eight(image_folder: Path) -> None:
+    import os
+
+    assert ImageFolderDataModule(image_folder).num_workers == min(8, len(os.sched_getaffinity(0)))
+
+
+@pytest.mark.parametrize("key, value", [("batch_size", 0), ("num_workers", -1), ("image_size", 4)])
+def test_bad_loader_values_are_refused(image_folder: Path, key: str, value: int) -> None:
+    with pytest.raises(ConfigError, match=f"data.{key}"):
+        ImageFolderDataModule(image_folder, **{key: value})
+
+
+def test_missing_root_and_missing_train(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        find_splits(tmp_path / "nowhere")
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="no train/ folder"):
+        find_splits(tmp_path)
+
+
+def test_empty_class_folder_is_named(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path, classes=("a", "b"), splits={"train": 2, "val": 1})
+    (root / "train" / "empty_one").mkdir()
+    with pytest.raises(DataError, match="no images.*empty_one"):
+        find_splits(root)
+
+
+def test_class_mismatch_lists_the_differences(tmp_path: Path) -> None:
+    make_image_folder(tmp_path, classes=("a", "b", "c"), splits={"train": 2})
+    make_image_folder(tmp_path, classes=("a", "b", "d"), splits={"val": 1})
+    with pytest.raises(DataError, match=r"missing from val/: c.*not in train/: d"):
+        find_splits(tmp_path)
+
+
+def test_demo_is_generated_once_deterministically_and_repaired(tmp_path: Path) -> None:
+    root = generate_demo(tmp_path / "demo", train_per_class=3, val_per_class=2, size=48)
+    files = sorted(root.rglob("*.jpg"))
+    assert len(files) == len(SHAPES) * 5
+    assert {p.parent.name for p in files} == set(SHAPES)
+    first = {p.relative_to(root): p.read_bytes() for p in files}
+    mtimes = {p: p.stat().st_mtime_ns for p in files}
+    generate_demo(root, 3, 2, 48)
+    assert {p: p.stat().st_mtime_ns for p in files} == mtimes  # complete: left alone
+    files[0].unlink()
+    (root / ".complete.json").unlink()  # what an interrupted generation leaves
+    generate_demo(root, 3, 2, 48)
+    again = {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*.jpg"))}
+    assert again == first
+
+
+def test_demo_datamodule_prepares_its_data(tmp_path: Path) -> None:
+    dm = DemoDataModule(tmp_path / "demo", train_per_class=4, val_per_class=2, num_workers=0)
+    dm.prepare_data()
+    assert dm.class_names == sorted(SHAPES) and len(dm.splits.train) == 20 and len(dm.splits.val) == 10
