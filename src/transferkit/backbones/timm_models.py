@@ -94,7 +94,8 @@ def build_timm_backbone(name: str, weights: str | bool | None) -> Backbone:
     elif weights is None or is_path(weights):
         model = timm.create_model(name, pretrained=False, num_classes=0)
         if weights is not None:
-            load_backbone_weights(model, read_state_dict(weights), weights)
+            classifier = model.pretrained_cfg.get("classifier", "head")
+            load_backbone_weights(model, read_state_dict(weights), weights, dropped=(classifier,))
     else:
         raise WeightsError(
             f"model.weights={weights!r} means nothing for timm:{name}; use true (timm's pretrained tag; "

@@ -37,33 +37,35 @@ def _preprocessing(weights) -> Preprocessing:
     )
 
 
-def _drop_aux_heads(model: nn.Module) -> None:
+def _drop_aux_heads(model: nn.Module) -> tuple[str, ...]:
     """GoogLeNet and Inception train auxiliary classifiers; a backbone needs none."""
+    dropped = ()
     if getattr(model, "aux_logits", False):
         model.aux_logits = False
-        for attr in ("AuxLogits", "aux1", "aux2"):
-            if hasattr(model, attr):
-                setattr(model, attr, None)
+        dropped = tuple(attr for attr in ("AuxLogits", "aux1", "aux2") if getattr(model, attr, None) is not None)
+        for attr in dropped:
+            setattr(model, attr, None)
+    return dropped
 
 
-def strip_classifier(model: nn.Module) -> int:
-    """Replace the final classifier with Identity and return the feature width it took."""
+def strip_classifier(model: nn.Module) -> tuple[int, str]:
+    """Replace the final classifier with Identity; return the feature width it took and its name."""
     for attr in ("fc", "classifier", "heads", "head"):
         head = getattr(model, attr, None)
         if not isinstance(head, nn.Module):
             continue
         if isinstance(head, nn.Linear):
             setattr(model, attr, nn.Identity())
-            return head.in_features
+            return head.in_features, attr
         linears = [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear)]
         if linears:
             sub, last = linears[-1]
             head.set_submodule(sub, nn.Identity())
-            return last.in_features
+            return last.in_features, f"{attr}.{sub}"
         convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
         if convs:  # SqueezeNet: 1x1 conv classifier; keep only the pooling, the model flattens
             setattr(model, attr, nn.AdaptiveAvgPool2d(1))
-            return convs[0].in_channels
+            return convs[0].in_channels, attr
     raise WeightsError(f"Cannot find the classifier of {type(model).__name__} to replace.")
 
 
@@ -78,10 +80,10 @@ def build_torchvision_backbone(name: str, weights: str | bool | None) -> Backbon
         model = get_model(name, weights=None)
     else:
         model = fetch(f"{name}:{chosen.name}", lambda: get_model(name, weights=chosen))
-    _drop_aux_heads(model)
-    num_features = strip_classifier(model)
+    aux = _drop_aux_heads(model)
+    num_features, classifier = strip_classifier(model)
     if local:
-        load_backbone_weights(model, read_state_dict(local), local)
+        load_backbone_weights(model, read_state_dict(local), local, dropped=(classifier, *aux))
     reference = chosen or (enum.DEFAULT if hasattr(enum, "DEFAULT") else None)
     preprocessing = _preprocessing(reference) if reference is not None else Preprocessing()
     return Backbone(model, num_features, preprocessing)

@@ -67,23 +67,25 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load by name; keys for a classifier the backbone no longer has are ignored, nothing else."""
+def load_backbone_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, dropped: tuple[str, ...] = ()
+) -> None:
+    """Load by name. Keys under `dropped` (the classifier the backbone no longer has) are
+    ignored; any other missing, extra or differently shaped tensor means the wrong file."""
     own = model.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{p}." for p in dropped))}
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
     if mismatched:
         k = mismatched[0]
-        raise WeightsError(
-            f"{source} does not fit this model: {len(mismatched)} tensor(s) differ in shape, "
-            f"e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}. Check model.name."
-        )
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise WeightsError(
-            f"{source} does not fit this model: {len(missing)} tensor(s) missing, e.g. {missing[:3]}. "
-            f"Check model.name."
-        )
-    model.load_state_dict({k: v for k, v in state.items() if k in own})
+        problem = f"{len(mismatched)} tensor(s) differ in shape, e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+    elif missing or extra:
+        problem = f"{len(missing)} tensor(s) missing (e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})"
+    else:
+        model.load_state_dict(state)
+        return
+    raise WeightsError(f"{source} does not fit this model: {problem}. Check model.name.")
 
 
 def load_positional(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -1,0 +1,37 @@
+# Everyday commands. `make help` lists them.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-fast lint format clean-logs
+
+help: ## List the commands
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed ## Create .venv and install transferkit (editable) with its dev tools; a no-op when up to date
+
+train: install ## Train the default experiment (demo data, EfficientNet-Lite0, no network)
+	$(BIN)/python train.py $(ARGS)
+
+test: install ## Run the whole test suite (what CI runs)
+	$(BIN)/pytest
+
+test-fast: install ## Run the tests not marked slow
+	$(BIN)/pytest -m "not slow"
+
+lint: install ## Check style with ruff
+	$(BIN)/ruff check src tests scripts train.py
+	$(BIN)/ruff format --check src tests scripts train.py
+
+format: install ## Format and fix with ruff
+	$(BIN)/ruff format src tests scripts train.py
+	$(BIN)/ruff check --fix src tests scripts train.py
+
+clean-logs: ## Delete every run under logs/
+	find logs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

@@ -1,0 +1,123 @@
+"""Backbones by name: every model config, weights from every source, and weights errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF, TINY_MODEL
+from transferkit.backbones import build_backbone
+from transferkit.errors import ConfigError, WeightsError
+from transferkit.module import TransferModule
+
+MODEL_CONFIGS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+
+
+def test_the_issue_s_model_configs_exist() -> None:
+    required = {"efficientnet_lite0", "resnet18", "resnet50", "vgg16", "efficientnet_b0",
+                "mobilenet_v3_large", "convnext_tiny", "vit_b_16", "timm"}
+    assert required <= set(MODEL_CONFIGS)
+
+
+@pytest.mark.parametrize("option", MODEL_CONFIGS)
+def test_every_model_config_builds_and_maps_a_batch_to_class_scores(option: str) -> None:
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train", overrides=[f"model={option}", "model.weights=null"])
+    model = TransferModule(cfg.model.name, ["a", "b", "c"], weights=None)
+    size = model.preprocessing.image_size
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, size, size))
+    assert logits.shape == (2, 3)
+    assert model.head[-1].out_features == 3
+
+
+def test_local_state_dict_file_loads_exactly(tmp_path: Path) -> None:
+    source = build_backbone(TINY_MODEL, None).model
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    loaded = build_backbone(TINY_MODEL, str(path)).model
+    for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_torchvision_state_dict_with_its_classifier_loads(tmp_path: Path) -> None:
+    import torchvision
+
+    full = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(full.state_dict(), path)
+    backbone = build_backbone("resnet18", str(path))
+    assert torch.equal(backbone.model.conv1.weight, full.conv1.weight)
+    assert backbone.num_features == 512
+
+
+def test_weights_of_another_model_are_refused(tmp_path: Path) -> None:
+    import torchvision
+
+    path = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
+    with pytest.raises(WeightsError, match="does not fit"):
+        build_backbone("resnet18", str(path))
+
+
+def test_missing_weights_file() -> None:
+    with pytest.raises(WeightsError, match="does not exist"):
+        build_backbone("resnet18", "/no/such/weights.pth")
+
+
+def test_unknown_weight_name_lists_the_valid_ones() -> None:
+    with pytest.raises(WeightsError, match="IMAGENET1K_V1"):
+        build_backbone("resnet18", "IMAGENET_V9")
+
+
+@pytest.mark.parametrize(
+    "name, suggestion", [("resnet19", "resnet18"), ("timm:convnext_nanno", "timm:convnext_nano")]
+)
+def test_unknown_model_suggests_close_names(name: str, suggestion: str) -> None:
+    with pytest.raises(ConfigError, match=f"Unknown model.name.*{suggestion}"):
+        build_backbone(name, None)
+
+
+def test_torchvision_download_offline_says_how_to_fix() -> None:
+    with pytest.raises(WeightsError, match=r"model.weights=null.*model.weights=/path"):
+        build_backbone("resnet18", "DEFAULT")
+
+
+def test_timm_download_offline_says_how_to_fix() -> None:
+    with pytest.raises(WeightsError, match=r"model.weights=null.*model.weights=/path"):
+        build_backbone("timm:resnet18", True)
+
+
+def test_preprocessing_follows_the_weights() -> None:
+    lite0 = build_backbone("timm:tf_efficientnet_lite0", None).preprocessing
+    assert (lite0.mean, lite0.std, lite0.interpolation) == ((0.5,) * 3, (0.5,) * 3, "bicubic")
+    vit = build_backbone("vit_b_16", None).preprocessing
+    assert (vit.image_size, vit.resize_size, vit.interpolation) == (224, 256, "bilinear")
+    assert vit.mean == (0.485, 0.456, 0.406)
+
+
+def test_shipped_lite0_weights_classify_a_cat_photo_as_a_cat() -> None:
+    """scikit-image's chelsea (a tabby) must land in ImageNet's cat classes 281-285."""
+    import timm
+    from PIL import Image
+    from skimage import data
+
+    backbone = build_backbone("timm:tf_efficientnet_lite0", "shipped")
+    classifier = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    from transferkit.backbones.weights import load_positional, shipped_state_dict
+
+    load_positional(classifier, shipped_state_dict("tf_efficientnet_lite0"), "shipped")
+    classifier.eval()
+    backbone.model.eval()
+    image = backbone.preprocessing.transforms(train=False)(Image.fromarray(data.chelsea())).unsqueeze(0)
+    with torch.no_grad():
+        top = classifier(image).softmax(-1).topk(3)
+        features = backbone.model(image)
+    assert 281 <= int(top.indices[0, 0]) <= 285
+    assert float(top.values[0, 0]) > 0.3
+    with torch.no_grad():  # the backbone is the same network up to its pooled features
+        torch.testing.assert_close(features, classifier.forward_head(classifier.forward_features(image), pre_logits=True))

@@ -1,0 +1,71 @@
+"""Every option of every config group composes; the objects configs build are the right ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+
+from conftest import CONF
+from transferkit.tasks.common import instantiate_group
+
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+def test_design_groups_and_options_exist() -> None:
+    options = {g: {o for gg, o in OPTIONS if gg == g} for g in GROUPS}
+    assert {"demo", "imagefolder", "dogs_cats", "hymenoptera"} <= options["data"]
+    assert {"default", "cpu", "gpu", "ddp", "ddp_sim", "mps"} <= options["trainer"]
+    assert {"default", "none"} <= options["callbacks"]
+    assert {"csv", "tensorboard"} <= options["logger"]
+    assert {"fdr", "limit", "overfit", "profiler"} <= options["debug"]
+    assert {"sgd", "adamw"} <= options["optimizer"] and {"steplr", "cosine", "none"} <= options["scheduler"]
+    assert "vgg16_dogs_cats" in options["experiment"] and "freeze" in options["finetune"]
+
+
+@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes(group: str, option: str, compose_train, tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, [f"{group}={option}"])
+    assert cfg.model.name and cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    if group in ("callbacks", "logger"):
+        objects = instantiate_group(cfg[group])
+        assert all(isinstance(o, (L.Callback, L.pytorch.loggers.Logger)) for o in objects)
+    if group in ("optimizer", "scheduler") and cfg[group] is not None:
+        assert callable(instantiate(cfg[group]))
+
+
+def test_defaults_are_the_documented_ones(compose_train, tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path)
+    assert cfg.data._target_.endswith("DemoDataModule")
+    assert (cfg.model.name, cfg.model.weights) == ("timm:tf_efficientnet_lite0", "shipped")
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum) == (1e-3, 0.9)
+    assert (cfg.scheduler.step_size, cfg.scheduler.gamma) == (7, 0.1)
+    assert cfg.finetune._target_.endswith("FreezeBackbone")
+    assert cfg.optimized_metric == "val/acc"
+    callbacks = {type(c).__name__ for c in instantiate_group(cfg.callbacks)}
+    assert callbacks == {"ModelCheckpoint", "LearningRateMonitor", "RichProgressBar", "RichModelSummary"}
+
+
+def test_seed_experiment_holds_the_recipe(compose_train, tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, ["experiment=vgg16_dogs_cats"])
+    assert cfg.model.name == "vgg16" and cfg.model.weights == "DEFAULT"
+    assert cfg.data.root == f"{tmp_path}/data/dogs_vs_cats" and cfg.data.augment is True
+    assert cfg.optimizer._target_ == "torch.optim.SGD" and (cfg.optimizer.lr, cfg.optimizer.momentum) == (1e-3, 0.9)
+    assert cfg.scheduler._target_.endswith("StepLR") and (cfg.scheduler.step_size, cfg.scheduler.gamma) == (7, 0.1)
+    assert cfg.trainer.max_epochs == 10 and cfg.finetune._target_.endswith("FreezeBackbone")
+
+
+def test_cpu_trainer_builds(compose_train, tmp_path: Path) -> None:
+    trainer = instantiate(compose_train(tmp_path, ["trainer=cpu"]).trainer)
+    assert trainer.max_epochs == 10 and trainer.accelerator.__class__.__name__ == "CPUAccelerator"
+
+
+@pytest.mark.parametrize("override", ["model=resnet9000", "no_such_key=1", "data.no_such_key=1"])
+def test_unknown_options_and_keys_are_refused(override: str) -> None:
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)), pytest.raises(ConfigCompositionException):
+        compose("train", overrides=[override])

@@ -1,0 +1,145 @@
+"""The LightningModule: the frozen-backbone contract, metrics, optimizer and checkpoints."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import TINY_MODEL
+from transferkit.errors import ConfigError
+from transferkit.finetune import FreezeBackbone
+from transferkit.module import TransferModule
+
+SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "momentum": 0.9}
+STEPLR = {"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 1, "gamma": 0.5}
+
+
+def random_loader(n: int = 24, classes: int = 3, size: int = 32) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, size, size, generator=g) * 2 + 1  # far from BN's initial statistics
+    y = torch.randint(0, classes, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def fit(model: L.LightningModule, tmp_path: Path, epochs: int = 2, **trainer_kwargs) -> L.Trainer:
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[FreezeBackbone()], **trainer_kwargs,
+    )
+    trainer.fit(model, random_loader(), random_loader(12))
+    return trainer
+
+
+def tiny(**kwargs) -> TransferModule:
+    return TransferModule(TINY_MODEL, ["a", "b", "c"], weights=None, optimizer=SGD, scheduler=STEPLR, **kwargs)
+
+
+def test_frozen_backbone_is_bit_identical_after_real_optimizer_steps(tmp_path: Path) -> None:
+    model = tiny()
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.backbone.modules())
+    backbone_before = copy.deepcopy(model.backbone.state_dict())  # weights and BN buffers
+    head_before = copy.deepcopy(model.head.state_dict())
+    trainer = fit(model, tmp_path)
+    assert trainer.global_step == 6
+    for name, tensor in model.backbone.state_dict().items():
+        assert torch.equal(tensor, backbone_before[name]), f"{name} moved"
+    assert not any(torch.equal(t, head_before[k]) for k, t in model.head.state_dict().items())
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+    optimizer_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimizer_params == {id(p) for p in model.head.parameters()}
+
+
+def test_train_mode_never_wakes_the_frozen_backbone(tmp_path: Path) -> None:
+    model = tiny()
+    fit(model, tmp_path, epochs=1)
+    model.train()
+    assert model.training and model.head.training
+    assert not any(m.training for m in model.backbone.modules())
+    stats = copy.deepcopy(model.backbone.state_dict())
+    model(torch.randn(4, 3, 32, 32) * 5)  # a forward in "training" mode
+    assert all(torch.equal(t, stats[k]) for k, t in model.backbone.state_dict().items())
+
+
+def test_frozen_backbone_runs_without_autograd() -> None:
+    model = tiny()
+    FreezeBackbone().freeze_before_training(model)
+    features = model.features(torch.randn(2, 3, 32, 32))
+    assert not features.requires_grad and features.grad_fn is None
+    assert model(torch.randn(2, 3, 32, 32)).requires_grad  # the head still learns
+
+
+def test_metrics_and_lr_schedule_are_logged_with_contract_names(tmp_path: Path) -> None:
+    trainer = fit(tiny(), tmp_path, epochs=2)
+    logged = set(trainer.callback_metrics)
+    assert {"train/loss", "train/acc", "train/f1", "val/loss", "val/acc", "val/f1", "val/acc_best"} <= logged
+    assert "val/acc_top5" not in logged  # only with 5 or more classes
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+
+
+def test_top5_accuracy_appears_with_five_classes() -> None:
+    model = TransferModule(TINY_MODEL, list("abcde"), weights=None)
+    assert "val/acc_top5" in model.val_metrics.keys(keep_base=False)
+
+
+def test_val_acc_best_is_the_running_maximum(tmp_path: Path) -> None:
+    model = tiny()
+    seen = []
+
+    class Record(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            seen.append((float(trainer.callback_metrics["val/acc"]), float(trainer.callback_metrics["val/acc_best"])))
+
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[FreezeBackbone(), Record()], default_root_dir=tmp_path)
+    trainer.fit(model, random_loader(), random_loader(12))
+    for i, (_, best) in enumerate(seen):
+        assert best == pytest.approx(max(acc for acc, _ in seen[: i + 1]))
+
+
+def test_checkpoint_rebuilds_the_model_alone(tmp_path: Path) -> None:
+    model = tiny(preprocessing={"image_size": 40, "mean": [0.1, 0.2, 0.3]})
+    trainer = fit(model, tmp_path, epochs=1)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    restored = TransferModule.from_checkpoint(path)
+    assert restored.class_names == ["a", "b", "c"]
+    assert restored.preprocessing == model.preprocessing
+    assert restored.preprocessing.image_size == 40 and restored.preprocessing.mean == (0.1, 0.2, 0.3)
+    x = torch.randn(2, 3, 40, 40)
+    model.eval()
+    restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
+
+
+def test_weights_are_not_fetched_again_when_a_checkpoint_is_loaded(tmp_path: Path) -> None:
+    model = TransferModule("resnet18", ["a", "b"], weights=None, optimizer=SGD)
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": {**model.hparams, "weights": "DEFAULT"},
+                "pytorch-lightning_version": L.__version__}, path)
+    restored = TransferModule.from_checkpoint(path)  # DEFAULT would need the network here
+    assert torch.equal(restored.backbone.conv1.weight, model.backbone.conv1.weight)
+
+
+def test_bad_module_values_are_refused() -> None:
+    with pytest.raises(ConfigError, match="at least 2 classes"):
+        TransferModule(TINY_MODEL, ["only"], weights=None)
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        TransferModule(TINY_MODEL, ["a", "b"], weights=None, label_smoothing=1.5)
+    with pytest.raises(ConfigError, match="dropout"):
+        TransferModule(TINY_MODEL, ["a", "b"], weights=None, head={"dropout": 1.0})
+
+
+def test_mlp_head_with_dropout() -> None:
+    model = TransferModule(TINY_MODEL, ["a", "b"], weights=None, head={"hidden_dim": 16, "dropout": 0.2})
+    kinds = [type(m).__name__ for m in model.head]
+    assert kinds == ["Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    assert model.head[1].out_features == 16 and model.head[-1].out_features == 2
