@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONF, TINY_MODEL
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF, TINY_MODEL
 from transferkit.backbones import build_backbone
 from transferkit.errors import ConfigError, WeightsError
 from transferkit.module import TransferModule
@@ -17,8 +17,17 @@ MODEL_CONFIGS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
 
 def test_the_issue_s_model_configs_exist() -> None:
-    required = {"efficientnet_lite0", "resnet18", "resnet50", "vgg16", "efficientnet_b0",
-                "mobilenet_v3_large", "convnext_tiny", "vit_b_16", "timm"}
+    required = {
+        "efficientnet_lite0",
+        "resnet18",
+        "resnet50",
+        "vgg16",
+        "efficientnet_b0",
+        "mobilenet_v3_large",
+        "convnext_tiny",
+        "vit_b_16",
+        "timm",
+    }
     assert required <= set(MODEL_CONFIGS)
 
 
@@ -40,7 +49,7 @@ def test_local_state_dict_file_loads_exactly(tmp_path: Path) -> None:
     path = tmp_path / "weights.pth"
     torch.save(source.state_dict(), path)
     loaded = build_backbone(TINY_MODEL, str(path)).model
-    for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
+    for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -120,4 +129,6 @@ def test_shipped_lite0_weights_classify_a_cat_photo_as_a_cat() -> None:
     assert 281 <= int(top.indices[0, 0]) <= 285
     assert float(top.values[0, 0]) > 0.3
     with torch.no_grad():  # the backbone is the same network up to its pooled features
-        torch.testing.assert_close(features, classifier.forward_head(classifier.forward_features(image), pre_logits=True))
+        torch.testing.assert_close(
+            features, classifier.forward_head(classifier.forward_features(image), pre_logits=True)
+        )

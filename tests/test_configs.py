@@ -6,11 +6,11 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from conftest import CONF
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
-from conftest import CONF
 from transferkit.tasks.common import instantiate_group
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
@@ -55,9 +55,30 @@ def test_seed_experiment_holds_the_recipe(compose_train, tmp_path: Path) -> None
     cfg = compose_train(tmp_path, ["experiment=vgg16_dogs_cats"])
     assert cfg.model.name == "vgg16" and cfg.model.weights == "DEFAULT"
     assert cfg.data.root == f"{tmp_path}/data/dogs_vs_cats" and cfg.data.augment is True
-    assert cfg.optimizer._target_ == "torch.optim.SGD" and (cfg.optimizer.lr, cfg.optimizer.momentum) == (1e-3, 0.9)
-    assert cfg.scheduler._target_.endswith("StepLR") and (cfg.scheduler.step_size, cfg.scheduler.gamma) == (7, 0.1)
+    assert cfg.optimizer._target_ == "torch.optim.SGD" and (cfg.optimizer.lr, cfg.optimizer.momentum) == (
+        1e-3,
+        0.9,
+    )
+    assert cfg.scheduler._target_.endswith("StepLR") and (cfg.scheduler.step_size, cfg.scheduler.gamma) == (
+        7,
+        0.1,
+    )
     assert cfg.trainer.max_epochs == 10 and cfg.finetune._target_.endswith("FreezeBackbone")
+
+
+def test_every_trainer_argument_is_a_key(compose_train, tmp_path: Path) -> None:
+    import inspect
+
+    arguments = set(inspect.signature(L.Trainer.__init__).parameters) - {
+        "self",
+        "callbacks",
+        "logger",
+        "plugins",
+    }
+    assert arguments <= set(compose_train(tmp_path).trainer)
+    cfg = compose_train(tmp_path, ["trainer.gradient_clip_val=0.5", "trainer.accumulate_grad_batches=2"])
+    trainer = instantiate(cfg.trainer)
+    assert (trainer.gradient_clip_val, trainer.accumulate_grad_batches) == (0.5, 2)
 
 
 def test_cpu_trainer_builds(compose_train, tmp_path: Path) -> None:
@@ -67,5 +88,8 @@ def test_cpu_trainer_builds(compose_train, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("override", ["model=resnet9000", "no_such_key=1", "data.no_such_key=1"])
 def test_unknown_options_and_keys_are_refused(override: str) -> None:
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)), pytest.raises(ConfigCompositionException):
+    with (
+        initialize_config_dir(version_base="1.3", config_dir=str(CONF)),
+        pytest.raises(ConfigCompositionException),
+    ):
         compose("train", overrides=[override])

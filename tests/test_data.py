@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_image_folder
 from PIL import Image
 
-from conftest import make_image_folder
 from transferkit.data import DemoDataModule, ImageFolderDataModule
 from transferkit.data.demo import SHAPES, generate_demo
 from transferkit.data.folders import find_splits
@@ -79,8 +79,14 @@ def test_every_image_mode_loads_as_rgb(tmp_path: Path, mode: str, make) -> None:
     rgb = load_rgb(path)
     assert rgb.mode == "RGB" and rgb.size == (10, 8)
     pixel = rgb.getpixel((0, 0))
-    expected = {"L": (128,) * 3, "LA": (255,) * 3, "P": (200, 10, 10), "RGBA": (255,) * 3,
-                "CMYK": (255, 0, 0), "I;16": (255,) * 3}[mode]
+    expected = {
+        "L": (128,) * 3,
+        "LA": (255,) * 3,
+        "P": (200, 10, 10),
+        "RGBA": (255,) * 3,
+        "CMYK": (255, 0, 0),
+        "I;16": (255,) * 3,
+    }[mode]
     assert pixel == expected  # transparency is composited on white; 16 bits scaled to 8
 
 

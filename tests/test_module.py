@@ -8,10 +8,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import TINY_MODEL
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import TINY_MODEL
 from transferkit.errors import ConfigError
 from transferkit.finetune import FreezeBackbone
 from transferkit.module import TransferModule
@@ -29,16 +29,24 @@ def random_loader(n: int = 24, classes: int = 3, size: int = 32) -> DataLoader:
 
 def fit(model: L.LightningModule, tmp_path: Path, epochs: int = 2, **trainer_kwargs) -> L.Trainer:
     trainer = L.Trainer(
-        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[FreezeBackbone()], **trainer_kwargs,
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[FreezeBackbone()],
+        **trainer_kwargs,
     )
     trainer.fit(model, random_loader(), random_loader(12))
     return trainer
 
 
 def tiny(**kwargs) -> TransferModule:
-    return TransferModule(TINY_MODEL, ["a", "b", "c"], weights=None, optimizer=SGD, scheduler=STEPLR, **kwargs)
+    return TransferModule(
+        TINY_MODEL, ["a", "b", "c"], weights=None, optimizer=SGD, scheduler=STEPLR, **kwargs
+    )
 
 
 def test_frozen_backbone_is_bit_identical_after_real_optimizer_steps(tmp_path: Path) -> None:
@@ -94,11 +102,21 @@ def test_val_acc_best_is_the_running_maximum(tmp_path: Path) -> None:
 
     class Record(L.Callback):
         def on_validation_end(self, trainer, pl_module):
-            seen.append((float(trainer.callback_metrics["val/acc"]), float(trainer.callback_metrics["val/acc_best"])))
+            seen.append(
+                (float(trainer.callback_metrics["val/acc"]), float(trainer.callback_metrics["val/acc_best"]))
+            )
 
-    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[FreezeBackbone(), Record()], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[FreezeBackbone(), Record()],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, random_loader(), random_loader(12))
     for i, (_, best) in enumerate(seen):
         assert best == pytest.approx(max(acc for acc, _ in seen[: i + 1]))
@@ -123,8 +141,14 @@ def test_checkpoint_rebuilds_the_model_alone(tmp_path: Path) -> None:
 def test_weights_are_not_fetched_again_when_a_checkpoint_is_loaded(tmp_path: Path) -> None:
     model = TransferModule("resnet18", ["a", "b"], weights=None, optimizer=SGD)
     path = tmp_path / "m.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": {**model.hparams, "weights": "DEFAULT"},
-                "pytorch-lightning_version": L.__version__}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": {**model.hparams, "weights": "DEFAULT"},
+            "pytorch-lightning_version": L.__version__,
+        },
+        path,
+    )
     restored = TransferModule.from_checkpoint(path)  # DEFAULT would need the network here
     assert torch.equal(restored.backbone.conv1.weight, model.backbone.conv1.weight)
 

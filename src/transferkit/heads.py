@@ -7,7 +7,9 @@ from torch import nn
 from transferkit.errors import ConfigError
 
 
-def build_head(in_features: int, num_classes: int, hidden_dim: int | None = None, dropout: float = 0.0) -> nn.Sequential:
+def build_head(
+    in_features: int, num_classes: int, hidden_dim: int | None = None, dropout: float = 0.0
+) -> nn.Sequential:
     """Linear by default; `hidden_dim` adds a hidden layer (Linear-ReLU), `dropout` comes before
     each Linear. Layers keep PyTorch's default initialisation (Kaiming-uniform weights, small
     uniform biases), which starts the logits near zero for standardised features."""

@@ -16,7 +16,6 @@ from transferkit.backbones import build_backbone
 from transferkit.errors import ConfigError
 from transferkit.finetune import hold_frozen_in_eval
 from transferkit.heads import build_head
-from transferkit.preprocessing import Preprocessing
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -99,7 +98,15 @@ class TransferModule(L.LightningModule):
         logits = self(images)
         loss = self.criterion(logits, targets)
         getattr(self, f"{stage}_metrics").update(logits, targets)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets), sync_dist=True)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(targets),
+            sync_dist=True,
+        )
         return loss
 
     def _log_epoch(self, stage: str) -> dict[str, torch.Tensor]:
@@ -128,7 +135,10 @@ class TransferModule(L.LightningModule):
         values = self._log_epoch("val")
         if not self.trainer.sanity_checking:
             self.val_acc_best.update(values["val/acc"])
-        self.log("val/acc_best", self.val_acc_best.compute() if self.val_acc_best.update_called else values["val/acc"])
+        self.log(
+            "val/acc_best",
+            self.val_acc_best.compute() if self.val_acc_best.update_called else values["val/acc"],
+        )
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")

@@ -22,7 +22,9 @@ def _weights_enum(name: str, value: str):
         return enum.verify(value)
     except (KeyError, ValueError) as error:
         names = ", ".join(["DEFAULT", *(w.name for w in enum)])
-        raise WeightsError(f"model.weights={value!r} is not a weight of {name}; choose one of: {names}, or null.") from error
+        raise WeightsError(
+            f"model.weights={value!r} is not a weight of {name}; choose one of: {names}, or null."
+        ) from error
 
 
 def _preprocessing(weights) -> Preprocessing:
@@ -42,7 +44,9 @@ def _drop_aux_heads(model: nn.Module) -> tuple[str, ...]:
     dropped = ()
     if getattr(model, "aux_logits", False):
         model.aux_logits = False
-        dropped = tuple(attr for attr in ("AuxLogits", "aux1", "aux2") if getattr(model, attr, None) is not None)
+        dropped = tuple(
+            attr for attr in ("AuxLogits", "aux1", "aux2") if getattr(model, attr, None) is not None
+        )
         for attr in dropped:
             setattr(model, attr, None)
     return dropped
@@ -75,7 +79,9 @@ def build_torchvision_backbone(name: str, weights: str | bool | None) -> Backbon
     weights = normalise(weights)
     enum = get_model_weights(name)
     local = weights if is_path(weights) else None
-    chosen = None if weights is None or local else _weights_enum(name, "DEFAULT" if weights is True else weights)
+    chosen = (
+        None if weights is None or local else _weights_enum(name, "DEFAULT" if weights is True else weights)
+    )
     if chosen is None:
         model = get_model(name, weights=None)
     else:

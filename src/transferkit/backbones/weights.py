@@ -47,7 +47,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from .pth/.pt/.bin/.safetensors, or the model inside a checkpoint file."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise WeightsError(f"model.weights={path} does not exist. Give the path of a state-dict file, or null.")
+        raise WeightsError(
+            f"model.weights={path} does not exist. Give the path of a state-dict file, or null."
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -79,9 +81,12 @@ def load_backbone_weights(
     extra = [k for k in state if k not in own]
     if mismatched:
         k = mismatched[0]
-        problem = f"{len(mismatched)} tensor(s) differ in shape, e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        shapes = f"{tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        problem = f"{len(mismatched)} tensor(s) differ in shape, e.g. {k}: {shapes}"
     elif missing or extra:
-        problem = f"{len(missing)} tensor(s) missing (e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})"
+        problem = (
+            f"{len(missing)} tensor(s) missing (e.g. {missing[:2]}), {len(extra)} extra (e.g. {extra[:2]})"
+        )
     else:
         model.load_state_dict(state)
         return
@@ -91,9 +96,11 @@ def load_backbone_weights(
 def load_positional(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load a state dict whose keys differ but whose tensors come in the model's order and shapes."""
     own = model.state_dict()
-    if len(own) != len(state) or any(a.shape != b.shape for a, b in zip(own.values(), state.values())):
+    if len(own) != len(state) or any(
+        a.shape != b.shape for a, b in zip(own.values(), state.values(), strict=True)
+    ):
         raise WeightsError(f"{source} does not map onto this model tensor by tensor.")
-    model.load_state_dict(dict(zip(own.keys(), state.values())))
+    model.load_state_dict(dict(zip(own.keys(), state.values(), strict=True)))
 
 
 def shipped_state_dict(model_name: str) -> dict[str, torch.Tensor]:
@@ -119,4 +126,6 @@ def fetch(what: str, download: Callable[[], T]) -> T:
     try:
         return download()
     except Exception as error:  # noqa: BLE001 - network stacks raise many types; all mean "cannot get"
-        raise WeightsError(f"Cannot get the weights {what} ({type(error).__name__}: {error}). {OFFLINE_FIX}") from error
+        raise WeightsError(
+            f"Cannot get the weights {what} ({type(error).__name__}: {error}). {OFFLINE_FIX}"
+        ) from error

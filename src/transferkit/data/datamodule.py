@@ -48,7 +48,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         if num_workers is not None and int(num_workers) < 0:
             raise ConfigError(f"data.num_workers={num_workers} must be 0 or more (null: one per core).")
         if image_size is not None and int(image_size) < 16:
-            raise ConfigError(f"data.image_size={image_size} is too small; use 32 or more (null: the weights').")
+            raise ConfigError(
+                f"data.image_size={image_size} is too small; use 32 or more (null: the weights')."
+            )
         self.root = Path(root)
         self.batch_size = int(batch_size)
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)

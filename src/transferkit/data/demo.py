@@ -26,7 +26,20 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         corners = [(angle + k * math.pi / 5, r if k % 2 == 0 else r * 0.45) for k in range(10)]
     else:  # cross: a plus sign of arm width r/3
         w = r / 3
-        pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r), (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
+        pts = [
+            (w, r),
+            (w, w),
+            (r, w),
+            (r, -w),
+            (w, -w),
+            (w, -r),
+            (-w, -r),
+            (-w, -w),
+            (-r, -w),
+            (-r, w),
+            (-w, w),
+            (-w, r),
+        ]
         corners = [(math.atan2(y, x) + angle, math.hypot(x, y)) for x, y in pts]
     return [(cx + d * math.cos(a), cy + d * math.sin(a)) for a, d in corners]
 
@@ -41,7 +54,10 @@ def _background(rng: random.Random, size: int) -> Image.Image:
     if kind == 1:
         for y in range(size):
             t = y / (size - 1)
-            draw.line([(0, y), (size, y)], fill=tuple(round(a + (b - a) * t) for a, b in zip(base, other)))
+            draw.line(
+                [(0, y), (size, y)],
+                fill=tuple(round(a + (b - a) * t) for a, b in zip(base, other, strict=True)),
+            )
     elif kind == 2:
         step = rng.randint(6, 16)
         for x in range(-size, 2 * size, step):
@@ -73,7 +89,9 @@ def _is_complete(root: Path, counts: dict[str, int]) -> bool:
         return False
 
 
-def generate_demo(root: str | Path, train_per_class: int = 100, val_per_class: int = 25, size: int = 96) -> Path:
+def generate_demo(
+    root: str | Path, train_per_class: int = 100, val_per_class: int = 25, size: int = 96
+) -> Path:
     """Write the demo set under `root` unless a complete copy is there; deterministic."""
     root = Path(root)
     counts = {"train": train_per_class, "val": val_per_class, "size": size}
@@ -100,7 +118,9 @@ def generate_demo(root: str | Path, train_per_class: int = 100, val_per_class: i
 class DemoDataModule(ImageFolderDataModule):
     """The image-folder module over the generated demo set (created in `prepare_data`)."""
 
-    def __init__(self, root: str | Path, train_per_class: int = 100, val_per_class: int = 25, **kwargs) -> None:
+    def __init__(
+        self, root: str | Path, train_per_class: int = 100, val_per_class: int = 25, **kwargs
+    ) -> None:
         super().__init__(root, **kwargs)
         self.train_per_class = train_per_class
         self.val_per_class = val_per_class

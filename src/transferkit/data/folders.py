@@ -62,9 +62,7 @@ def _check_same_classes(split: str, found: list[str], expected: list[str]) -> No
         )
 
 
-def stratified_split(
-    samples: list[Sample], fraction: float, seed: int
-) -> tuple[list[Sample], list[Sample]]:
+def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """Hold out `fraction` of every class (at least one image where a class has two or more)."""
     by_class: dict[int, list[Sample]] = {}
     for sample in samples:
@@ -84,7 +82,9 @@ def find_splits(root: str | Path, val_fraction: float = 0.2, seed: int = 42) -> 
     """Scan `root`; classes come from train/, other splits must hold the same ones."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"data.root={root} does not exist. Set data.root=PATH to a folder laid out as {LAYOUT}.")
+        raise DataError(
+            f"data.root={root} does not exist. Set data.root=PATH to a folder laid out as {LAYOUT}."
+        )
     if not (root / "train").is_dir():
         raise DataError(f"{root} has no train/ folder. Expected layout: {LAYOUT}.")
     train_files = list_class_files(root / "train")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich import get_console
@@ -45,6 +46,17 @@ def user_errors_exit(task: Callable[[DictConfig], R]) -> Callable[[DictConfig], 
     return wrapper
 
 
+def build(cfg: DictConfig, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, but a user error raised while building comes out as itself
+    (Hydra wraps every exception in InstantiationException)."""
+    try:
+        return instantiate(cfg, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, UserError):
+            raise error.__cause__ from None
+        raise
+
+
 def plain(cfg: Any) -> Any:
     """A config node as plain Python data (what checkpoints and loggers can store)."""
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
@@ -54,12 +66,12 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     """Objects of a group laid out as `name: {_target_: ...}`; `name: null` drops one."""
     if not cfg:
         return []
-    return [instantiate(node) for node in cfg.values() if node is not None and "_target_" in node]
+    return [build(node) for node in cfg.values() if node is not None and "_target_" in node]
 
 
 def build_model(cfg: DictConfig, class_names: list[str], preprocessing: dict[str, Any]):
     """The LightningModule from the model, optimizer and scheduler groups."""
-    return instantiate(
+    return build(
         cfg.model,
         class_names=list(class_names),
         optimizer=plain(cfg.get("optimizer")),
@@ -70,7 +82,9 @@ def build_model(cfg: DictConfig, class_names: list[str], preprocessing: dict[str
     )
 
 
-def print_config_tree(cfg: DictConfig, first: tuple[str, ...] = ("data", "model", "finetune", "trainer")) -> None:
+def print_config_tree(
+    cfg: DictConfig, first: tuple[str, ...] = ("data", "model", "finetune", "trainer")
+) -> None:
     tree = Tree("config", guide_style="dim")
     keys = [k for k in first if k in cfg] + [k for k in cfg if k not in first]
     for key in keys:

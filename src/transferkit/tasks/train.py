@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from transferkit.errors import ConfigError
 from transferkit.tasks.common import (
+    build,
     build_model,
     instantiate_group,
     print_config_tree,
@@ -38,14 +38,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = build(cfg.data)
     datamodule.prepare_data()
     model = build_model(cfg, datamodule.class_names, datamodule.preprocessing_overrides)
     datamodule.preprocessing = model.preprocessing
     log.info("%d classes: %s", len(model.class_names), ", ".join(model.class_names))
 
-    callbacks = [*instantiate_group(cfg.get("callbacks")), instantiate(cfg.finetune)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")))
+    callbacks = [*instantiate_group(cfg.get("callbacks")), build(cfg.finetune)]
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")))
 
     if cfg.get("train", True):
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -53,7 +53,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     else:
         best = cfg.get("ckpt_path")
-    results: dict[str, Any] = _metrics(trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0])
+    results: dict[str, Any] = _metrics(
+        trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    )
     if cfg.get("test", True) and datamodule.has_test:
         results.update(_metrics(trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]))
     results.update(
