@@ -23,6 +23,8 @@ DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: every download fails at o
 def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
         monkeypatch.setenv(var, DEAD_PROXY)
+    for var in ("NO_PROXY", "no_proxy"):  # nothing may bypass the dead proxy
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch_home"))
     import huggingface_hub.constants
@@ -35,6 +37,8 @@ def offline_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update({v: DEAD_PROXY for v in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")})
     env["HF_HUB_OFFLINE"] = "1"
+    env.pop("NO_PROXY", None)
+    env.pop("no_proxy", None)
     return env
 
 

@@ -90,6 +90,12 @@ def test_every_image_mode_loads_as_rgb(tmp_path: Path, mode: str, make) -> None:
     assert pixel == expected  # transparency is composited on white; 16 bits scaled to 8
 
 
+def test_16_bit_images_scale_by_their_bit_depth_not_their_content(tmp_path: Path) -> None:
+    path = tmp_path / "dark.png"
+    Image.fromarray(np.array([[0, 200 * 257]], dtype=np.uint16)).save(path)
+    assert load_rgb(path).getpixel((1, 0)) == (200, 200, 200)
+
+
 def test_undecodable_image_error_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"this is not a jpeg")
@@ -178,11 +184,18 @@ def test_demo_is_generated_once_deterministically_and_repaired(tmp_path: Path) -
     mtimes = {p: p.stat().st_mtime_ns for p in files}
     generate_demo(root, 3, 2, 48)
     assert {p: p.stat().st_mtime_ns for p in files} == mtimes  # complete: left alone
-    files[0].unlink()
-    (root / ".complete.json").unlink()  # what an interrupted generation leaves
+    files[0].unlink()  # a damaged copy is regenerated
     generate_demo(root, 3, 2, 48)
     again = {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*.jpg"))}
     assert again == first
+
+
+def test_demo_never_replaces_a_user_s_folder(tmp_path: Path) -> None:
+    users = make_image_folder(tmp_path / "mine", splits={"train": 1})
+    before = sorted(users.rglob("*"))
+    with pytest.raises(DataError, match="data=imagefolder"):
+        generate_demo(users, 3, 2, 48)
+    assert sorted(users.rglob("*")) == before
 
 
 def test_demo_datamodule_prepares_its_data(tmp_path: Path) -> None:

@@ -64,6 +64,34 @@ def test_frozen_backbone_is_bit_identical_after_real_optimizer_steps(tmp_path: P
     assert optimizer_params == {id(p) for p in model.head.parameters()}
 
 
+def test_no_backbone_module_trains_during_fit(tmp_path: Path) -> None:
+    """Frozen BatchNorm must normalise with its running statistics, not the batch's."""
+    modes = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            modes.append(any(m.training for m in pl_module.backbone.modules()))
+
+    model = tiny()
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[FreezeBackbone(), Spy()],
+    )
+    trainer.fit(model, random_loader(), random_loader(12))
+    assert modes and not any(modes)
+    x = torch.randn(4, 3, 32, 32) * 3
+    model.train()
+    train_mode = model.features(x)
+    model.eval()
+    torch.testing.assert_close(train_mode, model.features(x), rtol=0, atol=0)
+
+
 def test_train_mode_never_wakes_the_frozen_backbone(tmp_path: Path) -> None:
     model = tiny()
     fit(model, tmp_path, epochs=1)
@@ -100,7 +128,13 @@ def test_val_acc_best_is_the_running_maximum(tmp_path: Path) -> None:
     model = tiny()
     seen = []
 
+    sanity_updates = []
+
     class Record(L.Callback):
+        def on_sanity_check_end(self, trainer, pl_module):
+            if pl_module.val_acc_best.update_called:
+                sanity_updates.append(float(pl_module.val_acc_best.compute()))
+
         def on_validation_end(self, trainer, pl_module):
             seen.append(
                 (float(trainer.callback_metrics["val/acc"]), float(trainer.callback_metrics["val/acc_best"]))
@@ -118,8 +152,10 @@ def test_val_acc_best_is_the_running_maximum(tmp_path: Path) -> None:
         default_root_dir=tmp_path,
     )
     trainer.fit(model, random_loader(), random_loader(12))
+    assert len(seen) == 3
     for i, (_, best) in enumerate(seen):
         assert best == pytest.approx(max(acc for acc, _ in seen[: i + 1]))
+    assert not sanity_updates  # the sanity check's numbers never count
 
 
 def test_checkpoint_rebuilds_the_model_alone(tmp_path: Path) -> None:

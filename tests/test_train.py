@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, make_image_folder, offline_env
 
-from transferkit.errors import DataError, WeightsError
+from transferkit.errors import ConfigError, DataError, WeightsError
 from transferkit.module import TransferModule
 from transferkit.tasks.train import train
 
@@ -115,6 +115,56 @@ def test_task_errors_are_user_errors(compose_train, tmp_path: Path, tiny_overrid
         train(compose_train(tmp_path, [*tiny_overrides, "model.name=resnet18", "model.weights=DEFAULT"]))
 
 
+def test_eval_only_uses_the_checkpoint_s_model_and_preprocessing(
+    compose_train, tmp_path: Path, tiny_overrides, image_folder: Path
+) -> None:
+    trained = train(compose_train(tmp_path / "a", [*tiny_overrides, "data.image_size=40"]))
+    evaluated = train(
+        compose_train(
+            tmp_path / "b", [*tiny_overrides, "train=false", f"ckpt_path={trained['best_model_path']}"]
+        )
+    )
+    assert evaluated["val/acc"] == pytest.approx(trained["val/acc"], abs=1e-6)  # 40 px, not the 32 asked here
+    assert evaluated["best_model_path"] == trained["best_model_path"]
+    other = make_image_folder(tmp_path / "other", classes=("x", "y"), splits={"train": 2, "val": 1}, size=32)
+    with pytest.raises(DataError, match="trained on classes"):
+        train(
+            compose_train(
+                tmp_path / "c",
+                [
+                    *tiny_overrides,
+                    f"data.root={other}",
+                    "train=false",
+                    f"ckpt_path={trained['best_model_path']}",
+                ],
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train=false"], "ckpt_path=PATH"),
+        (["ckpt_path=/no/such.ckpt"], "does not exist"),
+        (["optimized_metric=test/acc"], "no test/"),
+        (["optimizer.lr=-1"], "Invalid learning rate"),
+        (["trainer=gpu"], "trainer"),
+        (["data.root=???"], "data.root must be set"),
+    ],
+)
+def test_config_values_that_cannot_work_are_user_errors(
+    compose_train, tmp_path: Path, tiny_overrides, overrides: list[str], message: str
+) -> None:
+    from transferkit.tasks.common import build
+
+    cfg = compose_train(tmp_path, [*tiny_overrides, *overrides])
+    with pytest.raises(ConfigError, match=message):
+        if overrides == ["trainer=gpu"]:
+            build(cfg.trainer)  # no GPU on the test machine; where one exists this builds
+        else:
+            train(cfg)
+
+
 # ---- the command line, as users run it ------------------------------------------------------
 
 
@@ -209,6 +259,7 @@ BAD_INPUTS = {
         "does not exist",
     ),
     "weights offline": (lambda t: ["model=resnet18", "model.weights=DEFAULT"], "model.weights=null"),
+    "root unset": (lambda t: ["data=imagefolder"], "data.root must be set"),
     "unknown key": (lambda t: ["optimizer.lrr=0.1"], "Could not override 'optimizer.lrr'"),
     "unknown option": (lambda t: ["model=resnet9000"], "Could not find 'model/resnet9000'"),
 }

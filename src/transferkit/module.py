@@ -52,11 +52,11 @@ class TransferModule(L.LightningModule):
             raise ConfigError(f"A classifier needs at least 2 classes; the data has {len(class_names)}.")
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"model.label_smoothing={label_smoothing} must lie in [0, 1).")
-        self.save_hyperparameters()
         backbone = build_backbone(name, weights)
-        self.backbone = backbone.model
         self.preprocessing = backbone.preprocessing.with_overrides(**(preprocessing or {}))
-        self.hparams.preprocessing = self.preprocessing.to_dict()  # resolved, for the checkpoint
+        preprocessing = self.preprocessing.to_dict()  # saved resolved: checkpoints and loggers see it
+        self.save_hyperparameters()
+        self.backbone = backbone.model
         self.head = build_head(backbone.num_features, len(class_names), **(head or {}))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_metrics = classification_metrics(len(class_names), "train/")
@@ -147,8 +147,15 @@ class TransferModule(L.LightningModule):
         if self.hparams.optimizer is None:
             raise ConfigError("No optimizer configured; choose one with optimizer=sgd or optimizer=adamw.")
         trainable = [p for p in self.parameters() if p.requires_grad]
-        optimizer = instantiate(self.hparams.optimizer)(params=trainable)
-        if not self.hparams.scheduler:
+        try:
+            optimizer = instantiate(self.hparams.optimizer)(params=trainable)
+            scheduler = (
+                instantiate(self.hparams.scheduler)(optimizer=optimizer) if self.hparams.scheduler else None
+            )
+        except (ValueError, TypeError) as error:  # torch checks values: "Invalid learning rate: -1"
+            raise ConfigError(
+                f"Bad optimizer or scheduler setting: {error} (check optimizer.* and scheduler.*)."
+            ) from None
+        if scheduler is None:
             return {"optimizer": optimizer}
-        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -60,10 +60,6 @@ class Preprocessing:
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        return cls().with_overrides(**d)
-
     def transforms(self, train: bool = False, augment: bool = True) -> T.Compose:
         """Training: RandomResizedCrop + flip (or the eval path when augment is off).
         Evaluation: Resize + CenterCrop, as the backbone's weights were evaluated."""

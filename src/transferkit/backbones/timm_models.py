@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import socket
 from contextlib import contextmanager
 from urllib.parse import urlparse
@@ -12,6 +13,7 @@ from timm.data import resolve_data_config
 
 from transferkit.backbones import TIMM_PREFIX, Backbone, unknown_model
 from transferkit.backbones.weights import (
+    OFFLINE_FIX,
     fetch,
     is_path,
     load_backbone_weights,
@@ -25,6 +27,12 @@ from transferkit.preprocessing import Preprocessing
 
 
 def _reachable(url: str | None, timeout: float = 3.0) -> bool:
+    """A quick look before huggingface_hub's minute of retries; behind a proxy or a mirror we
+    cannot tell, so the download is simply tried."""
+    if any(
+        os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT")
+    ):
+        return True
     host = urlparse(url or "https://huggingface.co").hostname or "huggingface.co"
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
@@ -63,8 +71,7 @@ def _create_pretrained(name: str):
     if constants.HF_HUB_OFFLINE or not _reachable(url):
         raise WeightsError(
             f"Cannot get the weights timm:{name}: they are not in the cache and the network is unreachable. "
-            "Use model.weights=null (random init) or model.weights=/path/to/state_dict.pth, or download "
-            "them on a connected machine (scripts/prefetch_weights.py) into the same HF_HOME / TORCH_HOME."
+            f"{OFFLINE_FIX}"
         )
     return fetch(f"timm:{name}", create)
 

@@ -12,9 +12,11 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFilter
 
 from transferkit.data.datamodule import ImageFolderDataModule
+from transferkit.errors import DataError
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 _VERSION = 1
+_MARKER = ".complete.json"
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -81,22 +83,39 @@ def draw_shape(shape: str, seed: int, size: int = 96) -> Image.Image:
     return image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
 
 
-def _is_complete(root: Path, counts: dict[str, int]) -> bool:
-    marker = root / ".complete.json"
+def _manifest(root: Path) -> dict | None:
     try:
-        return json.loads(marker.read_text()) == {"version": _VERSION, "counts": counts}
+        return json.loads((root / _MARKER).read_text())
     except (OSError, ValueError):
-        return False
+        return None
+
+
+def _is_complete(root: Path, counts: dict[str, int]) -> bool:
+    """The marker matches and every file it promises is there."""
+    expected = len(SHAPES) * (counts["train"] + counts["val"])
+    return (
+        _manifest(root) == {"version": _VERSION, "counts": counts}
+        and len(list(root.rglob("*.jpg"))) == expected
+    )
 
 
 def generate_demo(
     root: str | Path, train_per_class: int = 100, val_per_class: int = 25, size: int = 96
 ) -> Path:
-    """Write the demo set under `root` unless a complete copy is there; deterministic."""
+    """Write the demo set under `root` unless a complete copy is there; deterministic.
+
+    A folder is only ever replaced if it is an earlier demo set (it holds the demo's marker) or
+    empty: a user's own data passed by mistake is refused, never deleted.
+    """
     root = Path(root)
     counts = {"train": train_per_class, "val": val_per_class, "size": size}
     if _is_complete(root, counts):
         return root
+    if root.exists() and _manifest(root) is None and any(root.iterdir()):
+        raise DataError(
+            f"{root} is not the generated demo set, and data=demo would replace it. "
+            f"To train on it, use data=imagefolder data.root={root}."
+        )
     staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
@@ -106,11 +125,14 @@ def generate_demo(
             for i in range(per_class):
                 seed = label * 1_000_003 + 2 * i + (split == "val")  # train and val never share a seed
                 draw_shape(shape, seed, size).save(folder / f"{shape}_{i:04d}.jpg", quality=92)
-    (staging / ".complete.json").write_text(json.dumps({"version": _VERSION, "counts": counts}))
-    shutil.rmtree(root, ignore_errors=True)  # an incomplete earlier attempt
+    (staging / _MARKER).write_text(json.dumps({"version": _VERSION, "counts": counts}))
+    if _is_complete(root, counts):  # another process (a DDP rank) finished first
+        shutil.rmtree(staging)
+        return root
+    shutil.rmtree(root, ignore_errors=True)  # an earlier demo set of other counts, or damaged
     try:
         staging.rename(root)
-    except OSError:  # another process (a DDP rank) finished first
+    except OSError:  # another process renamed its copy in between
         shutil.rmtree(staging, ignore_errors=True)
     return root
 

@@ -106,4 +106,9 @@ def find_splits(root: str | Path, val_fraction: float = 0.2, seed: int = 42) -> 
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={val_fraction} must lie in (0, 1) when {root} has no val/.")
     train, val = stratified_split(train, val_fraction, seed)
+    if not val:
+        raise DataError(
+            f"{root} has no val/ and too few images to split one off (a class needs 2 or more); "
+            f"add {root}/val/<class>/ folders or more images."
+        )
     return Splits(class_names, train, val, splits.get("test"), val_from_train=True)

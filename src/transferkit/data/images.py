@@ -27,10 +27,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to RGB: transparency over white, wide grey scaled to 8 bits."""
     if image.mode.startswith(_WIDE_MODES):
         pixels = np.asarray(image, dtype=np.float32)
-        if image.mode == "F" and pixels.max(initial=0) <= 1.0:
+        if image.mode.startswith("I;16") or (image.mode == "I" and pixels.max(initial=0) > 255):
+            pixels = pixels / 257.0  # the 16-bit range onto 8 bits, the same for every image
+        elif image.mode == "F" and pixels.max(initial=0) <= 1.0:
             pixels = pixels * 255.0
-        elif pixels.max(initial=0) > 255:
-            pixels = pixels / 257.0  # 16-bit range onto 8 bits
         return Image.fromarray(pixels.clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -67,7 +67,3 @@ class ImageListDataset(Dataset):
         path, label = self.samples[index]
         image = load_rgb(path)
         return (self.transform(image) if self.transform else image), label
-
-    @property
-    def targets(self) -> list[int]:
-        return [label for _, label in self.samples]

@@ -15,13 +15,14 @@ from typing import Any, TypeVar
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from rich import get_console
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.tree import Tree
 
-from transferkit.errors import UserError
+from transferkit.errors import ConfigError, UserError
 
 log = logging.getLogger("transferkit")
 R = TypeVar("R")
@@ -42,6 +43,13 @@ def user_errors_exit(task: Callable[[DictConfig], R]) -> Callable[[DictConfig], 
         except UserError as error:
             log.error("%s", error)
             sys.exit(error.exit_code)
+        except Exception as error:
+            # A spawned DDP process re-raises our error as text; keep its last line.
+            last = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+            if not last.startswith("transferkit.errors."):
+                raise
+            log.error("%s", last.split(": ", 1)[-1])
+            sys.exit(UserError.exit_code)
 
     return wrapper
 
@@ -51,9 +59,16 @@ def build(cfg: DictConfig, **kwargs: Any) -> Any:
     (Hydra wraps every exception in InstantiationException)."""
     try:
         return instantiate(cfg, **kwargs)
+    except MissingMandatoryValue as error:
+        raise ConfigError(
+            f"{error.full_key} must be set, e.g. {error.full_key}=VALUE on the command line."
+        ) from None
     except InstantiationException as error:
-        if isinstance(error.__cause__, UserError):
-            raise error.__cause__ from None
+        cause = error.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, MisconfigurationException):  # Lightning: devices, accelerator, strategy
+            raise ConfigError(f"{cause} (check trainer.*)") from None
         raise
 
 

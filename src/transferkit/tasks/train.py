@@ -10,7 +10,8 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from transferkit.errors import ConfigError
+from transferkit.errors import ConfigError, DataError
+from transferkit.module import TransferModule
 from transferkit.tasks.common import (
     build,
     build_model,
@@ -28,9 +29,31 @@ def _metrics(values: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items()}
 
 
+def _check_run(cfg: DictConfig, has_test: bool) -> None:
+    """Refuse, before any work, what would only fail at the end."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path} does not exist.")
+    if not cfg.get("train", True) and not ckpt_path:
+        raise ConfigError("train=false evaluates a checkpoint: give it with ckpt_path=PATH.")
+    metric = cfg.get("optimized_metric")
+    if metric and not (metric.startswith("val/") or (metric.startswith("test/") and has_test)):
+        where = "val/... or test/..." if has_test else "val/... (the data has no test/)"
+        raise ConfigError(f"optimized_metric={metric} will not be measured; use {where}, e.g. val/acc.")
+
+
+def _check_same_classes(model: TransferModule, data_classes: list[str]) -> None:
+    if model.class_names != list(data_classes):
+        raise DataError(
+            f"The checkpoint was trained on classes {model.class_names}, the data has {list(data_classes)}; "
+            "evaluate it on data with the same class folders."
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then measure the best checkpoint on val (and test when the data has it).
 
+    With `train=false`, the model is the one in `ckpt_path`, with its own preprocessing.
     Returns what results.json holds.
     """
     started = time.perf_counter()
@@ -40,26 +63,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = build(cfg.data)
     datamodule.prepare_data()
-    model = build_model(cfg, datamodule.class_names, datamodule.preprocessing_overrides)
+    _check_run(cfg, datamodule.has_test)
+    if cfg.get("train", True):
+        model = build_model(cfg, datamodule.class_names, datamodule.preprocessing_overrides)
+    else:
+        model = TransferModule.from_checkpoint(cfg.ckpt_path)
+        _check_same_classes(model, datamodule.class_names)
     datamodule.preprocessing = model.preprocessing
     log.info("%d classes: %s", len(model.class_names), ", ".join(model.class_names))
 
     callbacks = [*instantiate_group(cfg.get("callbacks")), build(cfg.finetune)]
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")))
 
+    best = None  # None: validate the model as it is (the checkpoint's, with train=false)
     if cfg.get("train", True):
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
-    else:
-        best = cfg.get("ckpt_path")
-    results: dict[str, Any] = _metrics(
-        trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
-    )
+    evaluated = best or (None if cfg.get("train", True) else cfg.ckpt_path)
+    validated = trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+    if not validated:
+        raise ConfigError("Nothing was validated; check trainer.limit_val_batches and the val split.")
+    results: dict[str, Any] = _metrics(validated[0])
     if cfg.get("test", True) and datamodule.has_test:
         results.update(_metrics(trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]))
     results.update(
-        best_model_path=str(Path(best).resolve()) if best else None,
+        best_model_path=str(Path(evaluated).resolve()) if evaluated else None,
         class_names=model.class_names,
         epochs=trainer.current_epoch,
         wall_s=round(time.perf_counter() - started, 2),
