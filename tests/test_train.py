@@ -208,7 +208,10 @@ def test_cli_default_run_dirs_are_unique(tmp_path: Path, image_folder: Path) -> 
         f"data.root={image_folder}",
         "model.name=timm:test_efficientnet",
         "model.weights=null",
-        "train=false",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
         "data.num_workers=0",
         "data.image_size=32",
     )
