@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -9,13 +10,18 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from torch import nn
-from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from transferkit.backbones import build_backbone
 from transferkit.errors import ConfigError
 from transferkit.finetune import hold_frozen_in_eval
 from transferkit.heads import build_head
+
+# Epoch metrics are torchmetrics objects synced by their own compute(); see `_log_epoch`.
+warnings.filterwarnings(
+    "ignore", message=r".*recommended to use `self.log\('(train|val|test)/.*sync_dist=True"
+)
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -62,6 +68,7 @@ class TransferModule(L.LightningModule):
         self.train_metrics = classification_metrics(len(class_names), "train/")
         self.val_metrics = classification_metrics(len(class_names), "val/")
         self.test_metrics = classification_metrics(len(class_names), "test/")
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
 
     @classmethod
@@ -98,21 +105,19 @@ class TransferModule(L.LightningModule):
         logits = self(images)
         loss = self.criterion(logits, targets)
         getattr(self, f"{stage}_metrics").update(logits, targets)
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=False,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=len(targets),
-            sync_dist=True,
-        )
+        getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(targets))
         return loss
 
     def _log_epoch(self, stage: str) -> dict[str, torch.Tensor]:
-        metrics = getattr(self, f"{stage}_metrics")
-        values = metrics.compute()
+        """Every rank computes (torchmetrics syncs them) and logs the synced values as they are.
+
+        Lightning's own `sync_dist` would reduce lazily, when a rank-0-only reader such as the
+        progress bar asks, and deadlock the other ranks; hence no `sync_dist` anywhere.
+        """
+        metrics, loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
+        values = {f"{stage}/loss": loss.compute(), **metrics.compute()}
         metrics.reset()
+        loss.reset()
         self.log_dict(values, prog_bar=stage != "test")
         return values
 
