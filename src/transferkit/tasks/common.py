@@ -119,6 +119,8 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
 
 def print_results(title: str, results: dict[str, Any]) -> None:
     table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # paths are shown whole, to be copied
     for key, value in results.items():
         if isinstance(value, float):
             value = f"{value:.4f}"
