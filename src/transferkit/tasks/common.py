@@ -61,7 +61,7 @@ def build(cfg: DictConfig, **kwargs: Any) -> Any:
         return instantiate(cfg, **kwargs)
     except MissingMandatoryValue as error:
         raise ConfigError(
-            f"{error.full_key} must be set, e.g. {error.full_key}=VALUE on the command line."
+            f"{error.full_key} must be set: add {error.full_key}=... to the command line."
         ) from None
     except InstantiationException as error:
         cause = error.__cause__
