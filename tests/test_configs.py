@@ -45,7 +45,7 @@ def test_defaults_are_the_documented_ones(compose_train, tmp_path: Path) -> None
     assert (cfg.model.name, cfg.model.weights) == ("timm:tf_efficientnet_lite0", "shipped")
     assert (cfg.optimizer.lr, cfg.optimizer.momentum) == (1e-3, 0.9)
     assert (cfg.scheduler.step_size, cfg.scheduler.gamma) == (7, 0.1)
-    assert cfg.finetune._target_.endswith("FreezeBackbone")
+    assert cfg.finetune._target_.endswith("Freeze")
     assert cfg.optimized_metric == "val/acc"
     callbacks = {type(c).__name__ for c in instantiate_group(cfg.callbacks)}
     assert callbacks == {"ModelCheckpoint", "LearningRateMonitor", "RichProgressBar", "RichModelSummary"}
@@ -54,7 +54,7 @@ def test_defaults_are_the_documented_ones(compose_train, tmp_path: Path) -> None
 def test_seed_experiment_holds_the_recipe(compose_train, tmp_path: Path) -> None:
     cfg = compose_train(tmp_path, ["experiment=vgg16_dogs_cats"])
     assert cfg.model.name == "vgg16" and cfg.model.weights == "DEFAULT"
-    assert cfg.data.root == f"{tmp_path}/data/dogs_vs_cats" and cfg.data.augment is True
+    assert cfg.data.root == f"{tmp_path}/data/dogs_vs_cats" and cfg.data.augment == "basic"
     assert cfg.optimizer._target_ == "torch.optim.SGD" and (cfg.optimizer.lr, cfg.optimizer.momentum) == (
         1e-3,
         0.9,
@@ -63,7 +63,7 @@ def test_seed_experiment_holds_the_recipe(compose_train, tmp_path: Path) -> None
         7,
         0.1,
     )
-    assert cfg.trainer.max_epochs == 10 and cfg.finetune._target_.endswith("FreezeBackbone")
+    assert cfg.trainer.max_epochs == 10 and cfg.finetune._target_.endswith("Freeze")
 
 
 def test_every_trainer_argument_is_a_key(compose_train, tmp_path: Path) -> None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from conftest import make_image_folder
+from hydra.utils import instantiate
 from PIL import Image
+from torch.utils.data import RandomSampler, WeightedRandomSampler
+from torchvision.transforms import v2 as T
 
 from transferkit.data import DemoDataModule, ImageFolderDataModule
 from transferkit.data.demo import SHAPES, generate_demo
@@ -17,6 +21,10 @@ from transferkit.data.folders import find_splits
 from transferkit.data.images import ImageListDataset, load_rgb
 from transferkit.errors import ConfigError, DataError
 from transferkit.preprocessing import Preprocessing
+
+TO_TENSOR = [T.ToImage, T.ToDtype, T.Normalize]
+EVAL_TYPES = [T.Resize, T.CenterCrop, *TO_TENSOR]
+BASIC_TYPES = [T.RandomResizedCrop, T.RandomHorizontalFlip]
 
 
 def test_classes_come_from_train_and_every_split_is_labelled(tmp_path: Path) -> None:
@@ -202,3 +210,168 @@ def test_demo_datamodule_prepares_its_data(tmp_path: Path) -> None:
     dm = DemoDataModule(tmp_path / "demo", train_per_class=4, val_per_class=2, num_workers=0)
     dm.prepare_data()
     assert dm.class_names == sorted(SHAPES) and len(dm.splits.train) == 20 and len(dm.splits.val) == 10
+
+
+def _types(transform: T.Compose) -> list[type]:
+    return [type(t) for t in transform.transforms]
+
+
+@pytest.mark.parametrize(
+    "augment, train_types",
+    [
+        ("basic", [*BASIC_TYPES, *TO_TENSOR]),
+        (True, [*BASIC_TYPES, *TO_TENSOR]),  # Hydra's data.augment=true
+        ("trivial", [*BASIC_TYPES, T.TrivialAugmentWide, *TO_TENSOR]),
+        ("randaugment", [*BASIC_TYPES, T.RandAugment, *TO_TENSOR]),
+        (False, EVAL_TYPES),
+        (None, EVAL_TYPES),
+    ],
+)
+def test_augment_policies_build_their_train_pipeline_and_leave_eval_alone(
+    image_folder: Path, augment: str | bool | None, train_types: list[type]
+) -> None:
+    dm = ImageFolderDataModule(image_folder, num_workers=0, image_size=32, augment=augment)
+    dm.setup("fit")
+    assert _types(dm.datasets["train"].transform) == train_types
+    assert _types(dm.datasets["val"].transform) == EVAL_TYPES
+    assert repr(dm.datasets["val"].transform) == repr(dm.preprocessing.transforms(train=False))
+    image, label = dm.datasets["train"][0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == 0
+
+
+def test_augment_off_trains_on_the_deterministic_eval_transform(image_folder: Path) -> None:
+    dm = ImageFolderDataModule(image_folder, num_workers=0, image_size=32, augment=False)
+    dm.setup("fit")
+    train = dm.datasets["train"]
+    first, second = train[3][0], train[3][0]
+    assert torch.equal(first, second)
+    evaluated = ImageListDataset(dm.splits.train, dm.preprocessing.transforms(train=False))[3][0]
+    assert torch.equal(first, evaluated)
+
+
+@pytest.mark.parametrize("augment", ["autoaugment", "Basic", "true", 1])
+def test_unknown_augment_policy_is_refused_with_the_choices(image_folder: Path, augment: object) -> None:
+    with pytest.raises(ConfigError, match=r"data.augment=.*basic, trivial, randaugment or false"):
+        ImageFolderDataModule(image_folder, augment=augment)
+    with pytest.raises(ConfigError, match="data.augment"):
+        Preprocessing().transforms(train=True, augment=augment)
+
+
+def test_hydra_overrides_reach_the_datamodule(compose_train, image_folder: Path, tmp_path: Path) -> None:
+    base = ["data=imagefolder", f"data.root={image_folder}", "data.num_workers=0"]
+    defaults = instantiate(compose_train(tmp_path, base).data)
+    assert (defaults.augment, defaults.balance, defaults.mixup_alpha, defaults.cutmix_alpha) == (
+        "basic",
+        "none",
+        0.0,
+        0.0,
+    )
+    assert defaults.batch_mix is None and defaults.class_weights() is None
+    chosen = ["data.augment=trivial", "data.balance=sampler", "data.mixup_alpha=0.2"]
+    dm = instantiate(compose_train(tmp_path, [*base, *chosen]).data)
+    assert (dm.augment, dm.balance, dm.mixup_alpha) == ("trivial", "sampler", 0.2)
+    assert isinstance(dm.batch_mix, T.MixUp)
+    assert instantiate(compose_train(tmp_path, [*base, "data.augment=true"]).data).augment == "basic"
+    assert instantiate(compose_train(tmp_path, [*base, "data.augment=false"]).data).augment is None
+
+
+@pytest.fixture
+def imbalanced_folder(tmp_path: Path) -> Path:
+    """Train: 6 images of class a, 2 of class b (75/25); val: 1 each."""
+    root = tmp_path / "imbalanced"
+    make_image_folder(root, classes=("a",), splits={"train": 6, "val": 1}, size=32)
+    return make_image_folder(root, classes=("b",), splits={"train": 2, "val": 1}, size=32)
+
+
+def test_class_counts_and_balanced_weights(imbalanced_folder: Path) -> None:
+    dm = ImageFolderDataModule(imbalanced_folder, num_workers=0, balance="weights")
+    assert dm.class_names == ["a", "b"] and dm.class_counts == [6, 2]
+    assert dm.class_weights() == [8 / (2 * 6), 8 / (2 * 2)]
+    for balance in ("none", "sampler", None):
+        assert ImageFolderDataModule(imbalanced_folder, balance=balance).class_weights() is None
+
+
+def _class_fraction(dm: ImageFolderDataModule, epochs: int) -> float:
+    """The fraction of class 0 among the indices the train loader's sampler draws in `epochs`."""
+    sampler = dm.train_dataloader().sampler
+    labels = [dm.splits.train[i][1] for _ in range(epochs) for i in sampler]
+    return labels.count(0) / len(labels)
+
+
+def test_sampler_draws_the_classes_evenly_and_shuffling_does_not(imbalanced_folder: Path) -> None:
+    common = {"batch_size": 4, "num_workers": 0, "image_size": 32}
+    balanced = ImageFolderDataModule(imbalanced_folder, balance="sampler", seed=3, **common)
+    loader = balanced.train_dataloader()
+    assert isinstance(loader.sampler, WeightedRandomSampler) and loader.sampler.replacement
+    assert loader.sampler.num_samples == 8
+    torch.testing.assert_close(loader.sampler.weights, torch.tensor([1 / 6] * 6 + [1 / 2] * 2).double())
+    images, labels = next(iter(loader))
+    assert images.shape == (4, 3, 32, 32) and labels.shape == (4,)
+    assert 0.4 <= _class_fraction(balanced, epochs=250) <= 0.6  # 2000 draws
+    shuffled = ImageFolderDataModule(imbalanced_folder, balance="none", **common)
+    assert isinstance(shuffled.train_dataloader().sampler, RandomSampler)
+    assert _class_fraction(shuffled, epochs=250) == 0.75
+
+
+def test_sampler_is_seeded_by_data_seed(imbalanced_folder: Path) -> None:
+    def draws(seed: int) -> list[int]:
+        dm = ImageFolderDataModule(imbalanced_folder, num_workers=0, balance="sampler", seed=seed)
+        sampler = dm.train_dataloader().sampler
+        return [i for _ in range(4) for i in sampler]
+
+    assert draws(5) == draws(5) != draws(6)
+
+
+@pytest.mark.parametrize("balance", ["oversample", "None", True])
+def test_unknown_balance_mode_is_refused_with_the_choices(image_folder: Path, balance: object) -> None:
+    with pytest.raises(ConfigError, match=r"data.balance=.*none, weights, sampler"):
+        ImageFolderDataModule(image_folder, balance=balance)
+
+
+def _batch(num_classes: int = 3, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return images, torch.arange(6) % num_classes
+
+
+@pytest.mark.parametrize("mixup, cutmix", [(0.2, 0.0), (0.0, 1.0), (0.4, 1.0)])
+def test_mixing_gives_soft_targets_on_training_batches_only(
+    image_folder: Path, mixup: float, cutmix: float
+) -> None:
+    dm = ImageFolderDataModule(image_folder, num_workers=0, mixup_alpha=mixup, cutmix_alpha=cutmix)
+    images, labels = _batch()
+    torch.manual_seed(0)
+    dm.trainer = SimpleNamespace(training=True)
+    mixed, targets = dm.on_after_batch_transfer((images.clone(), labels), 0)
+    assert mixed.shape == images.shape and not torch.equal(mixed, images)
+    assert targets.shape == (6, 3) and targets.dtype == torch.float32
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(6))
+    assert bool((targets >= 0).all()) and bool((targets[torch.arange(6), labels] > 0).all())
+    assert bool(((targets > 0).sum(dim=1) <= 2).all())  # each image mixes with one other
+    for trainer in (SimpleNamespace(training=False), None):  # validation, test, or no trainer
+        dm.trainer = trainer
+        batch = (images, labels)
+        assert dm.on_after_batch_transfer(batch, 0) is batch
+
+
+def test_mixup_blends_images_and_targets_by_the_same_amount(image_folder: Path) -> None:
+    dm = ImageFolderDataModule(image_folder, num_workers=0, mixup_alpha=0.4)
+    dm.trainer = SimpleNamespace(training=True)
+    images, labels = _batch()
+    torch.manual_seed(1)
+    mixed, targets = dm.on_after_batch_transfer((images.clone(), labels), 0)
+    lam = float(targets[0, labels[0]])  # image 0 is mixed with image 5 (the batch rolled by one)
+    assert 0.0 < lam < 1.0 and float(targets[0, labels[5]]) == pytest.approx(1 - lam)
+    torch.testing.assert_close(mixed[0], lam * images[0] + (1 - lam) * images[5])
+
+
+def test_no_mixing_by_default_even_while_training(image_folder: Path) -> None:
+    dm = ImageFolderDataModule(image_folder, num_workers=0)
+    dm.trainer = SimpleNamespace(training=True)
+    batch = _batch()
+    assert dm.batch_mix is None and dm.on_after_batch_transfer(batch, 0) is batch
+
+
+@pytest.mark.parametrize("key", ["mixup_alpha", "cutmix_alpha"])
+def test_negative_mix_alpha_is_refused(image_folder: Path, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"data.{key}=-0.1"):
+        ImageFolderDataModule(image_folder, **{key: -0.1})

@@ -13,8 +13,29 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from transferkit.errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+AUGMENT_POLICIES = ("basic", "trivial", "randaugment")
+
+
+def augment_policy(augment: str | bool | None) -> str | None:
+    """The training augmentation named by `data.augment`, or None for none.
+
+    Hydra reads `data.augment=true` / `false` as booleans, so true means basic and false (or
+    null) means off.
+    """
+    if augment is None or augment is False:
+        return None
+    if augment is True:
+        return "basic"
+    if isinstance(augment, str) and augment in AUGMENT_POLICIES:
+        return augment
+    raise ConfigError(
+        f"data.augment={augment!r} is not a policy; use one of {', '.join(AUGMENT_POLICIES)} "
+        f"or false (the evaluation transform)."
+    )
 
 
 @dataclass(frozen=True)
@@ -60,23 +81,31 @@ class Preprocessing:
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
-    def transforms(self, train: bool = False, augment: bool = True) -> T.Compose:
-        """Training: RandomResizedCrop + flip (or the eval path when augment is off).
-        Evaluation: Resize + CenterCrop, as the backbone's weights were evaluated."""
+    def transforms(self, train: bool = False, augment: str | bool | None = "basic") -> T.Compose:
+        """Evaluation: Resize + CenterCrop, as the backbone's weights were evaluated.
+
+        Training follows `augment_policy(augment)`: basic is RandomResizedCrop + flip; trivial and
+        randaugment add TrivialAugmentWide / RandAugment after them; off is the evaluation path.
+        """
         interpolation = InterpolationMode(self.interpolation)
-        if train and augment:
-            geometry = [
-                T.RandomResizedCrop(self.image_size, interpolation=interpolation, antialias=True),
-                T.RandomHorizontalFlip(),
-            ]
-        else:
-            geometry = [
+        policy = augment_policy(augment) if train else None
+        if policy is None:
+            on_pil: list[Any] = [
                 T.Resize(self.resize_size, interpolation=interpolation, antialias=True),
                 T.CenterCrop(self.image_size),
             ]
+        else:
+            on_pil = [
+                T.RandomResizedCrop(self.image_size, interpolation=interpolation, antialias=True),
+                T.RandomHorizontalFlip(),
+            ]
+        if policy == "trivial":
+            on_pil.append(T.TrivialAugmentWide(interpolation=interpolation))
+        elif policy == "randaugment":
+            on_pil.append(T.RandAugment(interpolation=interpolation))
         return T.Compose(
             [
-                *geometry,  # on the PIL image: Pillow's resize is the fastest here
+                *on_pil,  # Pillow resizes fastest, so crops and policies run before ToImage
                 T.ToImage(),
                 T.ToDtype(torch.float32, scale=True),
                 T.Normalize(mean=list(self.mean), std=list(self.std)),

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
+from torchvision.transforms import v2 as T
 
 from transferkit.data.folders import Splits, find_splits
 from transferkit.data.images import ImageListDataset
+from transferkit.data.sampling import balance_mode, balanced_class_weights, balanced_sampler
 from transferkit.errors import ConfigError
-from transferkit.preprocessing import Preprocessing
+from transferkit.preprocessing import Preprocessing, augment_policy
 
 
 def default_num_workers() -> int:
@@ -27,6 +32,10 @@ class ImageFolderDataModule(L.LightningDataModule):
     Transforms follow `preprocessing`, which the train task sets to the model's, so the data is
     always fed the way the backbone's weights expect. `image_size`, `mean` and `std` given here
     override the weights' values (and end up in the checkpoint through the model).
+
+    `augment` names the training policy (basic, trivial, randaugment, or false); `balance`
+    counters class imbalance with loss weights or a re-weighted sampler; `mixup_alpha` and
+    `cutmix_alpha` (0: off) mix training batches once they are on the device.
     """
 
     def __init__(
@@ -38,9 +47,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         mean: list[float] | None = None,
         std: list[float] | None = None,
         val_fraction: float = 0.2,
-        augment: bool = True,
-        seed: int = 42,
+        augment: str | bool | None = "basic",
+        seed: int | None = 42,
         persistent_workers: bool = True,
+        balance: str | None = "none",
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ) -> None:
         super().__init__()
         if int(batch_size) <= 0:
@@ -51,13 +63,19 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"data.image_size={image_size} is too small; use 32 or more (null: the weights')."
             )
+        for key, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+            if not float(alpha) >= 0.0:
+                raise ConfigError(f"data.{key}={alpha} must be 0 (off) or more; 0.2 to 1.0 is usual.")
         self.root = Path(root)
         self.batch_size = int(batch_size)
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
         self.val_fraction = val_fraction
-        self.augment = bool(augment)
+        self.augment = augment_policy(augment)
         self.seed = seed
         self.persistent_workers = persistent_workers
+        self.balance = balance_mode(balance)
+        self.mixup_alpha = float(mixup_alpha)
+        self.cutmix_alpha = float(cutmix_alpha)
         self.preprocessing_overrides = {
             k: v for k, v in {"image_size": image_size, "mean": mean, "std": std}.items() if v is not None
         }
@@ -77,6 +95,29 @@ class ImageFolderDataModule(L.LightningDataModule):
     def has_test(self) -> bool:
         return self.splits.test is not None
 
+    @property
+    def class_counts(self) -> list[int]:
+        """Training images per class, in `class_names` order."""
+        counts = Counter(label for _, label in self.splits.train)
+        return [counts[label] for label in range(len(self.class_names))]
+
+    def class_weights(self) -> list[float] | None:
+        """Loss weights per class when `balance` is weights (n / (k * count)); None otherwise."""
+        return balanced_class_weights(self.class_counts) if self.balance == "weights" else None
+
+    @cached_property
+    def batch_mix(self) -> Callable[..., Any] | None:
+        """MixUp and/or CutMix (one of them, at random, per batch), or None when both are off."""
+        num_classes = len(self.class_names)
+        mixes = [
+            mix(alpha=alpha, num_classes=num_classes)
+            for mix, alpha in ((T.MixUp, self.mixup_alpha), (T.CutMix, self.cutmix_alpha))
+            if alpha > 0
+        ]
+        if not mixes:
+            return None
+        return mixes[0] if len(mixes) == 1 else T.RandomChoice(mixes)
+
     def setup(self, stage: str | None = None) -> None:
         splits = self.splits
         evaluate = self.preprocessing.transforms(train=False)
@@ -87,13 +128,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         if splits.test is not None:
             self.datasets["test"] = ImageListDataset(splits.test, evaluate)
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool = False, sampler: Sampler | None = None) -> DataLoader:
         if split not in self.datasets:
             self.setup()
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self._uses_cuda(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
@@ -106,6 +148,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         return trainer.strategy.root_device.type == "cuda"
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled; with balance=sampler, drawn so every class comes up equally often instead."""
+        if self.balance == "sampler":
+            labels = [label for _, label in self.splits.train]
+            return self._loader("train", sampler=balanced_sampler(labels, self.seed))
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -114,3 +160,13 @@ class ImageFolderDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """The test split, or val when the dataset has none (so `trainer.test` always works)."""
         return self._loader("test" if self.has_test else "val")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Mix training batches (soft (B, C) targets); evaluation batches pass untouched.
+
+        Here rather than in the dataset: mixing needs whole batches, and runs on the device.
+        """
+        if self.batch_mix is None or self.trainer is None or not self.trainer.training:
+            return batch
+        images, labels = batch
+        return self.batch_mix(images, labels)
