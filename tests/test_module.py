@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from transferkit.errors import ConfigError
-from transferkit.finetune import FreezeBackbone
+from transferkit.finetune import Freeze
 from transferkit.module import TransferModule
 
 SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "momentum": 0.9}
@@ -39,7 +39,7 @@ def fit(
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        callbacks=[FreezeBackbone(), *spies],
+        callbacks=[Freeze(), *spies],
     )
     trainer.fit(model, random_loader(), random_loader(12))
     return trainer
@@ -97,7 +97,7 @@ def test_train_mode_never_wakes_the_frozen_backbone(tmp_path: Path) -> None:
 
 def test_frozen_backbone_runs_without_autograd() -> None:
     model = tiny()
-    FreezeBackbone().freeze_before_training(model)
+    Freeze().freeze_before_training(model)
     features = model.features(torch.randn(2, 3, 32, 32))
     assert not features.requires_grad and features.grad_fn is None
     assert model(torch.randn(2, 3, 32, 32)).requires_grad  # the head still learns

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,9 @@ class TransferModule(L.LightningModule):
     alone: the class names and the resolved preprocessing are among them.
 
     `optimizer` and `scheduler` are Hydra configs (`_partial_: true`), built in
-    `configure_optimizers` over the parameters that require grad at that time.
+    `configure_optimizers` over the parameters that require grad at that time, in param groups
+    the fine-tuning strategy names (`lr_plan`). `class_weights` weight the training loss only,
+    so val and test losses stay comparable across runs.
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class TransferModule(L.LightningModule):
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         preprocessing: dict[str, Any] | None = None,
+        class_weights: list[float] | None = None,
     ) -> None:
         super().__init__()
         if len(class_names) < 2:
@@ -65,6 +70,12 @@ class TransferModule(L.LightningModule):
         self.backbone = backbone.model
         self.head = build_head(backbone.num_features, len(class_names), **(head or {}))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        if weight is not None and len(weight) != len(class_names):
+            raise ConfigError(f"{len(weight)} class weights for {len(class_names)} classes.")
+        self.train_criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+        # parameter name -> (param group name, lr scale); the fine-tuning strategy fills it in
+        self.lr_plan: dict[str, tuple[str, float]] = {}
         self.train_metrics = classification_metrics(len(class_names), "train/")
         self.val_metrics = classification_metrics(len(class_names), "val/")
         self.test_metrics = classification_metrics(len(class_names), "test/")
@@ -101,10 +112,12 @@ class TransferModule(L.LightningModule):
         return self.head(self.features(images))
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        """`targets` are class indices, or class probabilities (B, C) after MixUp/CutMix."""
         images, targets = batch
         logits = self(images)
-        loss = self.criterion(logits, targets)
-        getattr(self, f"{stage}_metrics").update(logits, targets)
+        loss = (self.train_criterion if stage == "train" else self.criterion)(logits, targets)
+        labels = targets.argmax(dim=1) if targets.ndim == 2 else targets
+        getattr(self, f"{stage}_metrics").update(logits, labels)
         getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(targets))
         return loss
 
@@ -148,19 +161,52 @@ class TransferModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
 
+    def param_groups(
+        self, select: Callable[[str, nn.Parameter], bool], head_lr: float | None = None
+    ) -> list[dict[str, Any]]:
+        """The selected parameters in named groups, head first: one per `lr_plan` entry, each
+        split in two when weight decay is on, as decay is not applied to norms and biases
+        (1-D tensors). `head_lr` sets each group's lr to head_lr x its `lr_scale`."""
+        decay = float((self.hparams.optimizer or {}).get("weight_decay", 0.0) or 0.0)
+        named = [(n, p) for n, p in self.named_parameters() if select(n, p)]
+        named.sort(key=lambda item: not item[0].startswith("head."))
+        groups: dict[str, dict[str, Any]] = {}
+        for name, param in named:
+            group, scale = self.lr_plan.get(name, ("head" if name.startswith("head.") else "backbone", 1.0))
+            no_decay = decay > 0 and param.ndim <= 1
+            key = group + ".no_decay" if no_decay else group
+            if key not in groups:
+                groups[key] = {"name": key, "params": [], "lr_scale": scale}
+                groups[key].update({"weight_decay": 0.0} if no_decay else {})
+                groups[key].update({"lr": head_lr * scale} if head_lr is not None else {})
+            groups[key]["params"].append(param)
+        return list(groups.values())
+
     def configure_optimizers(self) -> dict[str, Any]:
         if self.hparams.optimizer is None:
             raise ConfigError("No optimizer configured; choose one with optimizer=sgd or optimizer=adamw.")
-        trainable = [p for p in self.parameters() if p.requires_grad]
+        groups = self.param_groups(lambda name, param: param.requires_grad)
+        if not groups:
+            raise ConfigError("Nothing to train: every parameter is frozen.")
         try:
-            optimizer = instantiate(self.hparams.optimizer)(params=trainable)
-            scheduler = (
-                instantiate(self.hparams.scheduler)(optimizer=optimizer) if self.hparams.scheduler else None
-            )
+            optimizer = instantiate(self.hparams.optimizer)(params=groups)
+            for group in optimizer.param_groups:
+                group["lr"] *= group["lr_scale"]
+            scheduler, interval = self._scheduler(optimizer)
         except (ValueError, TypeError) as error:  # torch checks values: "Invalid learning rate: -1"
             raise ConfigError(
                 f"Bad optimizer or scheduler setting: {error} (check optimizer.* and scheduler.*)."
             ) from None
         if scheduler is None:
             return {"optimizer": optimizer}
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer) -> tuple[Any, str]:
+        """A scheduler that takes `total_steps` (one-cycle) is given the run's and steps per
+        batch; the others step per epoch."""
+        if not self.hparams.scheduler:
+            return None, "epoch"
+        build = instantiate(self.hparams.scheduler)
+        if "total_steps" in inspect.signature(build.func).parameters:
+            return build(optimizer=optimizer, total_steps=self.trainer.estimated_stepping_batches), "step"
+        return build(optimizer=optimizer), "epoch"

@@ -84,11 +84,17 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [build(node) for node in cfg.values() if node is not None and "_target_" in node]
 
 
-def build_model(cfg: DictConfig, class_names: list[str], preprocessing: dict[str, Any]):
+def build_model(
+    cfg: DictConfig,
+    class_names: list[str],
+    preprocessing: dict[str, Any],
+    class_weights: list[float] | None = None,
+):
     """The LightningModule from the model, optimizer and scheduler groups."""
     return build(
         cfg.model,
         class_names=list(class_names),
+        class_weights=class_weights,
         optimizer=plain(cfg.get("optimizer")),
         scheduler=plain(cfg.get("scheduler")),
         preprocessing=preprocessing,

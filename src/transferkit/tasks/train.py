@@ -65,7 +65,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     _check_run(cfg, datamodule.has_test)
     if cfg.get("train", True):
-        model = build_model(cfg, datamodule.class_names, datamodule.preprocessing_overrides)
+        model = build_model(
+            cfg, datamodule.class_names, datamodule.preprocessing_overrides, datamodule.class_weights()
+        )
     else:
         model = TransferModule.from_checkpoint(cfg.ckpt_path)
         _check_same_classes(model, datamodule.class_names)

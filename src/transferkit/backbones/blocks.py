@@ -1,0 +1,185 @@
+"""A backbone's blocks: the units that fine-tuning strategies freeze, unfreeze and give an lr.
+
+A block is a named, ordered group of parameter names (input side first); together the blocks
+hold every parameter of the backbone exactly once. ResNet stages, VGG conv groups, EfficientNet
+and MobileNet stages, ConvNeXt stages, ViT encoder layers; timm models use timm's own grouping
+(`group_matcher(coarse=True)`, the grouping behind its layer-wise lr decay).
+
+A new backbone declares its blocks in one of two ways:
+
+- give the model a timm-style `group_matcher(coarse: bool) -> dict` method, or
+- register a function that names each block's module prefixes, in order:
+
+      @register_blocks(MyNet)
+      def _mynet(model: MyNet) -> list[tuple[str, list[str]]]:
+          return [("stem", ["conv1", "bn1"]), ("stage1", ["stage1"]), ("stage2", ["stage2"])]
+
+Anything else falls back to the model's top-level children in order (a `features` or `layers`
+Sequential is opened up), which is coarse but always complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+Spec = list[tuple[str, list[str]]]  # (block name, module prefixes that make it up)
+
+
+@dataclass(frozen=True)
+class Block:
+    name: str
+    params: tuple[str, ...]
+
+
+_REGISTRY: dict[type, Callable[[nn.Module], Spec]] = {}
+
+
+def register_blocks(cls: type) -> Callable[[Callable[[nn.Module], Spec]], Callable[[nn.Module], Spec]]:
+    """Declare how models of class `cls` (and its subclasses) split into blocks."""
+
+    def register(fn: Callable[[nn.Module], Spec]) -> Callable[[nn.Module], Spec]:
+        _REGISTRY[cls] = fn
+        return fn
+
+    return register
+
+
+def _owned(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _from_spec(model: nn.Module, spec: Spec) -> list[Block]:
+    """Assign each parameter to the block of its longest matching prefix; parameters after the
+    last block (a final norm, say) join the last block, those before the first join the first."""
+    names = [n for n, _ in model.named_parameters()]
+    owner: dict[str, int] = {}
+    for name in names:
+        matches = [(len(p), i) for i, (_, prefixes) in enumerate(spec) for p in prefixes if _owned(name, p)]
+        if matches:
+            owner[name] = max(matches)[1]
+    last_seen = 0
+    for name in names:  # registration order: unmatched parameters join the block before them
+        if name in owner:
+            last_seen = owner[name]
+        else:
+            owner[name] = last_seen
+    blocks = [Block(block, tuple(n for n in names if owner[n] == i)) for i, (block, _) in enumerate(spec)]
+    return [b for b in blocks if b.params]
+
+
+def _children_spec(model: nn.Module) -> Spec:
+    spec: Spec = []
+    for name, child in model.named_children():
+        if not any(True for _ in child.parameters()):
+            continue
+        if name in ("features", "layers") and isinstance(child, nn.Sequential):
+            spec += [(f"{name}.{sub}", [f"{name}.{sub}"]) for sub, _ in child.named_children()]
+        else:
+            spec.append((name, [name]))
+    return spec
+
+
+def _timm_blocks(model: nn.Module) -> list[Block]:
+    from timm.models import group_parameters
+
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    blocks = []
+    for i, (_, params) in enumerate(sorted(groups.items())):
+        name = "stem" if i == 0 else f"stage{i}"
+        blocks.append(Block(name, tuple(params)))
+    return blocks
+
+
+def backbone_blocks(model: nn.Module) -> list[Block]:
+    """The blocks of `model`, input side first; every parameter is in exactly one."""
+    for cls in type(model).__mro__:
+        if cls in _REGISTRY:
+            return _from_spec(model, _REGISTRY[cls](model))
+    if callable(getattr(model, "group_matcher", None)):
+        return _timm_blocks(model)
+    return _from_spec(model, _children_spec(model))
+
+
+def _register_torchvision() -> None:
+    from torchvision import models
+
+    @register_blocks(models.ResNet)
+    def _resnet(model: models.ResNet) -> Spec:
+        return [("stem", ["conv1", "bn1"])] + [(f"layer{i}", [f"layer{i}"]) for i in range(1, 5)]
+
+    @register_blocks(models.VGG)
+    def _vgg(model: models.VGG) -> Spec:
+        """Five conv groups (each ends at a max-pool), then the fully connected fc6/fc7."""
+        spec: Spec = []
+        group: list[str] = []
+        for name, layer in model.features.named_children():
+            group.append(f"features.{name}")
+            if isinstance(layer, nn.MaxPool2d):
+                spec.append((f"conv{len(spec) + 1}", group))
+                group = []
+        return spec + [("fc", ["classifier"])]
+
+    def _with_head(spec: Spec, final: str) -> Spec:
+        """The final 1x1 conv (and any pre-logits layer) joins the last stage."""
+        *rest, (name, prefixes) = spec
+        return [*rest, (name, [*prefixes, final, "classifier"])]
+
+    @register_blocks(models.EfficientNet)
+    def _efficientnet(model: models.EfficientNet) -> Spec:
+        """features[0] is the stem and each later child a stage (a Sequential of MBConv blocks)."""
+        n = len(model.features)
+        spec = [("stem", ["features.0"])] + [(f"stage{i}", [f"features.{i}"]) for i in range(1, n - 1)]
+        return _with_head(spec, f"features.{n - 1}")
+
+    def _mobilenet(model: nn.Module) -> Spec:
+        """torchvision lists MobileNet's inverted-residual blocks one by one; consecutive blocks
+        with the same output width form a stage, as in the papers' tables."""
+        n = len(model.features)
+        spec: Spec = [("stem", ["features.0"])]
+        width = None
+        for i in range(1, n - 1):
+            out = model.features[i].out_channels
+            if out != width:
+                spec.append((f"stage{len(spec)}", []))
+                width = out
+            spec[-1][1].append(f"features.{i}")
+        return _with_head(spec, f"features.{n - 1}")
+
+    for cls in (models.MobileNetV2, models.MobileNetV3):
+        register_blocks(cls)(_mobilenet)
+
+    @register_blocks(models.RegNet)
+    def _regnet(model: models.RegNet) -> Spec:
+        return [("stem", ["stem"])] + [
+            (f"stage{i + 1}", [f"trunk_output.{name}"])
+            for i, (name, _) in enumerate(model.trunk_output.named_children())
+        ]
+
+    @register_blocks(models.ConvNeXt)
+    def _convnext(model: models.ConvNeXt) -> Spec:
+        """Stem, then four stages, each with the downsampling layer that opens it."""
+        n = len(model.features)
+        spec: Spec = [("stem", ["features.0"]), ("stage1", ["features.1"])]
+        spec += [(f"stage{i // 2 + 1}", [f"features.{i}", f"features.{i + 1}"]) for i in range(2, n, 2)]
+        return spec
+
+    @register_blocks(models.SwinTransformer)
+    def _swin(model: models.SwinTransformer) -> Spec:
+        return _convnext(model)
+
+    @register_blocks(models.VisionTransformer)
+    def _vit(model: models.VisionTransformer) -> Spec:
+        """Patch embedding with the class token and position embedding, then each encoder layer
+        (the final LayerNorm joins the last)."""
+        stem = ("stem", ["conv_proj", "class_token", "encoder.pos_embedding"])
+        return [stem] + [
+            (name, [f"encoder.layers.{name}"]) for name, _ in model.encoder.layers.named_children()
+        ]
+
+
+_register_torchvision()
+
+__all__ = ["Block", "backbone_blocks", "register_blocks"]
