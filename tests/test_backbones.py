@@ -8,8 +8,11 @@ import pytest
 import torch
 from conftest import CONF, TINY_MODEL
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch import nn
 
 from transferkit.backbones import build_backbone
+from transferkit.backbones.blocks import backbone_blocks, register_blocks
 from transferkit.errors import ConfigError, WeightsError
 from transferkit.module import TransferModule
 
@@ -132,3 +135,55 @@ def test_shipped_lite0_weights_classify_a_cat_photo_as_a_cat() -> None:
         torch.testing.assert_close(
             features, classifier.forward_head(classifier.forward_features(image), pre_logits=True)
         )
+
+
+EXPECTED_BLOCKS = {
+    "resnet18": ["stem", "layer1", "layer2", "layer3", "layer4"],
+    "resnet50": ["stem", "layer1", "layer2", "layer3", "layer4"],
+    "vgg16": ["conv1", "conv2", "conv3", "conv4", "conv5", "fc"],
+    "efficientnet_b0": ["stem"] + [f"stage{i}" for i in range(1, 8)],
+    "mobilenet_v3_large": ["stem"] + [f"stage{i}" for i in range(1, 7)],
+    "convnext_tiny": ["stem", "stage1", "stage2", "stage3", "stage4"],
+    "vit_b_16": ["stem"] + [f"encoder_layer_{i}" for i in range(12)],
+    "timm:tf_efficientnet_lite0": ["stem"] + [f"stage{i}" for i in range(1, 8)],
+    "timm:resnet18": ["stem", "stage1", "stage2", "stage3", "stage4"],
+}
+
+
+def model_config_names() -> list[str]:
+    names = []
+    for path in sorted((CONF / "model").glob("*.yaml")):
+        names.append(OmegaConf.load(path).name)
+    return names
+
+
+@pytest.mark.parametrize("name", model_config_names())
+def test_every_model_config_splits_into_sensible_blocks(name: str) -> None:
+    """Every parameter in exactly one block, blocks in forward order, named as documented."""
+    model = build_backbone(name, None).model
+    blocks = backbone_blocks(model)
+    assert [b.name for b in blocks] == EXPECTED_BLOCKS[name]
+    flat = [p for b in blocks for p in b.params]
+    assert sorted(flat) == sorted(n for n, _ in model.named_parameters()) and len(flat) == len(set(flat))
+    order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    assert [order[b.params[0]] for b in blocks] == sorted(order[b.params[0]] for b in blocks)
+
+
+def test_a_registered_backbone_declares_its_own_blocks() -> None:
+    class TwoStage(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.token = nn.Parameter(torch.zeros(1))
+            self.a, self.b, self.norm = nn.Linear(2, 2), nn.Linear(2, 2), nn.LayerNorm(2)
+
+    register_blocks(TwoStage)(lambda m: [("first", ["token", "a"]), ("second", ["b"])])
+    blocks = backbone_blocks(TwoStage())
+    assert [(b.name, b.params) for b in blocks] == [
+        ("first", ("token", "a.weight", "a.bias")),
+        ("second", ("b.weight", "b.bias", "norm.weight", "norm.bias")),  # the trailing norm joins
+    ]
+
+
+def test_an_unknown_backbone_falls_back_to_its_children() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    assert [b.name for b in backbone_blocks(model)] == ["0", "2"]

@@ -11,11 +11,13 @@ import lightning as L
 from omegaconf import DictConfig
 
 from transferkit.errors import ConfigError, DataError
+from transferkit.lr_finder import tune_lr
 from transferkit.module import TransferModule
 from transferkit.tasks.common import (
     build,
     build_model,
     instantiate_group,
+    plain,
     print_config_tree,
     print_results,
     user_errors_exit,
@@ -74,11 +76,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.preprocessing = model.preprocessing
     log.info("%d classes: %s", len(model.class_names), ", ".join(model.class_names))
 
-    callbacks = [*instantiate_group(cfg.get("callbacks")), build(cfg.finetune)]
+    finetune = build(cfg.finetune)
+    callbacks = [finetune, *instantiate_group(cfg.get("callbacks"))]  # unfreeze before lr logging
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")))
 
     best = None  # None: validate the model as it is (the checkpoint's, with train=false)
     if cfg.get("train", True):
+        if cfg.get("tune_lr"):
+            finetune.freeze_before_training(model)  # Lightning sweeps without our callbacks
+            tune_lr(trainer, model, datamodule, cfg.paths.output_dir, **plain(cfg.get("lr_finder")) or {})
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None

@@ -1,0 +1,155 @@
+"""The training recipe through the train task, as a user composes it from the command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_image_folder
+
+from transferkit.errors import ConfigError
+from transferkit.module import TransferModule
+from transferkit.tasks.train import train
+
+
+def lr_columns(run: Path) -> dict[str, list[float]]:
+    """The LearningRateMonitor's columns of metrics.csv, one value per logged step."""
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    columns = {k for r in rows for k, v in r.items() if k.startswith("lr-") and v}
+    return {c: [float(r[c]) for r in rows if r.get(c)] for c in sorted(columns)}
+
+
+@pytest.mark.parametrize(
+    ("strategy", "groups"),
+    [
+        ("finetune=freeze", ["lr-SGD/head"]),
+        ("finetune=partial", ["lr-SGD/backbone.stage5", "lr-SGD/head"]),
+        (
+            "finetune=full",
+            [f"lr-SGD/backbone.{b}" for b in ("stage1", "stage2", "stage3", "stage4", "stage5", "stem")]
+            + ["lr-SGD/head"],
+        ),
+    ],
+)
+def test_each_strategy_trains_its_groups_and_logs_their_lr(
+    compose_train, tmp_path: Path, tiny_overrides: list[str], strategy: str, groups: list[str]
+) -> None:
+    cfg = compose_train(
+        tmp_path, [*tiny_overrides, strategy, "scheduler=cosine", "scheduler.warmup_epochs=1"]
+    )
+    results = train(cfg)
+    columns = lr_columns(Path(cfg.paths.output_dir))
+    assert sorted(columns) == sorted(groups)
+    head = columns["lr-SGD/head"]
+    assert head[0] == pytest.approx(0.05 * 0.1)  # warmup starts at warmup_start_factor x lr
+    for name, values in columns.items():
+        if name != "lr-SGD/head":
+            assert values == pytest.approx([h * 0.1 for h in head])
+    assert results["epochs"] == 2
+
+
+def test_gradual_through_the_task_adds_the_backbone_at_its_epoch(
+    compose_train, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    cfg = compose_train(tmp_path, [*tiny_overrides, "finetune=gradual", "finetune.milestones=[1]"])
+    train(cfg)
+    columns = lr_columns(Path(cfg.paths.output_dir))
+    assert len(columns["lr-SGD/head"]) == 2 and len(columns["lr-SGD/backbone.stage5"]) == 1
+    assert columns["lr-SGD/backbone.stage5"][0] == pytest.approx(columns["lr-SGD/head"][1] * 0.1)
+
+
+def test_onecycle_steps_every_batch(compose_train, tmp_path: Path, tiny_overrides: list[str]) -> None:
+    cfg = compose_train(
+        tmp_path,
+        [
+            *tiny_overrides,
+            "scheduler=onecycle",
+            "callbacks.lr_monitor.logging_interval=step",
+            "trainer.log_every_n_steps=1",
+        ],
+    )
+    train(cfg)
+    head = lr_columns(Path(cfg.paths.output_dir))["lr-SGD/head"]
+    assert len(head) >= 6 and len(set(head)) == len(head)  # a new lr at every batch
+    assert head[0] == pytest.approx(0.05 / 25) and max(head) == pytest.approx(0.05, rel=0.1)
+    assert head[-1] < head[0]
+
+
+def test_class_weights_follow_the_training_counts(compose_train, tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", splits={"train": 4, "val": 2}, size=32)
+    for extra in range(4):  # circle: 8 images, square and triangle: 4
+        src = next((root / "train" / "circle").iterdir())
+        (root / "train" / "circle" / f"extra{extra}.png").write_bytes(src.read_bytes())
+    cfg = compose_train(
+        tmp_path,
+        [
+            "data=imagefolder",
+            f"data.root={root}",
+            "data.image_size=32",
+            "data.num_workers=0",
+            "data.balance=weights",
+            "model.name=timm:test_efficientnet",
+            "model.weights=null",
+            "trainer=cpu",
+            "trainer.max_epochs=1",
+            "callbacks.rich_progress_bar=null",
+        ],
+    )
+    results = train(cfg)
+    model = TransferModule.from_checkpoint(results["best_model_path"])
+    expected = torch.tensor([16 / (3 * 8), 16 / (3 * 4), 16 / (3 * 4)])
+    assert torch.allclose(model.train_criterion.weight, expected)
+    assert model.criterion.weight is None  # val and test losses stay unweighted
+
+
+def test_mixup_with_full_fine_tuning_trains(compose_train, tmp_path: Path, tiny_overrides: list[str]) -> None:
+    cfg = compose_train(
+        tmp_path, [*tiny_overrides, "finetune=full", "data.mixup_alpha=0.4", "data.cutmix_alpha=1.0"]
+    )
+    results = train(cfg)
+    assert 0.0 <= results["val/acc"] <= 1.0 and results["epochs"] == 2
+
+
+def test_tune_lr_trains_at_the_suggestion_and_keeps_the_plot(
+    compose_train, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    cfg = compose_train(
+        tmp_path, [*tiny_overrides, "tune_lr=true", "lr_finder.num_training=20", "finetune=partial"]
+    )
+    results = train(cfg)
+    run = Path(cfg.paths.output_dir)
+    found = json.loads((run / "lr_find.json").read_text())
+    assert (run / "lr_find.png").stat().st_size > 1000
+    assert len(found["lr"]) == len(found["loss"]) > 2
+    suggestion = found["suggestion"]
+    assert 1e-6 <= suggestion <= 1.0
+    model = TransferModule.from_checkpoint(results["best_model_path"])
+    assert model.hparams.optimizer["lr"] == pytest.approx(suggestion)
+    columns = lr_columns(run)
+    assert columns["lr-SGD/head"][0] == pytest.approx(suggestion)
+    assert columns["lr-SGD/backbone.stage5"][0] == pytest.approx(suggestion * 0.1)
+    assert not any(Path(cfg.paths.output_dir).glob(".lr_find*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("finetune.bn=sometimes", "finetune.bn='sometimes' is not a BatchNorm policy"),
+        ("finetune=partial finetune.unfreeze_last=99", "has 6 blocks"),
+        ("data.augment=heavy", "data.augment"),
+        ("data.balance=oversample", "data.balance"),
+        ("scheduler=cosine scheduler.warmup_epochs=5", "scheduler.warmup_epochs=5"),
+        ("lr_finder.bogus=1 tune_lr=true", "lr_finder"),
+    ],
+)
+def test_recipe_mistakes_are_config_errors(
+    compose_train, tmp_path: Path, tiny_overrides: list[str], override: str, message: str
+) -> None:
+    extra = [o if "bogus" not in o else "+" + o for o in override.split()]
+    cfg = compose_train(tmp_path, [*tiny_overrides, *extra])
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        train(cfg)
