@@ -180,3 +180,34 @@ def test_mlp_head_with_dropout() -> None:
     kinds = [type(m).__name__ for m in model.head]
     assert kinds == ["Dropout", "Linear", "ReLU", "Dropout", "Linear"]
     assert model.head[1].out_features == 16 and model.head[-1].out_features == 2
+
+
+def test_metrics_stay_separate_when_the_first_batch_makes_their_states_equal() -> None:
+    """A first validation batch of one class, all wrong, once made torchmetrics compute macro F1
+    from the top-5 accuracy's state; each metric must match its standalone value."""
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+    from transferkit.module import classification_metrics
+
+    collection = classification_metrics(10, "val/")
+    alone = {
+        "val/acc": MulticlassAccuracy(10, average="micro"),
+        "val/f1": MulticlassF1Score(10, average="macro"),
+        "val/acc_top5": MulticlassAccuracy(10, top_k=5, average="micro"),
+    }
+    wrong = torch.zeros(32, 10)
+    wrong[:, 3] = 1
+    batches = [(wrong, torch.zeros(32, dtype=torch.long))]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        y = torch.randint(0, 10, (32,), generator=g)
+        x = torch.randn(32, 10, generator=g)
+        x[torch.arange(32), y] += 2
+        batches.append((x, y))
+    for x, y in batches:
+        collection.update(x, y)
+        for metric in alone.values():
+            metric.update(x, y)
+    computed = collection.compute()
+    for name, metric in alone.items():
+        assert computed[name] == pytest.approx(metric.compute().item()), name

@@ -33,7 +33,9 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
     }
     if num_classes >= 5:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics, prefix=prefix)
+    # compute_groups=False: torchmetrics merges metrics whose states match after the first batch
+    # (top-5 accuracy and F1 on a batch all wrong, say) and then computes both from one state.
+    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
 
 class TransferModule(L.LightningModule):
