@@ -325,3 +325,21 @@ def test_an_unfreeze_after_the_last_epoch_is_warned_of(tmp_path: Path) -> None:
     ):
         _, rec = fit(model(), Gradual(unfreeze_at_epoch=3), tmp_path, epochs=3)
     assert not any(rec.grads[2].values())
+
+
+def test_gradual_with_bn_train_trains_batchnorm_first_and_the_rest_at_the_unfreeze(tmp_path: Path) -> None:
+    module = model()
+    before = block_state(module)
+
+    _, rec = fit(module, Gradual(unfreeze_at_epoch=1, bn="train"), tmp_path, epochs=2)
+    assert not any(rec.grads[0].values()) and all(rec.grads[1].values())
+    assert names(rec.groups[0]) == ["head"] + [f"backbone.{b}.bn" for b in BLOCKS]
+    assert names(rec.groups[1]) == names(rec.groups[0]) + [f"backbone.{b}" for b in BLOCKS]
+    assert all(rec.bn_training[0].values()) and all(rec.bn_training[1].values())
+    head = LR / 2
+    assert [lr for _, lr in rec.groups[1]][1:] == pytest.approx([head * 0.1] * (2 * len(BLOCKS)))
+    after = block_state(module)
+    for block in BLOCKS:
+        assert changed(before[block], after[block], "running_mean"), block
+        convs = {k for k, v in before[block].items() if v.ndim == 4}
+        assert convs and any(not torch.equal(before[block][k], after[block][k]) for k in convs), block
