@@ -191,7 +191,12 @@ def test_gradual_milestones_unfreeze_one_block_each_from_the_top(tmp_path: Path)
 
 def test_full_trains_everything_with_layer_decay(tmp_path: Path) -> None:
     module = model()
+    before = block_state(module)
     _, rec = fit(module, Full(backbone_lr_ratio=0.5, layer_decay=0.5), tmp_path, epochs=2)
+    after = block_state(module)
+    for block in BLOCKS:
+        assert changed(before[block], after[block], "running_mean"), block
+        assert changed(before[block], after[block], "weight"), block
     for epoch in range(2):
         assert all(rec.grads[epoch].values())
         head = LR / 2**epoch
