@@ -100,6 +100,11 @@ class BlockFinetuning(BaseFinetuning):
                 f"trainer.max_epochs={max_epochs} (epochs count from 0): it will train the head only."
             )
 
+    @property
+    def backbone_always_frozen(self) -> bool:
+        """No parameter of the backbone ever trains in this run (known once it has been frozen)."""
+        return bool(self.starts) and all(s is None for s in self.starts) and self.bn == "frozen"
+
     def lr_scale(self, index: int) -> float:
         decay = self.layer_decay if self.layer_decay is not None else 1.0
         return self.backbone_lr_ratio * decay ** (len(self.blocks) - 1 - index)

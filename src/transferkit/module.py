@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from transferkit.backbones import build_backbone
 from transferkit.errors import ConfigError
+from transferkit.features.precision import autocast
 from transferkit.finetune import hold_frozen_in_eval
 from transferkit.heads import build_head
 
@@ -59,6 +60,7 @@ class TransferModule(L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         preprocessing: dict[str, Any] | None = None,
         class_weights: list[float] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if len(class_names) < 2:
@@ -70,6 +72,11 @@ class TransferModule(L.LightningModule):
         preprocessing = self.preprocessing.to_dict()  # saved resolved: checkpoints and loggers see it
         self.save_hyperparameters()
         self.backbone = backbone.model
+        # channels_last: convolutions run markedly faster in it on CPUs and tensor cores alike
+        self.channels_last = any(isinstance(m, nn.Conv2d) for m in self.backbone.modules())
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        self.frozen_dtype = torch.float32  # the frozen backbone's forward; the train task resolves it
         self.head = build_head(backbone.num_features, len(class_names), **(head or {}))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
@@ -104,19 +111,30 @@ class TransferModule(L.LightningModule):
             hold_frozen_in_eval(self.backbone)
         return self
 
+    def _run_backbone(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.hparams.get("compile"):
+            return self.backbone(images)
+        if "_compiled" not in self.__dict__:  # kept out of the module tree: no duplicate state dict
+            self.__dict__["_compiled"] = torch.compile(self.backbone)
+        return self.__dict__["_compiled"](images)
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        if self.backbone_frozen:  # no autograd graph for a backbone that cannot learn
-            with torch.no_grad():
-                return self.backbone(images)
-        return self.backbone(images)
+        """Backbone features; a frozen backbone runs without autograd, in `frozen_dtype`, and
+        hands the head fp32."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.backbone_frozen:
+            with torch.no_grad(), autocast(self.frozen_dtype, images.device):
+                return self._run_backbone(images).float()
+        return self._run_backbone(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         """`targets` are class indices, or class probabilities (B, C) after MixUp/CutMix."""
-        images, targets = batch
-        logits = self(images)
+        inputs, targets = batch
+        logits = self.head(inputs) if inputs.ndim == 2 else self(inputs)  # cached features or images
         loss = (self.train_criterion if stage == "train" else self.criterion)(logits, targets)
         labels = targets.argmax(dim=1) if targets.ndim == 2 else targets
         getattr(self, f"{stage}_metrics").update(logits, labels)

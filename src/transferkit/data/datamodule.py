@@ -11,7 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 
 from transferkit.data.folders import Splits, find_splits
@@ -81,6 +81,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         }
         self.preprocessing = Preprocessing().with_overrides(**self.preprocessing_overrides)
         self.datasets: dict[str, ImageListDataset] = {}
+        self.feature_sets: dict[str, Dataset] | None = None
 
     @cached_property
     def splits(self) -> Splits:
@@ -128,17 +129,25 @@ class ImageFolderDataModule(L.LightningDataModule):
         if splits.test is not None:
             self.datasets["test"] = ImageListDataset(splits.test, evaluate)
 
+    def use_features(self, feature_sets: dict[str, Dataset] | None) -> None:
+        """Serve cached backbone features instead of images (None: images again)."""
+        self.feature_sets = feature_sets
+
     def _loader(self, split: str, shuffle: bool = False, sampler: Sampler | None = None) -> DataLoader:
-        if split not in self.datasets:
-            self.setup()
+        if self.feature_sets is not None:  # tensors in memory: workers would only add overhead
+            dataset, workers = self.feature_sets[split], 0
+        else:
+            if split not in self.datasets:
+                self.setup()
+            dataset, workers = self.datasets[split], self.num_workers
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             sampler=sampler,
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=self._uses_cuda(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            persistent_workers=self.persistent_workers and workers > 0,
         )
 
     def _uses_cuda(self) -> bool:

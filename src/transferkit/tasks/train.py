@@ -11,6 +11,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from transferkit.errors import ConfigError, DataError
+from transferkit.features import use_feature_cache
 from transferkit.lr_finder import tune_lr
 from transferkit.module import TransferModule
 from transferkit.tasks.common import (
@@ -81,9 +82,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")))
 
     best = None  # None: validate the model as it is (the checkpoint's, with train=false)
+    feature_cache = None
     if cfg.get("train", True):
-        if cfg.get("tune_lr"):
-            finetune.freeze_before_training(model)  # Lightning sweeps without our callbacks
+        finetune.freeze_before_training(model)  # what trains decides whether features can be cached
+        feature_cache = use_feature_cache(
+            model, datamodule, trainer, finetune, seed=cfg.get("seed"), **plain(cfg.get("features")) or {}
+        )
+        if cfg.get("tune_lr"):  # Lightning sweeps without our callbacks: the model is frozen above
             tune_lr(trainer, model, datamodule, cfg.paths.output_dir, **plain(cfg.get("lr_finder")) or {})
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         checkpoint = trainer.checkpoint_callback
@@ -98,6 +103,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     results.update(
         best_model_path=str(Path(evaluated).resolve()) if evaluated else None,
         class_names=model.class_names,
+        feature_cache=str(feature_cache) if feature_cache else None,
         epochs=trainer.current_epoch,
         wall_s=round(time.perf_counter() - started, 2),
     )

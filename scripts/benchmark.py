@@ -1,0 +1,436 @@
+"""Time transfer learning with a frozen backbone: the classic PyTorch loop against transferkit.
+
+    python scripts/benchmark.py                       # 480 images, 224 px, 10 epochs, auto device
+    python scripts/benchmark.py --images 40 --epochs 2 --size 64 --out /tmp/tk-small   # a quick try
+
+One generated image folder (circles vs triangles drawn by transferkit.data.demo, with distractor
+stickers, colour jitter and pixel noise; split 80/20 into train/ and val/, written once under
+--out) and one backbone (timm:tf_efficientnet_lite0 with the weights a pip package ships, so no
+network is needed). In one run it times:
+
+  (a)  the PyTorch transfer-learning tutorial loop: plain PyTorch, ImageFolder, RandomResizedCrop +
+       flip recomputed every epoch, batch 4, 4 workers, model.train(), frozen backbone, new Linear
+       head, SGD(1e-3, momentum 0.9), StepLR(7, 0.1), fp32, a val pass every epoch;
+  (b)  transferkit's train task with features.cache=false;
+  (c)  transferkit with features.cache=true and an empty cache directory (building it is timed);
+  (c') the same again, reusing the cache (what every run of a sweep after the first costs);
+  (b0), (c0) (b) and (c) with data.augment=false, to compare their val accuracy exactly;
+  (d)  the floor: one inference pass of the backbone over train + val (decode included), in the
+       fastest precision the device runs natively, channels_last, under torch.inference_mode();
+and the decode throughput alone (DataLoader with the evaluation transforms, no model).
+
+(a) and (d) exclude building the model; (b) and (c) time the whole train(cfg) call (config,
+model, Lightning, checkpoints, the final validation of the best checkpoint).
+
+It prints a markdown table and the machine, says whether the targets hold, and writes the same
+to --out/benchmark.md. Nothing here is used by the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+from PIL import Image, ImageEnhance
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import datasets
+from torchvision import transforms as T
+
+from transferkit.backbones import Backbone, build_backbone
+from transferkit.data.datamodule import default_num_workers
+from transferkit.data.demo import draw_shape
+from transferkit.data.images import ImageListDataset
+from transferkit.features.precision import autocast, resolve_precision
+from transferkit.tasks.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+MODEL = "timm:tf_efficientnet_lite0"
+WEIGHTS = "shipped"
+CLASSES = ("circle", "triangle")
+DISTRACTORS = ("square", "star", "cross")
+VAL_FRACTION = 0.2
+DATA_VERSION = 2
+SEED = 42
+TUTORIAL_BATCH = 4
+TUTORIAL_WORKERS = 4
+FLOOR_BATCH = 32  # conf/data/imagefolder.yaml's data.batch_size, which transferkit's loaders use
+
+
+# --------------------------------------------------------------------------- the data
+
+
+def noisy_shape(shape: str, seed: int, size: int) -> Image.Image:
+    """A small demo shape on its own patch, over a large distractor shape, with distractor
+    stickers that may occlude it, colour jitter and pixel noise."""
+    rng = np.random.default_rng(seed)
+
+    def distractor(side: int) -> Image.Image:
+        return draw_shape(DISTRACTORS[int(rng.integers(len(DISTRACTORS)))], int(rng.integers(2**31)), side)
+
+    def place(patch: Image.Image) -> None:
+        free = size - patch.width + 1
+        image.paste(patch, (int(rng.integers(0, free)), int(rng.integers(0, free))))
+
+    image = distractor(size)
+    place(draw_shape(shape, seed, max(8, int(size * rng.uniform(0.3, 0.55)))))
+    for _ in range(int(rng.integers(0, 3))):
+        place(distractor(max(8, int(size * rng.uniform(0.15, 0.35)))))
+    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.6, 1.4))
+    image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.5, 1.5))
+    image = ImageEnhance.Color(image).enhance(rng.uniform(0.3, 1.7))
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels += rng.normal(0.0, rng.uniform(15.0, 60.0), pixels.shape)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def generate_dataset(root: Path, images: int, size: int) -> Path:
+    """root/{train,val}/{circle,triangle}/*.jpg, written once (a marker says which settings)."""
+    marker = root / ".benchmark.json"
+    wanted = {"version": DATA_VERSION, "images": images, "size": size, "classes": list(CLASSES)}
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    per_class = images // len(CLASSES)
+    n_val = round(per_class * VAL_FRACTION)
+    for label, shape in enumerate(CLASSES):
+        for i in range(per_class):
+            split = "val" if i < n_val else "train"
+            folder = root / split / shape
+            folder.mkdir(parents=True, exist_ok=True)
+            noisy_shape(shape, 1_000_003 * (label + 1) + i, size).save(folder / f"{i:04d}.jpg", quality=90)
+    marker.write_text(json.dumps(wanted))
+    return root
+
+
+def samples(root: Path) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
+    """(train, val) lists of (path, label) in ImageFolder's order."""
+    train_set, val_set = datasets.ImageFolder(root / "train"), datasets.ImageFolder(root / "val")
+    return (
+        [(Path(p), y) for p, y in train_set.samples],
+        [(Path(p), y) for p, y in val_set.samples],
+    )
+
+
+# --------------------------------------------------------------------------- the rows
+
+
+@dataclass
+class Row:
+    key: str
+    name: str
+    wall_s: float
+    images: int  # images the row accounts for: epochs x (train + val), or one pass for (d)
+    val_acc: float | None = None
+    epochs: int | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.wall_s
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def tutorial_loop(root: Path, epochs: int, device: torch.device) -> Row:
+    """(a) The PyTorch transfer-learning tutorial's train_model, with this backbone."""
+    backbone = build_backbone(MODEL, WEIGHTS)
+    pre = backbone.preprocessing
+    normalize = T.Normalize(list(pre.mean), list(pre.std))
+    tfs = {
+        "train": T.Compose(
+            [T.RandomResizedCrop(pre.image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
+        ),
+        "val": T.Compose([T.Resize(pre.resize_size), T.CenterCrop(pre.image_size), T.ToTensor(), normalize]),
+    }
+    for p in backbone.model.parameters():
+        p.requires_grad = False
+    model = nn.Sequential(backbone.model, nn.Linear(backbone.num_features, len(CLASSES))).to(device)
+    torch.manual_seed(SEED)
+    sync(device)
+    started = time.perf_counter()
+    image_sets = {split: datasets.ImageFolder(root / split, tfs[split]) for split in ("train", "val")}
+    loaders = {
+        split: DataLoader(ds, batch_size=TUTORIAL_BATCH, shuffle=True, num_workers=TUTORIAL_WORKERS)
+        for split, ds in image_sets.items()
+    }
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model[1].parameters(), lr=1e-3, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
+    best_acc, best_state = -1.0, copy.deepcopy(model.state_dict())
+    for _ in range(epochs):
+        for phase in ("train", "val"):
+            model.train() if phase == "train" else model.eval()
+            correct = 0
+            for inputs, labels in loaders[phase]:
+                inputs, labels = inputs.to(device), labels.to(device)
+                optimizer.zero_grad()
+                with torch.set_grad_enabled(phase == "train"):
+                    outputs = model(inputs)
+                    loss = criterion(outputs, labels)
+                    if phase == "train":
+                        loss.backward()
+                        optimizer.step()
+                correct += int((outputs.argmax(1) == labels).sum())
+            if phase == "train":
+                scheduler.step()
+            else:
+                acc = correct / len(image_sets["val"])
+                if acc > best_acc:  # the tutorial keeps the best epoch's weights
+                    best_acc, best_state = acc, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    sync(device)
+    wall = time.perf_counter() - started
+    n = sum(len(ds) for ds in image_sets.values())
+    return Row("a", "(a) PyTorch tutorial loop", wall, epochs * n, best_acc, epochs)
+
+
+def compose_train(out: Path, run: str, overrides: Sequence[str]) -> DictConfig:
+    """conf/train.yaml composed as the command line would (as tests/conftest.py does)."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train", overrides=[f"paths.root_dir={out}", *overrides])
+    output_dir = out / "runs" / run
+    shutil.rmtree(output_dir, ignore_errors=True)
+    output_dir.mkdir(parents=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def transferkit_overrides(
+    root: Path, epochs: int, device: torch.device, cache: bool, cache_dir: Path, augment: bool
+) -> list[str]:
+    overrides = [
+        "data=imagefolder",
+        f"data.root={root}",
+        "model=efficientnet_lite0",
+        f"trainer={'gpu' if device.type == 'cuda' else 'cpu'}",
+        f"trainer.max_epochs={epochs}",
+        "trainer.enable_progress_bar=false",
+        f"features.cache={str(cache).lower()}",
+        f"features.dir={cache_dir}",
+        "callbacks.rich_progress_bar=null",
+        "logger=csv",
+    ]
+    if device.type == "cuda":
+        overrides.append("trainer.precision=bf16-mixed")
+    if not augment:
+        overrides.append("data.augment=false")
+    return overrides
+
+
+def transferkit_run(key: str, name: str, out: Path, overrides: list[str], n_images: int) -> Row:
+    """(b)/(c): wall clock around transferkit.tasks.train.train(cfg)."""
+    cfg = compose_train(out, key.replace("'", "_prime"), overrides)
+    started = time.perf_counter()
+    results: dict[str, Any] = train(cfg)
+    wall = time.perf_counter() - started
+    epochs = int(results["epochs"])
+    print(f"{name}: {wall:.1f} s, val/acc {results['val/acc']:.4f}, cache {results.get('feature_cache')}")
+    return Row(key, name, wall, epochs * n_images, float(results["val/acc"]), epochs)
+
+
+def image_loader(items: list[tuple[Path, int]], backbone: Backbone, pin: bool) -> DataLoader:
+    """transferkit's evaluation view: its dataset, transforms, batch size and worker count."""
+    dataset = ImageListDataset(items, backbone.preprocessing.transforms(train=False))
+    return DataLoader(dataset, batch_size=FLOOR_BATCH, num_workers=default_num_workers(), pin_memory=pin)
+
+
+def floor_pass(items: list[tuple[Path, int]], device: torch.device, dtype: torch.dtype) -> Row:
+    """(d) One inference pass of the backbone over every image, decode included."""
+    backbone = build_backbone(MODEL, WEIGHTS)
+    model = backbone.model.eval().to(device, memory_format=torch.channels_last)
+    sync(device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for images, _ in image_loader(items, backbone, pin=device.type == "cuda"):
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            with autocast(dtype, device):
+                model(images)
+    sync(device)
+    return Row("d", "(d) floor: one inference pass", time.perf_counter() - started, len(items))
+
+
+def decode_throughput(items: list[tuple[Path, int]]) -> float:
+    """Images/s of decoding + evaluation transforms alone (DataLoader, no model)."""
+    backbone = build_backbone(MODEL, WEIGHTS)
+    started = time.perf_counter()
+    for _ in image_loader(items, backbone, pin=False):
+        pass
+    return len(items) / (time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {
+        "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "cpu": cpu_model(),
+        "cores": f"{cores} usable ({os.cpu_count()} in the machine), torch threads {torch.get_num_threads()}",
+        "torch": torch.__version__,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "precision": (
+            f"(a) fp32; (b)/(c) trainer {'bf16-mixed' if device.type == 'cuda' else '32-true'}, "
+            f"frozen backbone and (d) {str(dtype).removeprefix('torch.')} (features.precision=auto)"
+        ),
+    }
+    return info
+
+
+def table(rows: list[Row], a: Row, d: Row) -> str:
+    lines = [
+        "| run | wall s | images/s | x faster than (a) | x (d) | val acc |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        acc = f"{r.val_acc:.4f}" if r.val_acc is not None else "-"
+        lines.append(
+            f"| {r.name} | {r.wall_s:.1f} | {r.images_per_s:.1f} | {a.wall_s / r.wall_s:.2f}x "
+            f"| {r.wall_s / d.wall_s:.2f}x | {acc} |"
+        )
+    return "\n".join(lines)
+
+
+def targets(by_key: dict[str, Row]) -> list[tuple[str, bool, str]]:
+    a, b, c, d = by_key["a"], by_key["b"], by_key["c"], by_key["d"]
+    b0, c0 = by_key["b0"], by_key["c0"]
+    per_epoch = (a.wall_s / a.epochs) / (b.wall_s / b.epochs)
+    gap = abs(c0.val_acc - b0.val_acc)
+    return [
+        ("(c) >= 10x faster than (a)", a.wall_s / c.wall_s >= 10, f"{a.wall_s / c.wall_s:.2f}x"),
+        ("(c) <= 1.3x (d)", c.wall_s / d.wall_s <= 1.3, f"{c.wall_s / d.wall_s:.2f}x"),
+        ("(b) >= 2x faster per epoch than (a)", per_epoch >= 2, f"{per_epoch:.2f}x"),
+        (
+            "|val acc (c0) - val acc (b0)| <= 0.01 (augment=false)",
+            gap <= 0.01 + 1e-9,
+            f"{c0.val_acc:.4f} vs {b0.val_acc:.4f}: {gap:.4f}",
+        ),
+    ]
+
+
+def report(
+    rows: list[Row], info: dict[str, str], decode: float, checks: list[tuple[str, bool, str]], args: Any
+) -> str:
+    by_key = {r.key: r for r in rows}
+    n_val = sum(1 for _ in (Path(args.out) / "data" / "val").rglob("*.jpg"))
+    lines = [
+        f"# transferkit benchmark ({info['date']})",
+        "",
+        f"`python scripts/benchmark.py --epochs {args.epochs} --images {args.images} --size {args.size} "
+        f"--device {args.device}`: {MODEL} ({WEIGHTS} weights), {args.epochs} epochs, "
+        f"{by_key['d'].images} images ({by_key['d'].images - n_val} train, {n_val} val) of {args.size} px.",
+        "",
+        table(rows, by_key["a"], by_key["d"]),
+        "",
+        f"Decode + evaluation transforms alone: {decode:.1f} images/s ({default_num_workers()} workers).",
+        "",
+        "images/s: epochs x (train + val images) / wall, for (d) images / wall. x faster than (a): "
+        "(a) wall / row wall. x (d): row wall / (d) wall. val acc: the best epoch's (what the tutorial "
+        f"keeps and transferkit's best checkpoint holds); one val image is {100 / max(n_val, 1):.2f} points.",
+        "",
+        "Machine:",
+        "",
+        *[f"- {k}: {v}" for k, v in info.items()],
+        "",
+        "Targets:",
+        "",
+        *[f"- {name}: {'met' if ok else 'NOT met'} ({detail})" for name, ok, detail in checks],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available.")
+    return torch.device(choice)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--images", type=int, default=480, help="in total, both classes, train + val")
+    parser.add_argument("--size", type=int, default=224, help="side of the generated images, in pixels")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/transferkit-bench"))
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    args.out = args.out.resolve()
+    device = pick_device(args.device)
+    dtype = resolve_precision("auto", device)
+    root = generate_dataset(args.out / "data", args.images, args.size)
+    train_items, val_items = samples(root)
+    items = train_items + val_items
+    print(f"Data: {root} ({len(train_items)} train, {len(val_items)} val); device {device}, {dtype}")
+
+    decode = decode_throughput(items)  # first: it also brings every file into the page cache
+    print(f"Decode: {decode:.1f} images/s")
+    rows = [floor_pass(items, device, dtype)]
+    print(f"(d): {rows[0].wall_s:.1f} s")
+    rows.append(tutorial_loop(root, args.epochs, device))
+    print(f"(a): {rows[-1].wall_s:.1f} s, val acc {rows[-1].val_acc:.4f}")
+    gc.collect()
+
+    cache_dir = args.out / "cache" / dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    runs = [  # key, name, cache, augment
+        ("b", "(b) transferkit, no cache", False, True),
+        ("c", "(c) transferkit, cache built", True, True),
+        ("c'", "(c') transferkit, cache reused", True, True),
+        ("b0", "(b0) no cache, augment=false", False, False),
+        ("c0", "(c0) cache, augment=false", True, False),
+    ]
+    for key, name, cache, augment in runs:
+        overrides = transferkit_overrides(root, args.epochs, device, cache, cache_dir, augment)
+        rows.append(transferkit_run(key, name, args.out, overrides, len(items)))
+        gc.collect()
+
+    order = ["a", "b", "c", "c'", "b0", "c0", "d"]
+    rows.sort(key=lambda r: order.index(r.key))
+    checks = targets({r.key: r for r in rows})
+    text = report(rows, machine(device, dtype), decode, checks, args)
+    (args.out / "benchmark.md").write_text(text)
+    print()
+    print(text)
+    print(f"Written to {args.out / 'benchmark.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Backbone features computed once and kept on disk, so a frozen backbone costs one forward pass.
+
+The cache file is named by a key of everything that changes the features: the backbone's
+weights (a hash of its tensors), the preprocessing and transforms, every image's path, size and
+modification time, the number of views, the precision and, for augmented views, the seed. A
+file whose key, format or shapes do not check out is rebuilt, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import Progress
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from transferkit.data.images import ImageListDataset
+from transferkit.features.precision import autocast
+
+log = logging.getLogger("transferkit")
+
+FORMAT_VERSION = 1
+STORAGE_DTYPE = torch.float16  # half the disk and memory; bf16 results are exact in it in practice
+
+
+class FeatureSet(Dataset):
+    """Cached features of one split: (views, N, D) half-precision features and N labels.
+
+    With several views (augmented copies of each training image), each draw picks one at random,
+    so every epoch sees a different augmentation of each image.
+    """
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        views = self.features.shape[0]
+        view = int(torch.randint(views, ())) if views > 1 else 0
+        return self.features[view, index].float(), self.labels[index]
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A hash of every tensor of `model`: the same name with other weights is another key."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _files(items: list[tuple[Path, int]]) -> list[list[Any]]:
+    signature = []
+    for path, label in items:
+        stat = os.stat(path)
+        signature.append([str(path), label, stat.st_size, stat.st_mtime_ns])
+    return signature
+
+
+def cache_key(
+    backbone: nn.Module,
+    splits: dict[str, list[tuple[Path, int]]],
+    transforms: dict[str, str],
+    views: int,
+    dtype: torch.dtype,
+    seed: int | None,
+) -> str:
+    payload = {
+        "format": FORMAT_VERSION,
+        "weights": weights_fingerprint(backbone),
+        "transforms": transforms,
+        "files": {split: _files(items) for split, items in splits.items()},
+        "views": views,
+        "precision": str(dtype),
+        "seed": seed if views > 1 else None,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def load(path: Path, key: str, splits: dict[str, list[tuple[Path, int]]]) -> dict[str, FeatureSet] | None:
+    """The cached sets, or None when there is no usable file (missing, corrupt, other format)."""
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if data["format"] != FORMAT_VERSION or data["key"] != key:
+            raise ValueError("format or key differs")
+        sets = {}
+        for split, items in splits.items():
+            features, labels = data["splits"][split]["features"], data["splits"][split]["labels"]
+            if (
+                features.ndim != 3
+                or features.shape[1] != len(items)
+                or labels.tolist() != [i[1] for i in items]
+            ):
+                raise ValueError(f"{split} does not match the file list")
+            sets[split] = FeatureSet(features, labels)
+        return sets
+    except Exception as error:  # noqa: BLE001 - any unreadable cache is rebuilt
+        log.warning("Feature cache %s is unusable (%s); rebuilding it.", path, error)
+        return None
+
+
+def _save(path: Path, key: str, sets: dict[str, FeatureSet]) -> None:
+    """Atomically: a crash mid-write leaves no half file under the real name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "splits": {s: {"features": fs.features, "labels": fs.labels} for s, fs in sets.items()},
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(data, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@torch.no_grad()
+def extract(
+    backbone: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: Progress,
+    description: str,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """(N, D) features of the loader's images, in loader order."""
+    chunks = []
+    task = progress.add_task(description, total=len(loader.dataset))
+    for images, _ in loader:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(dtype, device):
+            chunks.append(backbone(images).to(STORAGE_DTYPE).cpu())
+        progress.advance(task, len(images))
+    return torch.cat(chunks)
+
+
+def build_or_load(
+    backbone: nn.Module,
+    splits: dict[str, list[tuple[Path, int]]],
+    train_transform: Any,
+    eval_transform: Any,
+    directory: str | Path,
+    views: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int | None,
+    batch_size: int,
+    num_workers: int,
+    channels_last: bool = False,
+) -> tuple[dict[str, FeatureSet], Path, bool]:
+    """The feature sets of every split, from the cache or computed now; returns (sets, path,
+    whether it was reused). Train uses `views` augmented passes when views > 1, else the
+    deterministic evaluation transform, like val and test."""
+    transforms = {"eval": repr(eval_transform), "train": repr(train_transform) if views > 1 else None}
+    key = cache_key(backbone, splits, transforms, views, dtype, seed)
+    path = Path(directory) / f"{key[:32]}.pt"
+    sets = load(path, key, splits)
+    if sets is not None:
+        log.info("Feature cache reused: %s", path)
+        return sets, path, True
+    original_device = next(backbone.parameters()).device
+    backbone.eval().to(device)
+    sets = {}
+    try:
+        with Progress(transient=False) as progress:
+            for split, items in splits.items():
+                passes = views if split == "train" and views > 1 else 1
+                transform = train_transform if passes > 1 else eval_transform
+                loader = DataLoader(
+                    ImageListDataset(items, transform),
+                    batch_size=batch_size,
+                    num_workers=num_workers,
+                    pin_memory=device.type == "cuda",
+                )
+                features = torch.stack(
+                    [
+                        extract(
+                            backbone,
+                            loader,
+                            device,
+                            dtype,
+                            progress,
+                            f"Caching {split} features" + (f" (view {v + 1}/{passes})" if passes > 1 else ""),
+                            channels_last,
+                        )
+                        for v in range(passes)
+                    ]
+                )
+                sets[split] = FeatureSet(features, torch.tensor([label for _, label in items]))
+    finally:
+        backbone.to(original_device)
+    _save(path, key, sets)
+    log.info("Feature cache written: %s", path)
+    return sets, path, False

@@ -1,0 +1,50 @@
+"""The dtype a frozen backbone runs in: bf16 where the hardware does it natively, else fp32.
+
+bf16 autocast on a CPU without native bf16 is emulated and several times slower than fp32
+(4x for Lite0 on an AVX2-only EPYC), so `auto` only picks it where it pays.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from functools import cache
+
+import torch
+
+from transferkit.errors import ConfigError
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@cache
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and later)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """`features.precision` (auto, bf16, fp16, fp32) as the dtype to run on `device`."""
+    if precision == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    if precision not in PRECISIONS:
+        raise ConfigError(f"features.precision={precision!r} is not one of: auto, {', '.join(PRECISIONS)}.")
+    return PRECISIONS[precision]
+
+
+def autocast(dtype: torch.dtype, device: torch.device) -> AbstractContextManager:
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,211 @@
+"""The feature cache and the cheap frozen forward: one backbone pass in total, reused, rebuilt
+whenever what it depends on changes, and never trusted when damaged."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import transferkit.features.cache as cache_module
+from transferkit.data.datamodule import ImageFolderDataModule
+from transferkit.errors import ConfigError
+from transferkit.features.precision import cpu_has_native_bf16, resolve_precision
+from transferkit.module import TransferModule
+from transferkit.tasks.train import train
+
+
+@pytest.fixture
+def passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Images run through the backbone by the cache builder, one entry per extraction pass."""
+    counted: list[int] = []
+    extract = cache_module.extract
+
+    def counting(backbone, loader, *args, **kwargs):
+        out = extract(backbone, loader, *args, **kwargs)
+        counted.append(len(out))
+        return out
+
+    monkeypatch.setattr(cache_module, "extract", counting)
+    return counted
+
+
+def backbone_calls(model: TransferModule) -> list[int]:
+    calls: list[int] = []
+    model.backbone.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    return calls
+
+
+def test_frozen_run_caches_once_and_a_second_run_reuses_it(
+    compose_train, tmp_path: Path, tiny_overrides: list[str], image_folder: Path, passes: list[int]
+) -> None:
+    first = train(compose_train(tmp_path / "a", [*tiny_overrides, f"features.dir={tmp_path}/cache"]))
+    assert first["feature_cache"] and Path(first["feature_cache"]).is_file()
+    n_images = sum(1 for _ in image_folder.rglob("*.png"))
+    assert sum(passes) == n_images  # train + val, one pass
+    second = train(compose_train(tmp_path / "b", [*tiny_overrides, f"features.dir={tmp_path}/cache"]))
+    assert second["feature_cache"] == first["feature_cache"] and sum(passes) == n_images
+    assert second["val/acc"] == first["val/acc"]
+
+
+def test_training_on_the_cache_never_runs_the_backbone(
+    compose_train, tmp_path: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    original = TransferModule.features
+
+    def spy(self, images):
+        calls.append(len(images))
+        return original(self, images)
+
+    monkeypatch.setattr(TransferModule, "features", spy)
+    results = train(compose_train(tmp_path, tiny_overrides))
+    assert results["feature_cache"] and calls == []  # fit, validate: all on cached features
+
+
+@pytest.mark.slow
+def test_any_change_in_the_key_rebuilds(
+    compose_train, tmp_path: Path, tiny_overrides: list[str], image_folder: Path, passes: list[int]
+) -> None:
+    overrides = [*tiny_overrides, f"features.dir={tmp_path}/cache"]
+    first = train(compose_train(tmp_path / "a", overrides))["feature_cache"]
+    image = next((image_folder / "train" / "circle").iterdir())
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    touched = train(compose_train(tmp_path / "b", overrides))["feature_cache"]
+    resized = train(compose_train(tmp_path / "c", [*overrides, "data.image_size=40"]))["feature_cache"]
+    head_sweep = [*overrides, "optimizer.lr=0.01", "model.head.dropout=0.3", "trainer.max_epochs=1"]
+    reused = train(compose_train(tmp_path / "d", head_sweep))["feature_cache"]
+    assert len({first, touched, resized}) == 3  # a touched file, another size: new keys
+    assert reused == touched  # head hyper-parameters do not change the features
+    assert len(passes) == 3 * 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["garbage", "old_format", "truncated"])
+def test_a_damaged_cache_is_rebuilt_not_trusted(
+    compose_train, tmp_path: Path, tiny_overrides: list[str], passes: list[int], damage: str
+) -> None:
+    overrides = [*tiny_overrides, f"features.dir={tmp_path}/cache"]
+    first = train(compose_train(tmp_path / "a", overrides))
+    path = Path(first["feature_cache"])
+    if damage == "garbage":
+        path.write_bytes(b"not a cache")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        data = torch.load(path, weights_only=True)
+        data["format"] = 0
+        torch.save(data, path)
+    second = train(compose_train(tmp_path / "b", overrides))
+    assert len(passes) == 4  # built twice, train and val each time
+    assert second["val/acc"] == first["val/acc"]
+    assert torch.load(path, weights_only=True)["format"] == cache_module.FORMAT_VERSION
+
+
+def test_cached_and_uncached_training_agree_without_augmentation(
+    compose_train, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    overrides = [*tiny_overrides, "data.augment=false", "trainer.max_epochs=3"]
+    cached = train(compose_train(tmp_path / "a", [*overrides, "features.cache=true"]))
+    plain = train(compose_train(tmp_path / "b", [*overrides, "features.cache=false"]))
+    assert cached["feature_cache"] and plain["feature_cache"] is None
+    assert abs(cached["val/acc"] - plain["val/acc"]) <= 0.01
+    assert cached["val/loss"] == pytest.approx(plain["val/loss"], abs=1e-2)
+
+
+def test_checkpoint_of_a_cached_run_is_a_full_model(
+    compose_train, tmp_path: Path, tiny_overrides: list[str], image_folder: Path
+) -> None:
+    results = train(compose_train(tmp_path, [*tiny_overrides, "data.augment=false"]))
+    model = TransferModule.from_checkpoint(results["best_model_path"]).eval()
+    calls = backbone_calls(model)
+    data = ImageFolderDataModule(image_folder, batch_size=8, num_workers=0)
+    data.preprocessing = model.preprocessing
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in data.val_dataloader():
+            correct += int((model(images).argmax(1) == labels).sum())
+            total += len(labels)
+    assert sum(calls) == total
+    assert correct / total == pytest.approx(results["val/acc"], abs=1e-6)
+
+
+def test_views_cache_k_augmented_copies_and_draw_one_per_item(
+    compose_train, tmp_path: Path, tiny_overrides: list[str], passes: list[int]
+) -> None:
+    results = train(compose_train(tmp_path, [*tiny_overrides, "features.views=3"]))
+    data = torch.load(results["feature_cache"], weights_only=True)
+    train_features = data["splits"]["train"]["features"]
+    assert train_features.shape[0] == 3 and data["splits"]["val"]["features"].shape[0] == 1
+    assert not torch.equal(train_features[0], train_features[1])  # different augmentations
+    assert train_features.dtype == torch.float16
+    feature_set = cache_module.FeatureSet(train_features, data["splits"]["train"]["labels"])
+    torch.manual_seed(0)
+    drawn = {tuple(feature_set[0][0].tolist()) for _ in range(30)}
+    assert len(drawn) == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["features.cache=true", "finetune=partial"], "the backbone trains in this run"),
+        (["features.cache=true", "finetune.bn=train"], "the backbone trains in this run"),
+        (["features.cache=true", "data.mixup_alpha=0.2"], "MixUp/CutMix mix images"),
+        (["features.views=2", "data.augment=false"], "data.augment is off"),
+        (["features.views=0"], "features.views=0"),
+        (["features.cache=sometimes"], "features.cache='sometimes'"),
+        (["features.precision=fp8"], "features.precision='fp8'"),
+    ],
+)
+def test_impossible_cache_settings_are_config_errors(
+    compose_train, tmp_path: Path, tiny_overrides: list[str], overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        train(compose_train(tmp_path, [*tiny_overrides, *overrides]))
+
+
+def test_auto_skips_the_cache_when_the_backbone_trains(
+    compose_train, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    results = train(compose_train(tmp_path, [*tiny_overrides, "finetune=partial"]))
+    assert results["feature_cache"] is None and not (tmp_path / ".cache").exists()
+
+
+def test_precision_auto_follows_the_hardware() -> None:
+    cpu = torch.device("cpu")
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert resolve_precision("auto", cpu) == expected
+    assert resolve_precision("bf16", cpu) == torch.bfloat16
+    assert resolve_precision("fp32", cpu) == torch.float32
+
+
+def test_bf16_frozen_forward_hands_the_head_fp32(tmp_path: Path) -> None:
+    model = TransferModule("timm:test_efficientnet", ["a", "b"], weights=None).eval()
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    model.frozen_dtype = torch.bfloat16
+    x = torch.randn(2, 3, 32, 32)
+    features = model.features(x)
+    assert features.dtype == torch.float32
+    model.frozen_dtype = torch.float32
+    assert torch.allclose(features, model.features(x), atol=0.1, rtol=0.05)
+
+
+def test_convolutional_backbones_run_channels_last() -> None:
+    conv = TransferModule("timm:test_efficientnet", ["a", "b"], weights=None)
+    assert conv.channels_last
+    weight = next(p for p in conv.backbone.parameters() if p.ndim == 4)
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    vit = TransferModule("timm:test_vit", ["a", "b"], weights=None)
+    assert vit.channels_last  # its patch embedding is a convolution too; harmless elsewhere
+
+
+def test_results_name_the_cache_file(compose_train, tmp_path: Path, tiny_overrides: list[str]) -> None:
+    cfg = compose_train(tmp_path, tiny_overrides)
+    results = train(cfg)
+    written = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    assert written["feature_cache"] == results["feature_cache"]
+    assert Path(written["feature_cache"]).parent == tmp_path / ".cache" / "features"
