@@ -209,3 +209,24 @@ def test_results_name_the_cache_file(compose_train, tmp_path: Path, tiny_overrid
     written = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
     assert written["feature_cache"] == results["feature_cache"]
     assert Path(written["feature_cache"]).parent == tmp_path / ".cache" / "features"
+
+
+def test_bf16_mixed_trains_on_cpu(compose_train, tmp_path: Path, tiny_overrides: list[str]) -> None:
+    """Lightning's bf16-mixed precision with a backbone that trains (no cache)."""
+    results = train(
+        compose_train(tmp_path, [*tiny_overrides, "trainer.precision=bf16-mixed", "finetune=partial"])
+    )
+    assert results["feature_cache"] is None and 0.0 <= results["val/acc"] <= 1.0
+    model = TransferModule.from_checkpoint(results["best_model_path"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
+
+
+@pytest.mark.slow
+def test_compiled_backbone_trains_and_saves_a_plain_state_dict(
+    compose_train, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    results = train(compose_train(tmp_path, [*tiny_overrides, "model.compile=true", "finetune=partial"]))
+    checkpoint = torch.load(results["best_model_path"], map_location="cpu", weights_only=True)
+    assert not any("_orig_mod" in key or "_compiled" in key for key in checkpoint["state_dict"])
+    model = TransferModule.from_checkpoint(results["best_model_path"])
+    assert model.hparams.compile is True and 0.0 <= results["val/acc"] <= 1.0
