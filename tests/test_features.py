@@ -230,3 +230,17 @@ def test_compiled_backbone_trains_and_saves_a_plain_state_dict(
     assert not any("_orig_mod" in key or "_compiled" in key for key in checkpoint["state_dict"])
     model = TransferModule.from_checkpoint(results["best_model_path"])
     assert model.hparams.compile is True and 0.0 <= results["val/acc"] <= 1.0
+
+
+def test_frozen_forward_on_cpu_runs_in_cache_sized_chunks() -> None:
+    from transferkit.features.precision import cpu_chunk_size, frozen_forward
+
+    model = TransferModule("timm:test_efficientnet", ["a", "b"], weights=None).eval()
+    sizes: list[int] = []
+    model.backbone.register_forward_hook(lambda m, i, o: sizes.append(len(i[0])))
+    images = torch.randn(3 * cpu_chunk_size() + 1, 3, 32, 32)
+    chunked = frozen_forward(model.backbone, images, torch.float32)
+    assert sizes == [cpu_chunk_size()] * 3 + [1]
+    with torch.no_grad():
+        whole = model.backbone(images)
+    assert chunked.dtype == torch.float32 and torch.allclose(chunked, whole, atol=1e-5)

@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from transferkit.backbones import build_backbone
 from transferkit.errors import ConfigError
-from transferkit.features.precision import autocast
+from transferkit.features.precision import frozen_forward
 from transferkit.finetune import hold_frozen_in_eval
 from transferkit.heads import build_head
 
@@ -124,8 +124,7 @@ class TransferModule(L.LightningModule):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.backbone_frozen:
-            with torch.no_grad(), autocast(self.frozen_dtype, images.device):
-                return self._run_backbone(images).float()
+            return frozen_forward(self._run_backbone, images, self.frozen_dtype)
         return self._run_backbone(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.data.images import ImageListDataset
-from transferkit.features.precision import autocast
+from transferkit.features.precision import frozen_forward
 
 log = logging.getLogger("transferkit")
 
@@ -146,8 +146,7 @@ def extract(
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(dtype, device):
-            chunks.append(backbone(images).to(STORAGE_DTYPE).cpu())
+        chunks.append(frozen_forward(backbone, images, dtype).to(STORAGE_DTYPE).cpu())
         progress.advance(task, len(images))
     return torch.cat(chunks)
 

@@ -6,6 +6,7 @@ bf16 autocast on a CPU without native bf16 is emulated and several times slower 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import cache
 
@@ -48,3 +49,24 @@ def autocast(dtype: torch.dtype, device: torch.device) -> AbstractContextManager
     if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def cpu_chunk_size() -> int:
+    """Images per forward call of a frozen backbone on a CPU.
+
+    Large batches spill the activations out of the CPU caches: on 2 cores, Lite0 at 224 px runs
+    35.6 images/s in chunks of 4 and 22.4 in batches of 32. Two images per thread keeps every
+    thread busy and the working set small.
+    """
+    return max(4, 2 * torch.get_num_threads())
+
+
+def frozen_forward(
+    backbone: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """A frozen backbone's features: no autograd, in `dtype`, in cache-sized chunks on a CPU,
+    returned as fp32."""
+    with torch.no_grad(), autocast(dtype, images.device):
+        if images.device.type == "cpu" and len(images) > cpu_chunk_size():
+            return torch.cat([backbone(chunk).float() for chunk in images.split(cpu_chunk_size())])
+        return backbone(images).float()
