@@ -16,11 +16,13 @@ network is needed). In one run it times:
   (c') the same again, reusing the cache (what every run of a sweep after the first costs);
   (b0), (c0) (b) and (c) with data.augment=false, to compare their val accuracy exactly;
   (d)  the floor: one inference pass of the backbone over train + val (decode included), in the
-       fastest precision the device runs natively, channels_last, under torch.inference_mode();
+       fastest precision the device runs natively, channels_last, under torch.inference_mode(),
+       through transferkit's frozen_forward (on a CPU it runs big batches in cache-sized chunks);
 and the decode throughput alone (DataLoader with the evaluation transforms, no model).
 
-(a) and (d) exclude building the model; (b) and (c) time the whole train(cfg) call (config,
-model, Lightning, checkpoints, the final validation of the best checkpoint).
+(a), (b) and (c) are timed from building the model to the trained model: (b) and (c) time the
+whole train(cfg) call (config, model, Lightning, checkpoints, the final validation of the best
+checkpoint). (d) excludes building the model and one warm-up batch: it is the steady state.
 
 It prints a markdown table and the machine, says whether the targets hold, and writes the same
 to --out/benchmark.md. Nothing here is used by the package.
@@ -35,9 +37,11 @@ import gc
 import json
 import os
 import platform
+import resource
 import shutil
+import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +60,7 @@ from transferkit.backbones import Backbone, build_backbone
 from transferkit.data.datamodule import default_num_workers
 from transferkit.data.demo import draw_shape
 from transferkit.data.images import ImageListDataset
-from transferkit.features.precision import autocast, resolve_precision
+from transferkit.features.precision import frozen_forward, native_bf16, resolve_precision
 from transferkit.tasks.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,10 +143,41 @@ class Row:
     images: int  # images the row accounts for: epochs x (train + val), or one pass for (d)
     val_acc: float | None = None
     epochs: int | None = None
+    other_cpu: float | None = None  # share of the machine's CPU that other processes used meanwhile
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.wall_s
+
+
+def busy_cpu_s() -> float | None:
+    """CPU seconds the whole machine has been busy (all processes), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and its finished children (DataLoader workers)."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
+def watched(run: Callable[..., Row], *args: Any) -> Row:
+    """Run one row and note how much of the machine other processes took meanwhile: the
+    timings only mean something when that is near 0."""
+    busy, own, started = busy_cpu_s(), own_cpu_s(), time.perf_counter()
+    row = run(*args)
+    gc.collect()  # shuts the row's DataLoader workers down, so their CPU time is counted as ours
+    busy_after, own_after, window = busy_cpu_s(), own_cpu_s(), time.perf_counter() - started
+    if busy is not None and busy_after is not None:
+        cores = os.cpu_count() or 1
+        row.other_cpu = max(0.0, (busy_after - busy) - (own_after - own)) / (window * cores)
+    return row
 
 
 def sync(device: torch.device) -> None:
@@ -151,7 +186,11 @@ def sync(device: torch.device) -> None:
 
 
 def tutorial_loop(root: Path, epochs: int, device: torch.device) -> Row:
-    """(a) The PyTorch transfer-learning tutorial's train_model, with this backbone."""
+    """(a) The PyTorch transfer-learning tutorial's train_model, with this backbone. Timed from
+    building the model, as train(cfg) is."""
+    torch.manual_seed(SEED)
+    sync(device)
+    started = time.perf_counter()
     backbone = build_backbone(MODEL, WEIGHTS)
     pre = backbone.preprocessing
     normalize = T.Normalize(list(pre.mean), list(pre.std))
@@ -164,9 +203,6 @@ def tutorial_loop(root: Path, epochs: int, device: torch.device) -> Row:
     for p in backbone.model.parameters():
         p.requires_grad = False
     model = nn.Sequential(backbone.model, nn.Linear(backbone.num_features, len(CLASSES))).to(device)
-    torch.manual_seed(SEED)
-    sync(device)
-    started = time.perf_counter()
     image_sets = {split: datasets.ImageFolder(root / split, tfs[split]) for split in ("train", "val")}
     loaders = {
         split: DataLoader(ds, batch_size=TUTORIAL_BATCH, shuffle=True, num_workers=TUTORIAL_WORKERS)
@@ -255,17 +291,24 @@ def image_loader(items: list[tuple[Path, int]], backbone: Backbone, pin: bool) -
 
 
 def floor_pass(items: list[tuple[Path, int]], device: torch.device, dtype: torch.dtype) -> Row:
-    """(d) One inference pass of the backbone over every image, decode included."""
+    """(d) One inference pass of the backbone over every image, decode included.
+
+    The forward is transferkit's fastest, `frozen_forward` (autocast to `dtype`, cache-sized
+    chunks on a CPU), so that no row can beat the floor by running the backbone better. The model
+    is built and warmed up (CUDA context, kernel choice) on one dummy batch before the clock starts.
+    """
     backbone = build_backbone(MODEL, WEIGHTS)
     model = backbone.model.eval().to(device, memory_format=torch.channels_last)
-    sync(device)
-    started = time.perf_counter()
+    size = backbone.preprocessing.image_size
     with torch.inference_mode():
+        dummy = torch.zeros(FLOOR_BATCH, 3, size, size, device=device)
+        frozen_forward(model, dummy.contiguous(memory_format=torch.channels_last), dtype)
+        sync(device)
+        started = time.perf_counter()
         for images, _ in image_loader(items, backbone, pin=device.type == "cuda"):
             images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            with autocast(dtype, device):
-                model(images)
-    sync(device)
+            frozen_forward(model, images, dtype)
+        sync(device)
     return Row("d", "(d) floor: one inference pass", time.perf_counter() - started, len(items))
 
 
@@ -292,32 +335,54 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+def load_average() -> float | None:
+    """The 1-minute load average: other work on the machine slows every row."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def revision() -> str:
+    """The checkout's commit, and whether it had changes: what was measured."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True
+        )
+        return done.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def machine(
+    device: torch.device, dtype: torch.dtype, load: tuple[float | None, float | None]
+) -> dict[str, str]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info = {
         "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "cpu": cpu_model(),
         "cores": f"{cores} usable ({os.cpu_count()} in the machine), torch threads {torch.get_num_threads()}",
+        "native bf16": "yes" if native_bf16(device) else "no",
         "torch": torch.__version__,
+        "transferkit": f"git {revision()}",
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "precision": (
             f"(a) fp32; (b)/(c) trainer {'bf16-mixed' if device.type == 'cuda' else '32-true'}, "
             f"frozen backbone and (d) {str(dtype).removeprefix('torch.')} (features.precision=auto)"
         ),
+        "load average (1 min)": f"{load[0]:.2f} at the start, {load[1]:.2f} at the end",
     }
     return info
 
 
 def table(rows: list[Row], a: Row, d: Row) -> str:
     lines = [
-        "| run | wall s | images/s | x faster than (a) | x (d) | val acc |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| run | wall s | images/s | x faster than (a) | x (d) | val acc | other CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         acc = f"{r.val_acc:.4f}" if r.val_acc is not None else "-"
+        other = f"{100 * r.other_cpu:.0f}%" if r.other_cpu is not None else "?"
         lines.append(
             f"| {r.name} | {r.wall_s:.1f} | {r.images_per_s:.1f} | {a.wall_s / r.wall_s:.2f}x "
-            f"| {r.wall_s / d.wall_s:.2f}x | {acc} |"
+            f"| {r.wall_s / d.wall_s:.2f}x | {acc} | {other} |"
         )
     return "\n".join(lines)
 
@@ -357,7 +422,9 @@ def report(
         "",
         "images/s: epochs x (train + val images) / wall, for (d) images / wall. x faster than (a): "
         "(a) wall / row wall. x (d): row wall / (d) wall. val acc: the best epoch's (what the tutorial "
-        f"keeps and transferkit's best checkpoint holds); one val image is {100 / max(n_val, 1):.2f} points.",
+        f"keeps and transferkit's best checkpoint holds); one val image is {100 / max(n_val, 1):.2f} points. "
+        "other CPU: the share of the machine's CPU that other processes used while the row ran; "
+        "well above 0, that row was slowed down by them.",
         "",
         "Machine:",
         "",
@@ -394,6 +461,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     args.out = args.out.resolve()
+    load_at_start = load_average()
     device = pick_device(args.device)
     dtype = resolve_precision("auto", device)
     root = generate_dataset(args.out / "data", args.images, args.size)
@@ -403,11 +471,10 @@ def main() -> None:
 
     decode = decode_throughput(items)  # first: it also brings every file into the page cache
     print(f"Decode: {decode:.1f} images/s")
-    rows = [floor_pass(items, device, dtype)]
+    rows = [watched(floor_pass, items, device, dtype)]
     print(f"(d): {rows[0].wall_s:.1f} s")
-    rows.append(tutorial_loop(root, args.epochs, device))
+    rows.append(watched(tutorial_loop, root, args.epochs, device))
     print(f"(a): {rows[-1].wall_s:.1f} s, val acc {rows[-1].val_acc:.4f}")
-    gc.collect()
 
     cache_dir = args.out / "cache" / dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     runs = [  # key, name, cache, augment
@@ -419,13 +486,12 @@ def main() -> None:
     ]
     for key, name, cache, augment in runs:
         overrides = transferkit_overrides(root, args.epochs, device, cache, cache_dir, augment)
-        rows.append(transferkit_run(key, name, args.out, overrides, len(items)))
-        gc.collect()
+        rows.append(watched(transferkit_run, key, name, args.out, overrides, len(items)))
 
     order = ["a", "b", "c", "c'", "b0", "c0", "d"]
     rows.sort(key=lambda r: order.index(r.key))
     checks = targets({r.key: r for r in rows})
-    text = report(rows, machine(device, dtype), decode, checks, args)
+    text = report(rows, machine(device, dtype, (load_at_start, load_average())), decode, checks, args)
     (args.out / "benchmark.md").write_text(text)
     print()
     print(text)
