@@ -12,7 +12,6 @@ import lightning as L
 
 from transferkit.errors import ConfigError
 from transferkit.features.cache import FeatureSet, build_or_load
-from transferkit.features.precision import resolve_precision
 
 CACHE_MODES = ("auto", True, False)
 
@@ -35,11 +34,13 @@ def use_feature_cache(
     finetune: L.Callback,
     cache: str | bool = "auto",
     views: int = 1,
-    precision: str = "auto",
     dir: str | Path = ".cache/features",
     seed: int | None = None,
 ) -> Path | None:
-    """Point `datamodule` at cached features when the run allows it; returns the cache file."""
+    """Point `datamodule` at cached features when the run allows it; returns the cache file.
+
+    The features are computed in `model.frozen_dtype`, the precision the run's frozen forward uses.
+    """
     if cache not in CACHE_MODES:
         raise ConfigError(f"features.cache={cache!r} must be auto, true or false.")
     if int(views) < 1:
@@ -48,9 +49,6 @@ def use_feature_cache(
         raise ConfigError(
             f"features.views={views} caches augmented views, but data.augment is off; use features.views=1."
         )
-    device = trainer.strategy.root_device
-    dtype = resolve_precision(precision, device)
-    model.frozen_dtype = dtype
     if cache is False:
         return None
     reason = _why_not(finetune, datamodule, trainer)
@@ -69,8 +67,8 @@ def use_feature_cache(
         eval_transform=preprocessing.transforms(train=False),
         directory=dir,
         views=int(views),
-        dtype=dtype,
-        device=device,
+        dtype=model.frozen_dtype,
+        device=trainer.strategy.root_device,
         seed=seed,
         batch_size=datamodule.batch_size,
         num_workers=datamodule.num_workers,

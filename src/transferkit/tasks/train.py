@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from transferkit.errors import ConfigError, DataError
 from transferkit.features import use_feature_cache
+from transferkit.features.precision import resolve_precision
 from transferkit.lr_finder import tune_lr
 from transferkit.module import TransferModule
 from transferkit.tasks.common import (
@@ -82,11 +83,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")))
 
     best = None  # None: validate the model as it is (the checkpoint's, with train=false)
+    features = dict(plain(cfg.get("features")) or {})
+    model.frozen_dtype = resolve_precision(features.pop("precision", "auto"), trainer.strategy.root_device)
     feature_cache = None
     if cfg.get("train", True):
         finetune.freeze_before_training(model)  # what trains decides whether features can be cached
         feature_cache = use_feature_cache(
-            model, datamodule, trainer, finetune, seed=cfg.get("seed"), **plain(cfg.get("features")) or {}
+            model, datamodule, trainer, finetune, seed=cfg.get("seed"), **features
         )
         if cfg.get("tune_lr"):  # Lightning sweeps without our callbacks: the model is frozen above
             tune_lr(trainer, model, datamodule, cfg.paths.output_dir, **plain(cfg.get("lr_finder")) or {})
