@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import transferkit.features.cache as cache_module
+from transferkit.checkpoints import load_model
 from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.errors import ConfigError
 from transferkit.features.precision import cpu_has_native_bf16, resolve_precision
@@ -120,7 +121,7 @@ def test_checkpoint_of_a_cached_run_is_a_full_model(
     compose_train, tmp_path: Path, tiny_overrides: list[str], image_folder: Path
 ) -> None:
     results = train(compose_train(tmp_path, [*tiny_overrides, "data.augment=false"]))
-    model = TransferModule.from_checkpoint(results["best_model_path"]).eval()
+    model = load_model(results["best_model_path"]).eval()
     calls = backbone_calls(model)
     data = ImageFolderDataModule(image_folder, batch_size=8, num_workers=0)
     data.preprocessing = model.preprocessing
@@ -141,7 +142,8 @@ def test_views_cache_k_augmented_copies_and_draw_one_per_item(
     train_features = data["splits"]["train"]["features"]
     assert train_features.shape[0] == 3 and data["splits"]["val"]["features"].shape[0] == 1
     assert not torch.equal(train_features[0], train_features[1])  # different augmentations
-    assert train_features.dtype == torch.float16
+    assert train_features.dtype == torch.float16  # views are many: half the memory
+    assert data["splits"]["val"]["features"].dtype == torch.float32  # val metrics are the model's own
     feature_set = cache_module.FeatureSet(train_features, data["splits"]["train"]["labels"])
     torch.manual_seed(0)
     drawn = {tuple(feature_set[0][0].tolist()) for _ in range(30)}
@@ -217,7 +219,7 @@ def test_bf16_mixed_trains_on_cpu(compose_train, tmp_path: Path, tiny_overrides:
         compose_train(tmp_path, [*tiny_overrides, "trainer.precision=bf16-mixed", "finetune=partial"])
     )
     assert results["feature_cache"] is None and 0.0 <= results["val/acc"] <= 1.0
-    model = TransferModule.from_checkpoint(results["best_model_path"])
+    model = load_model(results["best_model_path"])
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
 
 
@@ -228,7 +230,7 @@ def test_compiled_backbone_trains_and_saves_a_plain_state_dict(
     results = train(compose_train(tmp_path, [*tiny_overrides, "model.compile=true", "finetune=partial"]))
     checkpoint = torch.load(results["best_model_path"], map_location="cpu", weights_only=True)
     assert not any("_orig_mod" in key or "_compiled" in key for key in checkpoint["state_dict"])
-    model = TransferModule.from_checkpoint(results["best_model_path"])
+    model = load_model(results["best_model_path"])
     assert model.hparams.compile is True and 0.0 <= results["val/acc"] <= 1.0
 
 

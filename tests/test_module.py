@@ -12,6 +12,7 @@ from conftest import TINY_MODEL
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from transferkit.checkpoints import load_model
 from transferkit.errors import ConfigError
 from transferkit.finetune import Freeze
 from transferkit.module import TransferModule
@@ -140,7 +141,7 @@ def test_checkpoint_rebuilds_the_model_alone(tmp_path: Path) -> None:
     trainer = fit(model, tmp_path, epochs=1)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
-    restored = TransferModule.from_checkpoint(path)
+    restored = load_model(path)
     assert restored.class_names == ["a", "b", "c"]
     assert restored.preprocessing == model.preprocessing
     assert restored.preprocessing.image_size == 40 and restored.preprocessing.mean == (0.1, 0.2, 0.3)
@@ -162,7 +163,7 @@ def test_weights_are_not_fetched_again_when_a_checkpoint_is_loaded(tmp_path: Pat
         },
         path,
     )
-    restored = TransferModule.from_checkpoint(path)  # DEFAULT would need the network here
+    restored = load_model(path)  # DEFAULT would need the network here
     assert torch.equal(restored.backbone.conv1.weight, model.backbone.conv1.weight)
 
 

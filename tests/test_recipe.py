@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import make_image_folder
 
+from transferkit.checkpoints import load_model
 from transferkit.errors import ConfigError
-from transferkit.module import TransferModule
 from transferkit.tasks.train import train
 
 
@@ -100,7 +100,7 @@ def test_class_weights_follow_the_training_counts(compose_train, tmp_path: Path)
         ],
     )
     results = train(cfg)
-    model = TransferModule.from_checkpoint(results["best_model_path"])
+    model = load_model(results["best_model_path"])
     expected = torch.tensor([16 / (3 * 8), 16 / (3 * 4), 16 / (3 * 4)])
     assert torch.allclose(model.train_criterion.weight, expected)
     assert model.criterion.weight is None  # val and test losses stay unweighted
@@ -127,7 +127,7 @@ def test_tune_lr_trains_at_the_suggestion_and_keeps_the_plot(
     assert len(found["lr"]) == len(found["loss"]) > 2
     suggestion = found["suggestion"]
     assert 1e-6 <= suggestion <= 1.0
-    model = TransferModule.from_checkpoint(results["best_model_path"])
+    model = load_model(results["best_model_path"])
     assert model.hparams.optimizer["lr"] == pytest.approx(suggestion)
     columns = lr_columns(run)
     assert columns["lr-SGD/head"][0] == pytest.approx(suggestion)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import ROOT, make_image_folder, offline_env
 
+from transferkit.checkpoints import load_model
 from transferkit.errors import ConfigError, DataError, WeightsError
-from transferkit.module import TransferModule
 from transferkit.tasks.train import train
 
 
@@ -63,7 +63,7 @@ def test_train_learns_and_leaves_the_run_directory(
     per_epoch = val_acc_per_epoch(run / "metrics.csv")
     assert len(per_epoch) >= 3
     assert written["val/acc"] == pytest.approx(max(per_epoch[:3]))  # the best checkpoint's numbers
-    restored = TransferModule.from_checkpoint(run / "checkpoints" / "best.ckpt")
+    restored = load_model(run / "checkpoints" / "best.ckpt")
     assert restored.class_names == written["class_names"] and restored.preprocessing.image_size == 64
     assert restored.preprocessing.mean == (0.5, 0.5, 0.5)  # Lite0's own normalisation
 
@@ -89,7 +89,7 @@ def test_no_val_folder_splits_train_and_num_classes_follows_the_data(compose_tra
     )
     results = train(cfg)
     assert "test/acc" not in results and "val/acc_top5" in results
-    model = TransferModule.from_checkpoint(results["best_model_path"])
+    model = load_model(results["best_model_path"])
     assert model.head[-1].out_features == 6
 
 

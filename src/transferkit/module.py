@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -17,9 +16,11 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from transferkit.backbones import build_backbone
 from transferkit.errors import ConfigError
-from transferkit.features.precision import frozen_forward
+from transferkit.features.precision import PRECISIONS, frozen_forward
 from transferkit.finetune import hold_frozen_in_eval
 from transferkit.heads import build_head
+
+RECORD_KEY = "transferkit"  # the checkpoint entry with what the run records beside the model
 
 # Epoch metrics are torchmetrics objects synced by their own compute(); see `_log_epoch`.
 warnings.filterwarnings(
@@ -77,6 +78,7 @@ class TransferModule(L.LightningModule):
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         self.frozen_dtype = torch.float32  # the frozen backbone's forward; the train task resolves it
+        self.data_config: dict[str, Any] | None = None  # the data it trains on; the train task sets it
         self.head = build_head(backbone.num_features, len(class_names), **(head or {}))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
@@ -91,11 +93,6 @@ class TransferModule(L.LightningModule):
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
 
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu") -> TransferModule:
-        """Rebuild from a checkpoint alone: the weights are in it, so nothing is downloaded."""
-        return cls.load_from_checkpoint(path, map_location=map_location, weights=None, weights_only=True)
-
     @property
     def class_names(self) -> list[str]:
         return list(self.hparams.class_names)
@@ -103,6 +100,16 @@ class TransferModule(L.LightningModule):
     @property
     def backbone_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.backbone.parameters())
+
+    @property
+    def validation_precision(self) -> str:
+        """The precision validation runs the backbone in: `frozen_dtype` while it is frozen."""
+        dtype = self.frozen_dtype if self.backbone_frozen else torch.float32
+        return next(name for name, d in PRECISIONS.items() if d == dtype)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record what eval needs to find the data again and reproduce the logged metrics."""
+        checkpoint[RECORD_KEY] = {"data": self.data_config, "precision": self.validation_precision}
 
     def train(self, mode: bool = True) -> TransferModule:
         """Frozen parts stay in eval mode whoever switches the model to training."""

@@ -26,12 +26,14 @@ from transferkit.features.precision import frozen_forward
 
 log = logging.getLogger("transferkit")
 
-FORMAT_VERSION = 1
-STORAGE_DTYPE = torch.float16  # half the disk and memory; bf16 results are exact in it in practice
+FORMAT_VERSION = 2
+# Training views in half precision (half the disk and memory; bf16 results are exact in it in
+# practice); val and test in fp32, so the logged metrics are the model's own on those images.
+STORAGE_DTYPES = {"train": torch.float16, "val": torch.float32, "test": torch.float32}
 
 
 class FeatureSet(Dataset):
-    """Cached features of one split: (views, N, D) half-precision features and N labels.
+    """Cached features of one split: (views, N, D) features and N labels.
 
     With several views (augmented copies of each training image), each draw picks one at random,
     so every epoch sees a different augmentation of each image.
@@ -138,15 +140,16 @@ def extract(
     progress: Progress,
     description: str,
     channels_last: bool = False,
+    storage: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(N, D) features of the loader's images, in loader order."""
+    """(N, D) features of the loader's images, in loader order, stored as `storage`."""
     chunks = []
     task = progress.add_task(description, total=len(loader.dataset))
     for images, _ in loader:
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        chunks.append(frozen_forward(backbone, images, dtype).to(STORAGE_DTYPE).cpu())
+        chunks.append(frozen_forward(backbone, images, dtype).to(storage).cpu())
         progress.advance(task, len(images))
     return torch.cat(chunks)
 
@@ -199,6 +202,7 @@ def build_or_load(
                             progress,
                             f"Caching {split} features" + (f" (view {v + 1}/{passes})" if passes > 1 else ""),
                             channels_last,
+                            STORAGE_DTYPES[split],
                         )
                         for v in range(passes)
                     ]

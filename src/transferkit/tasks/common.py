@@ -22,7 +22,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.tree import Tree
 
-from transferkit.errors import ConfigError, UserError
+from transferkit.errors import ConfigError, DataError, UserError
 
 log = logging.getLogger("transferkit")
 R = TypeVar("R")
@@ -101,6 +101,22 @@ def build_model(
         _recursive_=False,
         _convert_="all",
     )
+
+
+def recorded_data_config(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
+    """The data config a checkpoint records, so eval finds the same splits again: the root made
+    absolute, without the settings that belong to the machine (workers)."""
+    data = {k: v for k, v in plain(cfg).items() if k not in ("num_workers", "persistent_workers")}
+    data["root"] = str(Path(datamodule.root).resolve())
+    return data
+
+
+def check_same_classes(model: Any, data_classes: list[str]) -> None:
+    if model.class_names != list(data_classes):
+        raise DataError(
+            f"The checkpoint was trained on classes {model.class_names}, the data has {list(data_classes)}; "
+            "evaluate it on data with the same class folders."
+        )
 
 
 def print_config_tree(

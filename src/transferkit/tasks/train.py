@@ -10,18 +10,20 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from transferkit.errors import ConfigError, DataError
+from transferkit.checkpoints import load_model
+from transferkit.errors import ConfigError
 from transferkit.features import use_feature_cache
 from transferkit.features.precision import resolve_precision
 from transferkit.lr_finder import tune_lr
-from transferkit.module import TransferModule
 from transferkit.tasks.common import (
     build,
     build_model,
+    check_same_classes,
     instantiate_group,
     plain,
     print_config_tree,
     print_results,
+    recorded_data_config,
     user_errors_exit,
     write_json,
 )
@@ -46,14 +48,6 @@ def _check_run(cfg: DictConfig, has_test: bool) -> None:
         raise ConfigError(f"optimized_metric={metric} will not be measured; use {where}, e.g. val/acc.")
 
 
-def _check_same_classes(model: TransferModule, data_classes: list[str]) -> None:
-    if model.class_names != list(data_classes):
-        raise DataError(
-            f"The checkpoint was trained on classes {model.class_names}, the data has {list(data_classes)}; "
-            "evaluate it on data with the same class folders."
-        )
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then measure the best checkpoint on val (and test when the data has it).
 
@@ -72,9 +66,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model = build_model(
             cfg, datamodule.class_names, datamodule.preprocessing_overrides, datamodule.class_weights()
         )
+        model.data_config = recorded_data_config(cfg.data, datamodule)
     else:
-        model = TransferModule.from_checkpoint(cfg.ckpt_path)
-        _check_same_classes(model, datamodule.class_names)
+        model = load_model(cfg.ckpt_path)
+        check_same_classes(model, datamodule.class_names)
     datamodule.preprocessing = model.preprocessing
     log.info("%d classes: %s", len(model.class_names), ", ".join(model.class_names))
 

@@ -1,0 +1,65 @@
+"""Reading a training checkpoint back: the model, and what the run recorded beside it.
+
+A checkpoint is everything eval, predict and export need. Besides Lightning's state it holds a
+`transferkit` entry: the data the model was trained on (so `eval.py` can find it again) and the
+precision validation ran the backbone in (so eval reproduces the logged numbers).
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transferkit.errors import ConfigError
+from transferkit.features.precision import PRECISIONS
+from transferkit.module import RECORD_KEY, TransferModule
+
+_MADE_BY = "Use a checkpoints/best.ckpt or last.ckpt written by train.py."
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict, or a ConfigError saying what the file is instead."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={path} does not exist. {_MADE_BY}")
+    if path.suffix == ".onnx":
+        raise ConfigError(
+            f"ckpt_path={path} is an exported ONNX model; this task needs the .ckpt it was exported "
+            "from (predict.py also takes model.onnx)."
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"ckpt_path={path} is not a PyTorch checkpoint ({first}). {_MADE_BY}") from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "class_names" not in hparams or "state_dict" not in checkpoint:
+        raise ConfigError(
+            f"ckpt_path={path} is a checkpoint of another kind: it has no transferkit model "
+            f"(hyper-parameters with class names, and a state dict). {_MADE_BY}"
+        )
+    return checkpoint
+
+
+def load_model(path: str | Path) -> TransferModule:
+    """The model rebuilt from the checkpoint alone (nothing is downloaded), in eval mode, with
+    the run's record restored: `data_config`, and `frozen_dtype` set to the precision validation
+    ran the backbone in (fp32 for checkpoints that predate the record)."""
+    checkpoint = read_checkpoint(path)
+    hparams = {**checkpoint["hyper_parameters"], "weights": None}  # the weights are in the state dict
+    model = TransferModule(**hparams)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise ConfigError(
+            f"ckpt_path={path}: its weights do not fit the model its hyper-parameters describe "
+            f"({str(error).splitlines()[0]}). {_MADE_BY}"
+        ) from None
+    record = checkpoint.get(RECORD_KEY) or {}
+    model.data_config = record.get("data")
+    model.frozen_dtype = PRECISIONS[record.get("precision", "fp32")]
+    return model.eval()
