@@ -27,3 +27,7 @@ class ConfigError(UserError):
 
 class WeightsError(UserError):
     """Pretrained weights that cannot be had (offline, wrong name, missing file, wrong shape)."""
+
+
+class ExportError(UserError):
+    """A model that does not export, or whose export does not reproduce PyTorch's logits."""

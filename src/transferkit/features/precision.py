@@ -36,12 +36,12 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """`features.precision` (auto, bf16, fp16, fp32) as the dtype to run on `device`."""
+def resolve_precision(precision: str, device: torch.device, key: str = "features.precision") -> torch.dtype:
+    """`precision` (auto, bf16, fp16, fp32; the config `key`) as the dtype to run on `device`."""
     if precision == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float32
     if precision not in PRECISIONS:
-        raise ConfigError(f"features.precision={precision!r} is not one of: auto, {', '.join(PRECISIONS)}.")
+        raise ConfigError(f"{key}={precision!r} is not one of: auto, {', '.join(PRECISIONS)}.")
     return PRECISIONS[precision]
 
 

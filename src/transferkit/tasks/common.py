@@ -145,7 +145,7 @@ def print_results(title: str, results: dict[str, Any]) -> None:
     table.add_column(overflow="fold")  # paths are shown whole, to be copied
     for key, value in results.items():
         if isinstance(value, float):
-            value = f"{value:.4f}"
+            value = f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
         elif isinstance(value, list):
             value = ", ".join(map(str, value))
         table.add_row(key, str(value))

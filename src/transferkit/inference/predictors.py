@@ -1,0 +1,88 @@
+"""A trained classifier behind one call, `logits(images)`: a checkpoint run by PyTorch, or an
+exported `model.onnx` run by onnxruntime. Both carry their class names and preprocessing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transferkit.checkpoints import load_model
+from transferkit.errors import ConfigError
+from transferkit.features.precision import resolve_precision
+from transferkit.module import TransferModule
+from transferkit.preprocessing import Preprocessing
+
+
+def best_device(device: str = "auto") -> torch.device:
+    """`auto`: CUDA, then Apple's MPS, then the CPU; any other value is a torch device name."""
+    if device != "auto":
+        try:
+            return torch.device(device)
+        except RuntimeError as error:
+            raise ConfigError(f"device={device} is not a device ({error}); use auto, cpu, cuda:0.") from None
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class TorchPredictor:
+    """A TransferModule in inference: every parameter frozen, so the backbone runs through the
+    frozen forward (no autograd, `dtype`, CPU chunks) and the head in fp32."""
+
+    def __init__(self, model: TransferModule, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.model.frozen_dtype = dtype
+        self.device = device
+        self.class_names = model.class_names
+        self.preprocessing = model.preprocessing
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.to(self.device)).float().cpu()
+
+
+class OnnxPredictor:
+    """An exported model.onnx, with the model.json export.py writes beside it."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        meta_path = path.with_name("model.json")
+        if not meta_path.is_file():
+            raise ConfigError(f"{path} has no model.json beside it; export the model with export.py.")
+        meta = json.loads(meta_path.read_text())
+        self.class_names: list[str] = list(meta["class_names"])
+        self.preprocessing = Preprocessing(**_tuples(meta["preprocessing"]))
+        wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
+        providers = [p for p in wanted if p in ort.get_available_providers()]
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+            raise ConfigError(f"ckpt_path={path} is not a model onnxruntime can load ({error}).") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.device = torch.device("cuda" if self.session.get_providers()[0].startswith("CUDA") else "cpu")
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        (out,) = self.session.run(None, {self.input_name: images.float().numpy()})
+        return torch.from_numpy(out)
+
+
+def _tuples(preprocessing: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in preprocessing.items()}
+
+
+def load_predictor(
+    path: str | Path, device: str = "auto", precision: str = "auto"
+) -> TorchPredictor | OnnxPredictor:
+    """A predictor for a train.py checkpoint or an export.py model.onnx."""
+    path = Path(path)
+    if path.suffix == ".onnx" and path.is_file():
+        return OnnxPredictor(path)
+    model = load_model(path)
+    target = best_device(device)
+    return TorchPredictor(model, target, resolve_precision(precision, target, "precision"))

@@ -1,0 +1,115 @@
+"""The export task: a checkpoint as model.onnx or model.pt plus model.json, parity checked."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from transferkit import __version__
+from transferkit.checkpoints import load_model
+from transferkit.data.images import load_rgb
+from transferkit.errors import ConfigError, ExportError
+from transferkit.exporting import EXPORTERS, FORMATS, Classifier, load_exported, parity
+from transferkit.inference import collect_inputs
+from transferkit.module import TransferModule
+from transferkit.tasks.common import print_results, user_errors_exit, write_json
+
+log = logging.getLogger("transferkit")
+
+
+def parity_images(model: TransferModule, source: str | None, count: int) -> tuple[torch.Tensor, str]:
+    """Up to `count` real images, preprocessed as the model expects, and where they came from:
+    `source` (a folder, image or list), else the training data's val split. Random inputs only
+    when there are no images to be had, and the report says so."""
+    if source is not None:
+        paths = collect_inputs(source)
+    else:
+        root = Path((model.data_config or {}).get("root", ""))
+        val = root / "val" if (root / "val").is_dir() else root / "train"
+        paths = collect_inputs(val) if (model.data_config and val.is_dir()) else []
+        source = str(val)
+    transform = model.preprocessing.transforms(train=False)
+    images = []
+    for path in paths:
+        try:
+            images.append(transform(load_rgb(path)))
+        except Exception:  # noqa: BLE001 - any unreadable file is just not used for the check
+            continue
+        if len(images) == count:
+            break
+    if images:
+        return torch.stack(images), f"{len(images)} images from {source}"
+    size = model.preprocessing.image_size
+    log.warning("No images found to check parity on; using random inputs (give parity.images=DIR).")
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(0)), "random inputs"
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    """Export, check parity, then move the files into `output`; nothing is left behind on failure."""
+    started = time.perf_counter()
+    if cfg.format not in FORMATS:
+        raise ConfigError(f"format={cfg.format} is not supported; use one of: {', '.join(FORMATS)}.")
+    count, atol = int(cfg.parity.count), float(cfg.parity.atol)
+    if count < 1:
+        raise ConfigError(f"parity.count={count} must be 1 or more.")
+    model = load_model(cfg.ckpt_path)
+    net = Classifier(model).eval().requires_grad_(False)
+    images, source = parity_images(model, cfg.parity.get("images"), count)
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    name = FORMATS[cfg.format]
+    with tempfile.TemporaryDirectory(dir=output, prefix=".export-") as staging:
+        staged = Path(staging) / name
+        try:
+            EXPORTERS[cfg.format](net, images[:2], staged)
+        except Exception as error:  # noqa: BLE001 - the exporters raise many kinds
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ExportError(f"{cfg.format} export of {model.hparams.name} failed: {first}") from error
+        difference = parity(net, load_exported(staged), images)
+        if not difference <= atol:
+            raise ExportError(
+                f"The {cfg.format} model's logits differ from PyTorch's by {difference:.2e} "
+                f"(> parity.atol={atol:g}) on {source}; nothing was written."
+            )
+        for file in Path(staging).iterdir():  # model.onnx and, for models over 2 GB, its weights
+            shutil.move(str(file), output / file.name)
+    meta = {
+        "format": cfg.format,
+        "file": name,
+        "class_names": model.class_names,
+        "preprocessing": model.preprocessing.to_dict(),
+        "input": {
+            "name": "images",
+            "shape": ["batch", 3, images.shape[2], images.shape[3]],
+            "dtype": "float32",
+        },
+        "output": {"name": "logits", "shape": ["batch", len(model.class_names)]},
+        "model": model.hparams.name,
+        "checkpoint": str(Path(cfg.ckpt_path).resolve()),
+        "parity": {"max_abs_diff": difference, "atol": atol, "checked_on": source},
+        "versions": {"transferkit": __version__, "torch": torch.__version__},
+    }
+    write_json(output / "model.json", meta)
+    log.info("Parity: max |logit difference| %.2e <= %g on %s.", difference, atol, source)
+    results = {
+        "model": str((output / name).resolve()),
+        "metadata": str((output / "model.json").resolve()),
+        "parity_max_abs_diff": difference,
+        "parity_checked_on": source,
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
+    write_json(Path(cfg.paths.output_dir) / "results.json", results)
+    print_results(f"Exported ({cfg.format}, parity checked)", results)
+    return results
+
+
+@user_errors_exit
+def main(cfg: DictConfig) -> None:
+    export(cfg)

@@ -1,0 +1,88 @@
+"""The predict task: classify images with a checkpoint or an exported model.onnx, into a CSV."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from transferkit.data.datamodule import default_num_workers
+from transferkit.errors import ConfigError
+from transferkit.inference import Predictions, collect_inputs, load_predictor, predict_files
+from transferkit.tasks.common import print_results, user_errors_exit, write_json
+
+log = logging.getLogger("transferkit")
+
+
+def csv_header(top_k: int) -> list[str]:
+    ranked = [f"top{r}_{what}" for r in range(1, top_k + 1) for what in ("label", "prob")]
+    return ["path", "label", "confidence", *ranked, "error"]
+
+
+def write_predictions(path: Path, predictions: Predictions, class_names: list[str], top_k: int) -> None:
+    """One row per file: its label and confidence, then the top-k; a failed file has its error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probs = predictions.probs
+    top_p, top_i = probs.topk(top_k, dim=1)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(csv_header(top_k))
+        for row, (file, error) in enumerate(zip(predictions.paths, predictions.errors, strict=True)):
+            if error is not None:
+                writer.writerow([str(file), "", "", *[""] * (2 * top_k), error])
+                continue
+            pairs = zip(top_i[row].tolist(), top_p[row].tolist(), strict=True)
+            ranked = [v for i, p in pairs for v in (class_names[i], f"{p:.6f}")]
+            writer.writerow([str(file), ranked[0], ranked[1], *ranked, ""])
+
+
+def predict(cfg: DictConfig) -> dict[str, Any]:
+    """Write the CSV named by `output` and a summary results.json in the run directory."""
+    started = time.perf_counter()
+    top_k = int(cfg.top_k)
+    if top_k < 1:
+        raise ConfigError(f"top_k={top_k} must be 1 or more.")
+    if int(cfg.batch_size) < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be 1 or more.")
+    predictor = load_predictor(cfg.ckpt_path, cfg.device, cfg.precision)
+    paths = collect_inputs(cfg.input)
+    if top_k > len(predictor.class_names):
+        log.warning("top_k=%d, but the model has %d classes; listing all.", top_k, len(predictor.class_names))
+        top_k = len(predictor.class_names)
+    workers = default_num_workers() if cfg.get("num_workers") is None else int(cfg.num_workers)
+    predictions = predict_files(predictor, paths, int(cfg.batch_size), workers, tta=bool(cfg.tta))
+    output = Path(cfg.output)
+    write_predictions(output, predictions, predictor.class_names, top_k)
+
+    ok = predictions.ok
+    labels = predictions.logits[ok].argmax(1).tolist()
+    failed = [str(p) for p, e in zip(predictions.paths, predictions.errors, strict=True) if e is not None]
+    if failed:
+        log.warning(
+            "%d file(s) could not be read (their rows say why): %s", len(failed), ", ".join(failed[:20])
+        )
+    counts = Counter(predictor.class_names[i] for i in labels)
+    results: dict[str, Any] = {
+        "output": str(output.resolve()),
+        "model": str(Path(cfg.ckpt_path).resolve()),
+        "files": len(paths),
+        "predicted": int(ok.sum()),
+        "failed": len(failed),
+        "labels": dict(sorted(counts.items())),
+        "tta": bool(cfg.tta),
+        "device": str(predictor.device),
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
+    write_json(Path(cfg.paths.output_dir) / "results.json", results)
+    print_results("Predictions", {**results, "labels": [f"{k}: {v}" for k, v in results["labels"].items()]})
+    return results
+
+
+@user_errors_exit
+def main(cfg: DictConfig) -> None:
+    predict(cfg)
