@@ -3,7 +3,10 @@ network that is never reachable (so no test can download)."""
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +45,18 @@ def offline_env() -> dict[str, str]:
     return env
 
 
+def run_cli(script: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python <script> args...` as a user runs it, from `cwd`, offline."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), f"paths.root_dir={cwd}", *args],
+        cwd=cwd,
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def make_image_folder(
     root: Path,
     classes: tuple[str, ...] = SHAPES[:3],
@@ -65,19 +80,20 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "data")
 
 
+def compose_task(task: str, root: Path, overrides: list[str] = ()) -> DictConfig:
+    """Compose conf/<task>.yaml as the command line would, with paths and the run dir under `root`."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(task, overrides=[f"paths.root_dir={root}", *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(root / "run")
+    Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def compose_train() -> Callable[..., DictConfig]:
     """Compose conf/train.yaml as the command line would, with paths under `root`."""
-
-    def _compose(root: Path, overrides: list[str] = ()) -> DictConfig:
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-            cfg = compose("train", overrides=[f"paths.root_dir={root}", *overrides])
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(root / "run")
-        Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
-        return cfg
-
-    return _compose
+    return functools.partial(compose_task, "train")
 
 
 @pytest.fixture
@@ -97,3 +113,28 @@ def tiny_overrides(image_folder: Path) -> list[str]:
         "callbacks.rich_model_summary=null",
         "optimizer.lr=0.05",
     ]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One tiny training run (train/val/test, cached features) shared by the eval, predict and
+    export tests: its results.json, plus `data_root`."""
+    from transferkit.tasks.train import train
+
+    root = tmp_path_factory.mktemp("trained")
+    data = make_image_folder(root / "data", splits={"train": 12, "val": 4, "test": 4})
+    overrides = [
+        "data=imagefolder",
+        f"data.root={data}",
+        "data.image_size=32",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        f"model.name={TINY_MODEL}",
+        "model.weights=null",
+        "trainer=cpu",
+        "trainer.max_epochs=3",
+        "callbacks.rich_progress_bar=null",
+        "callbacks.rich_model_summary=null",
+        "optimizer.lr=0.05",
+    ]
+    return {**train(compose_task("train", root, overrides)), "data_root": str(data)}

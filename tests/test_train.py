@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, make_image_folder, offline_env
+from conftest import ROOT, make_image_folder, offline_env, run_cli
 
 from transferkit.checkpoints import load_model
 from transferkit.errors import ConfigError, DataError, WeightsError
@@ -168,21 +168,11 @@ def test_config_values_that_cannot_work_are_user_errors(
 # ---- the command line, as users run it ------------------------------------------------------
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), f"paths.root_dir={cwd}", *args],
-        cwd=cwd,
-        env=offline_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.mark.slow
 def test_cli_trains_into_the_given_run_dir(tmp_path: Path, image_folder: Path) -> None:
     run_dir = tmp_path / "my_run"
     proc = run_cli(
+        "train.py",
         "data=imagefolder",
         f"data.root={image_folder}",
         "data.image_size=32",
@@ -235,6 +225,7 @@ def test_cli_ddp_sim_two_cpu_processes_finish_and_write_once(tmp_path: Path, ima
     """Epoch metrics are synced by every rank; a rank-0-only sync (the progress bar) once hung here."""
     run_dir = tmp_path / "ddp"
     proc = run_cli(
+        "train.py",
         "data=imagefolder", f"data.root={image_folder}", "data.image_size=32", "data.num_workers=0",
         "model.name=timm:test_efficientnet", "model.weights=null", "trainer=ddp_sim", "trainer.max_epochs=2",
         f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=300,
@@ -298,7 +289,7 @@ def _mismatched(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_cli_bad_input_ends_with_one_clear_line(tmp_path: Path, case: str) -> None:
     make_args, expected = BAD_INPUTS[case]
-    proc = run_cli(*make_args(tmp_path), "trainer=cpu", cwd=tmp_path)
+    proc = run_cli("train.py", *make_args(tmp_path), "trainer=cpu", cwd=tmp_path)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert expected in output, output[-3000:]
@@ -313,6 +304,7 @@ def test_cli_bad_input_ends_with_one_clear_line(tmp_path: Path, case: str) -> No
 def test_default_experiment_reaches_90_percent_on_the_demo(tmp_path: Path) -> None:
     """`python train.py` as shipped (demo data, shipped Lite0 weights), shortened to 3 epochs."""
     proc = run_cli(
+        "train.py",
         "trainer.max_epochs=3",
         "callbacks.rich_progress_bar=null",
         f"hydra.run.dir={tmp_path}/run",

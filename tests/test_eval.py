@@ -1,0 +1,158 @@
+"""eval.py: a checkpoint's metrics, equal to training's, and its reports, from the checkpoint alone."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_task, make_image_folder, run_cli
+from PIL import Image
+
+from transferkit.errors import ConfigError, DataError
+from transferkit.tasks.eval import evaluate
+from transferkit.tasks.train import train
+
+SHARED = ("loss", "acc", "f1")
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_eval_reproduces_the_training_metrics_and_writes_the_reports(
+    trained_run: dict, tmp_path: Path
+) -> None:
+    results = evaluate(compose_task("eval", tmp_path, [f"ckpt_path={trained_run['best_model_path']}"]))
+    assert results["split"] == "test"  # the data has test/: it is the default
+    for name in SHARED:
+        assert results[f"test/{name}"] == pytest.approx(trained_run[f"test/{name}"], abs=1e-4)
+    run = tmp_path / "run"
+    assert json.loads((run / "results.json").read_text()) == results
+    assert results["images"] == 12 and results["data_root"] == trained_run["data_root"]
+
+    matrix = read_rows(run / "confusion_matrix.csv")
+    assert matrix[0][1:] == trained_run["class_names"]
+    counts = [[int(c) for c in row[1:]] for row in matrix[1:]]
+    assert [row[0] for row in matrix[1:]] == trained_run["class_names"]
+    assert all(sum(row) == 4 for row in counts)  # 4 test images per class
+    assert sum(counts[i][i] for i in range(3)) / 12 == pytest.approx(results["test/acc"])
+    assert 12 - sum(counts[i][i] for i in range(3)) == results["misclassified"]
+
+    with open(run / "per_class.csv", newline="") as f:
+        report = list(csv.DictReader(f))
+    assert [r["class"] for r in report] == [*trained_run["class_names"], "macro avg", "weighted avg"]
+    assert [int(r["support"]) for r in report[:3]] == [4, 4, 4]
+    assert float(report[3]["f1"]) == pytest.approx(results["test/f1"], abs=1e-4)
+    for picture in ("confusion_matrix.png", "misclassified.png"):
+        with Image.open(run / picture) as image:
+            assert image.format == "PNG" and min(image.size) >= 200
+
+
+def test_eval_on_val_matches_training_val(trained_run: dict, tmp_path: Path) -> None:
+    results = evaluate(
+        compose_task("eval", tmp_path, [f"ckpt_path={trained_run['best_model_path']}", "split=val"])
+    )
+    for name in SHARED:
+        assert results[f"val/{name}"] == pytest.approx(trained_run[f"val/{name}"], abs=1e-4)
+    assert not any(key.startswith("test/") for key in results)
+
+
+@pytest.mark.slow
+def test_eval_matches_a_run_whose_backbone_trained(
+    compose_train, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    """No feature cache: validation ran the whole model on images, in training mode's sibling."""
+    trained = train(compose_train(tmp_path / "t", [*tiny_overrides, "finetune=full"]))
+    assert trained["feature_cache"] is None
+    results = evaluate(
+        compose_task("eval", tmp_path / "e", [f"ckpt_path={trained['best_model_path']}", "split=val"])
+    )
+    for name in SHARED:
+        assert results[f"val/{name}"] == pytest.approx(trained[f"val/{name}"], abs=1e-4)
+
+
+def test_eval_on_data_given_on_the_command_line(trained_run: dict, tmp_path: Path) -> None:
+    """The training data moved: data.root points at its new place, with or without data=imagefolder."""
+    moved = shutil.copytree(trained_run["data_root"], tmp_path / "moved")
+    ckpt = f"ckpt_path={trained_run['best_model_path']}"
+    by_key = evaluate(compose_task("eval", tmp_path / "a", [ckpt, f"data.root={moved}"]))
+    by_group = evaluate(
+        compose_task(
+            "eval", tmp_path / "b", [ckpt, "data=imagefolder", f"data.root={moved}", "data.num_workers=0"]
+        )
+    )
+    for results in (by_key, by_group):
+        assert results["data_root"] == str(moved)
+        assert results["test/acc"] == pytest.approx(trained_run["test/acc"], abs=1e-4)
+
+
+def test_eval_refuses_what_cannot_work(trained_run: dict, tmp_path: Path) -> None:
+    ckpt = trained_run["best_model_path"]
+    other_classes = make_image_folder(
+        tmp_path / "other", classes=("circle", "star"), splits={"train": 2, "val": 2}
+    )
+    no_test = make_image_folder(tmp_path / "no_test", splits={"train": 2, "val": 2})
+    gone = tmp_path / "gone.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["transferkit"]["data"]["root"] = str(tmp_path / "deleted")
+    torch.save(checkpoint, gone)
+    cases = [
+        ([f"ckpt_path={tmp_path / 'nope.ckpt'}"], ConfigError, "does not exist"),
+        ([f"ckpt_path={ckpt}", f"data.root={other_classes}"], DataError, "trained on classes"),
+        (
+            [f"ckpt_path={ckpt}", f"data.root={no_test}", "split=test"],
+            ConfigError,
+            "split=test is not in the data",
+        ),
+        ([f"ckpt_path={ckpt}", "split=holdout"], ConfigError, "choose one of: train, val, test"),
+        ([f"ckpt_path={gone}"], DataError, "deleted does not exist. Set data.root=PATH"),
+        ([f"ckpt_path={ckpt}", "precision=fp8"], ConfigError, "precision='fp8' is not one of"),
+    ]
+    for overrides, error, message in cases:
+        with pytest.raises(error, match=message):
+            evaluate(compose_task("eval", tmp_path / "run_dir", overrides))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"not a checkpoint at all", "is not a PyTorch checkpoint"),
+        ({"model": torch.zeros(2)}, "is a checkpoint of another kind"),
+        ({"state_dict": {}, "hyper_parameters": {"lr": 0.1}}, "is a checkpoint of another kind"),
+    ],
+)
+def test_checkpoints_of_another_kind_are_named_so(tmp_path: Path, content, message: str) -> None:
+    path = tmp_path / "model.ckpt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(ConfigError, match=message):
+        evaluate(compose_task("eval", tmp_path, [f"ckpt_path={path}"]))
+
+
+def test_an_exported_model_is_not_a_checkpoint(tmp_path: Path) -> None:
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x07")
+    with pytest.raises(ConfigError, match="exported ONNX model; this task needs the .ckpt"):
+        evaluate(compose_task("eval", tmp_path, [f"ckpt_path={onnx}"]))
+
+
+@pytest.mark.slow
+def test_cli_eval_writes_its_run_dir_and_bad_input_exits_2(trained_run: dict, tmp_path: Path) -> None:
+    run_dir = tmp_path / "eval_run"
+    ok = run_cli(
+        "eval.py", f"ckpt_path={trained_run['best_model_path']}", f"hydra.run.dir={run_dir}", cwd=tmp_path
+    )
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    written = json.loads((run_dir / "results.json").read_text())
+    assert written["test/acc"] == pytest.approx(trained_run["test/acc"], abs=1e-4)
+    assert (run_dir / "eval.log").is_file() and "Per-class report" in ok.stdout
+    bad = run_cli("eval.py", "ckpt_path=missing.ckpt", cwd=tmp_path)
+    assert bad.returncode == 2 and "ckpt_path=missing.ckpt does not exist" in bad.stdout + bad.stderr
+    assert "Traceback" not in bad.stdout + bad.stderr

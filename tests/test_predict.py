@@ -1,0 +1,186 @@
+"""predict.py: a CSV of labels and top-k probabilities for an image, a folder or a list of paths,
+from a checkpoint or an exported model.onnx; unreadable files get an error row."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_task, run_cli
+
+from transferkit.checkpoints import load_model
+from transferkit.data.images import load_rgb
+from transferkit.errors import ConfigError
+from transferkit.tasks.export import export
+from transferkit.tasks.predict import predict
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def messy_folder(trained_run: dict, tmp_path: Path) -> Path:
+    """Images in nested folders, one truncated image, one text file, and junk to be skipped."""
+    source = Path(trained_run["data_root"]) / "val"
+    folder = tmp_path / "inbox"
+    (folder / "nested" / "deeper").mkdir(parents=True)
+    (folder / "__MACOSX").mkdir()
+    shutil.copy(source / "circle" / "000.png", folder / "a.png")
+    shutil.copy(source / "square" / "001.png", folder / "nested" / "b.png")
+    shutil.copy(source / "triangle" / "002.png", folder / "nested" / "deeper" / "c.png")
+    data = (source / "square" / "000.png").read_bytes()
+    (folder / "broken.png").write_bytes(data[: len(data) // 3])
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (folder / "Thumbs.db").write_bytes(b"\0")
+    shutil.copy(source / "circle" / "001.png", folder / "__MACOSX" / "._a.png")
+    return folder
+
+
+def reference_probs(ckpt: str, paths: list[Path]) -> torch.Tensor:
+    model = load_model(ckpt)
+    transform = model.preprocessing.transforms(train=False)
+    with torch.no_grad():
+        return model(torch.stack([transform(load_rgb(p)) for p in paths])).softmax(1)
+
+
+def test_predict_a_folder_with_bad_files(trained_run: dict, tmp_path: Path, messy_folder: Path) -> None:
+    ckpt = trained_run["best_model_path"]
+    output = tmp_path / "out" / "preds.csv"
+    results = predict(
+        compose_task(
+            "predict", tmp_path, [f"ckpt_path={ckpt}", f"input={messy_folder}", f"output={output}", "top_k=2"]
+        )
+    )
+    rows = read_csv(output)
+    assert list(rows[0]) == [
+        "path", "label", "confidence", "top1_label", "top1_prob", "top2_label", "top2_prob", "error",
+    ]  # fmt: skip
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert sorted(by_name) == ["a.png", "b.png", "broken.png", "c.png", "notes.txt"]  # junk skipped
+    assert "truncated" in by_name["broken.png"]["error"] and by_name["broken.png"]["label"] == ""
+    assert "cannot identify image file" in by_name["notes.txt"]["error"]
+    good = [
+        messy_folder / "a.png",
+        messy_folder / "nested" / "b.png",
+        messy_folder / "nested" / "deeper" / "c.png",
+    ]
+    expected = reference_probs(ckpt, good)
+    names = trained_run["class_names"]
+    for path, probs in zip(good, expected, strict=True):
+        row = by_name[path.name]
+        assert row["error"] == "" and row["path"] == str(path)
+        top = probs.topk(2)
+        assert row["label"] == row["top1_label"] == names[int(top.indices[0])]
+        assert row["top2_label"] == names[int(top.indices[1])]
+        assert (
+            float(row["confidence"])
+            == float(row["top1_prob"])
+            == pytest.approx(float(top.values[0]), abs=1e-6)
+        )
+        assert float(row["top2_prob"]) == pytest.approx(float(top.values[1]), abs=1e-6)
+    assert results["files"] == 5 and results["predicted"] == 3 and results["failed"] == 2
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
+
+
+def test_predict_one_image_a_list_file_and_tta(trained_run: dict, tmp_path: Path) -> None:
+    ckpt = trained_run["best_model_path"]
+    val = shutil.copytree(Path(trained_run["data_root"]) / "val", tmp_path / "val")
+    image = val / "square" / "003.png"
+    listing = val / "paths.txt"
+    listing.write_text("# val images\nsquare/003.png\n\n" + str(val / "circle" / "002.png") + "\n")
+    one = tmp_path / "one.csv"
+    predict(compose_task("predict", tmp_path / "a", [f"ckpt_path={ckpt}", f"input={image}", f"output={one}"]))
+    listed = tmp_path / "listed.csv"
+    predict(
+        compose_task("predict", tmp_path / "b", [f"ckpt_path={ckpt}", f"input={listing}", f"output={listed}"])
+    )
+    rows = read_csv(listed)
+    assert [r["path"] for r in rows] == [str(val / "square" / "003.png"), str(val / "circle" / "002.png")]
+    assert rows[0]["top1_prob"] == read_csv(one)[0]["top1_prob"]
+    assert "top3_label" in rows[0] and "top4_label" not in rows[0]  # top_k=5 capped at 3 classes
+
+    tta = tmp_path / "tta.csv"
+    predict(
+        compose_task(
+            "predict", tmp_path / "c", [f"ckpt_path={ckpt}", f"input={image}", f"output={tta}", "tta=true"]
+        )
+    )
+    model = load_model(ckpt)
+    x = model.preprocessing.transforms(train=False)(load_rgb(image))[None]
+    with torch.no_grad():
+        averaged = (model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2
+    row = read_csv(tta)[0]
+    assert float(row["confidence"]) == pytest.approx(float(averaged.max()), abs=1e-6)
+    assert row["label"] == trained_run["class_names"][int(averaged.argmax())]
+
+
+def test_predict_on_the_exported_onnx_gives_the_checkpoint_s_labels(
+    trained_run: dict, tmp_path: Path, messy_folder: Path
+) -> None:
+    ckpt = trained_run["best_model_path"]
+    exported = export(compose_task("export", tmp_path / "export", [f"ckpt_path={ckpt}", "format=onnx"]))
+    from_ckpt, from_onnx = tmp_path / "ckpt.csv", tmp_path / "onnx.csv"
+    predict(
+        compose_task(
+            "predict", tmp_path / "a", [f"ckpt_path={ckpt}", f"input={messy_folder}", f"output={from_ckpt}"]
+        )
+    )
+    predict(
+        compose_task(
+            "predict",
+            tmp_path / "b",
+            [f"ckpt_path={exported['model']}", f"input={messy_folder}", f"output={from_onnx}"],
+        )
+    )
+    a, b = read_csv(from_ckpt), read_csv(from_onnx)
+    assert [r["path"] for r in a] == [r["path"] for r in b]
+    assert [r["label"] for r in a] == [r["label"] for r in b]
+    assert [r["error"] for r in a] == [r["error"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        if ra["confidence"]:
+            assert float(ra["confidence"]) == pytest.approx(float(rb["confidence"]), abs=1e-5)
+
+
+def test_predict_refuses_what_cannot_work(trained_run: dict, tmp_path: Path) -> None:
+    ckpt = trained_run["best_model_path"]
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / ".DS_Store").write_bytes(b"\0")
+    stray_onnx = tmp_path / "alone" / "model.onnx"
+    stray_onnx.parent.mkdir()
+    stray_onnx.write_bytes(b"\0")
+    image = Path(trained_run["data_root"]) / "val" / "circle" / "000.png"
+    cases = [
+        ([f"ckpt_path={tmp_path / 'missing.ckpt'}", f"input={image}"], "does not exist"),
+        ([f"ckpt_path={ckpt}", f"input={empty}"], "is an empty folder"),
+        ([f"ckpt_path={ckpt}", f"input={tmp_path / 'nowhere'}"], "input=.* does not exist"),
+        ([f"ckpt_path={stray_onnx}", f"input={image}"], "has no model.json beside it"),
+        ([f"ckpt_path={image}", f"input={image}"], "is not a PyTorch checkpoint"),
+        ([f"ckpt_path={ckpt}", f"input={image}", "top_k=0"], "top_k=0 must be 1 or more"),
+        ([f"ckpt_path={ckpt}", f"input={image}", "device=gpu7"], "device=gpu7 is not a device"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            predict(compose_task("predict", tmp_path / "run_dir", overrides))
+
+
+@pytest.mark.slow
+def test_cli_predict_writes_the_csv_and_an_empty_folder_exits_2(
+    trained_run: dict, tmp_path: Path, messy_folder: Path
+) -> None:
+    output = tmp_path / "preds.csv"
+    ckpt = f"ckpt_path={trained_run['best_model_path']}"
+    ok = run_cli("predict.py", ckpt, f"input={messy_folder}", f"output={output}", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    assert len(read_csv(output)) == 5 and "could not be read" in ok.stdout + ok.stderr
+    (tmp_path / "empty").mkdir()
+    bad = run_cli("predict.py", ckpt, f"input={tmp_path / 'empty'}", cwd=tmp_path)
+    assert bad.returncode == 2 and "is an empty folder" in bad.stdout + bad.stderr
+    assert "Traceback" not in bad.stdout + bad.stderr
