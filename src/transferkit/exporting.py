@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,8 +50,10 @@ def export_onnx(net: nn.Module, example: torch.Tensor, path: Path) -> None:
 
 
 def export_torchscript(net: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """Traced: the classifier has no data-dependent control flow."""
-    with torch.no_grad():
+    """Traced: the classifier has no data-dependent control flow. PyTorch deprecates TorchScript
+    in favour of torch.export; it still loads anywhere libtorch runs, so it is offered as is."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         torch.jit.trace(net, example).save(str(path))
 
 
@@ -68,7 +71,9 @@ def load_exported(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return lambda images: torch.from_numpy(session.run(None, {name: images.numpy()})[0])
-    module = torch.jit.load(str(path), map_location="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path), map_location="cpu")
     return lambda images: module(images).detach()
 
 

@@ -283,7 +283,8 @@ def write_misclassified_grid(
     for ax, index in zip(axes, chosen, strict=False):
         true_name = class_names[int(labels[index])]
         pred_name = class_names[int(preds[index])]
-        name = _shorten(Path(paths[index]).name, 28)
+        file = Path(paths[index])
+        name = _shorten(f"{file.parent.name}/{file.name}", 28)  # in class folders, names repeat
         title = f"true: {true_name}\npred: {pred_name} ({float(confidence[index]):.2f})\n{name}"
         _draw_cell(ax, Path(paths[index]), title, thumb)
     for ax in axes[len(chosen) :]:
