@@ -26,12 +26,12 @@ test-fast: install ## Run the tests not marked slow
 	$(BIN)/pytest -m "not slow"
 
 lint: install ## Check style with ruff
-	$(BIN)/ruff check src tests scripts train.py
-	$(BIN)/ruff format --check src tests scripts train.py
+	$(BIN)/ruff check src tests scripts train.py eval.py predict.py export.py
+	$(BIN)/ruff format --check src tests scripts train.py eval.py predict.py export.py
 
 format: install ## Format and fix with ruff
-	$(BIN)/ruff format src tests scripts train.py
-	$(BIN)/ruff check --fix src tests scripts train.py
+	$(BIN)/ruff format src tests scripts train.py eval.py predict.py export.py
+	$(BIN)/ruff check --fix src tests scripts train.py eval.py predict.py export.py
 
 clean-logs: ## Delete every run under logs/
 	find logs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

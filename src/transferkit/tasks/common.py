@@ -13,9 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from rich import get_console
 from rich.syntax import Syntax
@@ -23,6 +26,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from transferkit.errors import ConfigError, DataError, UserError
+from transferkit.interrupts import Interrupted, exit_code
 
 log = logging.getLogger("transferkit")
 R = TypeVar("R")
@@ -40,8 +44,12 @@ def user_errors_exit(task: Callable[[DictConfig], R]) -> Callable[[DictConfig], 
     def wrapper(cfg: DictConfig) -> R:
         try:
             return task(cfg)
+        except (Interrupted, SIGTERMException) as error:  # last.ckpt is saved and the log says how to resume
+            sys.exit(exit_code(error))
         except UserError as error:
             log.error("%s", error)
+            if in_multirun():  # Hydra records the job as failed and the sweep goes on
+                raise
             sys.exit(error.exit_code)
         except Exception as error:
             # A spawned DDP process re-raises our error as text; keep its last line.
@@ -52,6 +60,10 @@ def user_errors_exit(task: Callable[[DictConfig], R]) -> Callable[[DictConfig], 
             sys.exit(UserError.exit_code)
 
     return wrapper
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def build(cfg: DictConfig, **kwargs: Any) -> Any:

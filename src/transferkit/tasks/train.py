@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from transferkit.checkpoints import load_model
 from transferkit.errors import ConfigError
 from transferkit.features import use_feature_cache
+from transferkit.features.cache import weights_fingerprint
 from transferkit.features.precision import resolve_precision
 from transferkit.lr_finder import tune_lr
 from transferkit.tasks.common import (
@@ -35,11 +39,57 @@ def _metrics(values: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items()}
 
 
+def resolve_checkpoint(cfg: DictConfig) -> None:
+    """Make `ckpt_path` a file, and continue a run in its own directory.
+
+    `last` is checkpoints/last.ckpt of this run directory (with hydra.run.dir=<run>), else of the
+    newest run under logs/<task>/runs. Training from a checkpoint inside a run directory writes
+    there (checkpoints, metrics, results.json), so a resumed run stays one run.
+    """
+    ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path:
+        return
+    if ckpt_path == "last":
+        own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        runs = Path(cfg.paths.log_dir) / cfg.task_name / "runs"
+        found = [own] if own.is_file() else sorted(runs.glob("*/checkpoints/last.ckpt"), key=os.path.getmtime)
+        if not found:
+            raise ConfigError(f"ckpt_path=last: no run in {runs} has checkpoints/last.ckpt; give a path.")
+        ckpt_path = str(found[-1])
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path} does not exist.")
+    run_dir = path.resolve().parent.parent
+    with open_dict(cfg):
+        cfg.ckpt_path = str(path)
+        if cfg.get("train", True) and path.parent.name == "checkpoints" and (run_dir / ".hydra").is_dir():
+            if run_dir != Path(cfg.paths.output_dir).resolve():
+                move_into_run(Path(cfg.paths.output_dir), run_dir)
+            cfg.paths.output_dir = str(run_dir)
+
+
+def move_into_run(new_dir: Path, run_dir: Path) -> None:
+    """Fold the directory Hydra made for this invocation into the resumed run: its config goes
+    to .hydra/resumed_<name>/, its log is appended to the run's log."""
+    log.info("Resuming %s: its checkpoints, metrics and results are updated in place.", run_dir)
+    if (new_dir / ".hydra").is_dir():
+        shutil.move(str(new_dir / ".hydra"), run_dir / ".hydra" / f"resumed_{new_dir.name}")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == new_dir:
+            handler.close()
+            old_log = Path(handler.baseFilename)
+            handler.baseFilename = str(run_dir / old_log.name)
+            handler.mode = "a"
+            with open(handler.baseFilename, "a") as f:
+                f.write(old_log.read_text())
+            old_log.unlink()
+    if new_dir.is_dir() and not any(new_dir.iterdir()):
+        new_dir.rmdir()
+
+
 def _check_run(cfg: DictConfig, has_test: bool) -> None:
     """Refuse, before any work, what would only fail at the end."""
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and not Path(ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path} does not exist.")
     if not cfg.get("train", True) and not ckpt_path:
         raise ConfigError("train=false evaluates a checkpoint: give it with ckpt_path=PATH.")
     metric = cfg.get("optimized_metric")
@@ -55,6 +105,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Returns what results.json holds.
     """
     started = time.perf_counter()
+    resolve_checkpoint(cfg)
     print_config_tree(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -89,6 +140,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("tune_lr"):  # Lightning sweeps without our callbacks: the model is frozen above
             tune_lr(trainer, model, datamodule, cfg.paths.output_dir, **plain(cfg.get("lr_finder")) or {})
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        if trainer.world_size > 1:  # replicas must agree: DDP all-reduces every trained block
+            log.info("Rank %d: weights %s", trainer.global_rank, weights_fingerprint(model))
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     evaluated = best or (None if cfg.get("train", True) else cfg.ckpt_path)
@@ -105,6 +158,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         epochs=trainer.current_epoch,
         wall_s=round(time.perf_counter() - started, 2),
     )
+    if trainer.world_size > 1:
+        metrics = json.dumps(_metrics(validated[0]), sort_keys=True)
+        log.info("Rank %d: metrics %s", trainer.global_rank, metrics)
     if trainer.is_global_zero:
         output_dir = Path(cfg.paths.output_dir)
         write_json(output_dir / "results.json", results)

@@ -1,0 +1,87 @@
+"""An interrupted run loses nothing: on SIGTERM (a scheduler's stop), SIGUSR1 (SLURM's warning
+before the time limit or a pre-emption) or Ctrl-C, the exact training state goes to
+checkpoints/last.ckpt and the process exits non-zero with the command that resumes it."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger("transferkit")
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal; `signum` gives the exit code 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def exit_code(error: BaseException) -> int:
+    """128 + the signal, as shells report a process a signal ended."""
+    if isinstance(error, Interrupted):
+        return 128 + error.signum
+    return 128 + int(signal.SIGTERM)  # SIGTERMException
+
+
+class CheckpointOnInterrupt(L.Callback):
+    """Save `dirpath/last.ckpt` when fit is interrupted. Lightning turns SIGTERM into
+    SIGTERMException and Ctrl-C into KeyboardInterrupt; SIGUSR1 is handled here (unless Lightning's
+    SLURM auto-requeue handles it), stopping after the current batch."""
+
+    def __init__(self, dirpath: str | Path, filename: str = "last") -> None:
+        self.path = Path(dirpath) / f"{filename}.ckpt"
+        self._signal: int | None = None
+        self._previous: Any = None
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signal = signum
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            self._previous = signal.signal(signal.SIGUSR1, self._on_signal)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self._signal is not None:
+            raise Interrupted(self._signal)
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, Interrupted):
+            reason = signal.Signals(exception.signum).name
+        elif isinstance(exception, KeyboardInterrupt):
+            reason = "Ctrl-C"
+        elif isinstance(exception, SIGTERMException):
+            reason = "SIGTERM"
+        else:
+            return
+        trainer.save_checkpoint(self.path)
+        self.on_fit_end(trainer, module)
+        log.warning(
+            "Training interrupted by %s at epoch %d, step %d; saved %s. Resume with: %s",
+            reason,
+            trainer.current_epoch,
+            trainer.global_step,
+            self.path,
+            resume_command(self.path),
+        )
+
+
+def resume_command(path: Path) -> str:
+    """The command line that was run, with ckpt_path pointing at `path`."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [o for o in overrides if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
+    return " ".join(["python", Path(sys.argv[0]).name, *kept, f"ckpt_path={path}"])

@@ -1,0 +1,170 @@
+"""The leaderboard of a Hydra multirun: every job's overrides, metrics, wall time and run
+directory, best first, in `leaderboard.csv` and `leaderboard.md` in the sweep directory.
+
+A Hydra callback. Each job records its own row (`job.json` in its run directory) when it ends,
+then rebuilds the board from all rows found, so the board is complete however the sweep ends
+(a failed job, Ctrl-C, jobs running in parallel on a cluster) and printed when it finishes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from rich import get_console
+from rich.table import Table
+
+from transferkit.tasks.common import write_json
+
+log = logging.getLogger("transferkit")
+ROW_FILE = "job.json"
+
+
+def _direction(metric: str | None, mode: str) -> str:
+    """max or min; `auto` minimises losses and errors and maximises the rest."""
+    if mode in ("max", "min"):
+        return mode
+    return "min" if metric and ("loss" in metric or "error" in metric) else "max"
+
+
+def _error_text(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1] if text else ''}".strip()
+
+
+def job_row(config: DictConfig, job_return: JobReturn, wall_s: float) -> dict[str, Any]:
+    """What the board shows for one job, from Hydra's record of it and its results.json."""
+    hydra = config.hydra
+    run_dir = Path(hydra.runtime.output_dir)
+    results_path = run_dir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    failed = job_return.status == JobStatus.FAILED
+    metric = config.get("optimized_metric")
+    return {
+        "job": int(hydra.job.num),
+        "overrides": list(hydra.overrides.task),
+        "status": "failed" if failed else "ok",
+        "metric": metric,
+        "value": results.get(metric) if metric else None,
+        "metrics": {k: v for k, v in results.items() if isinstance(v, (int, float)) and "/" in k},
+        "wall_s": round(float(results.get("wall_s", wall_s)), 2),
+        "run_dir": str(run_dir),
+        "error": _error_text(job_return._return_value) if failed else "",
+    }
+
+
+def rank(rows: list[dict[str, Any]], direction: str) -> list[dict[str, Any]]:
+    """Best first; jobs without a value (failed, or the metric never measured) last, by number."""
+
+    def key(row: dict[str, Any]) -> tuple[int, float, int]:
+        value = row["value"]
+        if not isinstance(value, (int, float)) or math.isnan(value):
+            return (1, 0.0, row["job"])
+        return (0, -value if direction == "max" else value, row["job"])
+
+    return sorted(rows, key=key)
+
+
+def swept(rows: list[dict[str, Any]]) -> list[str]:
+    """Each row's overrides that differ between jobs (all of them while there is one job)."""
+    if len(rows) < 2:
+        return [" ".join(row["overrides"]) for row in rows]
+    common = set.intersection(*(set(row["overrides"]) for row in rows))
+    return [" ".join(o for o in row["overrides"] if o not in common) for row in rows]
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    metrics = sorted({k for row in rows for k in row["metrics"]})
+    return ["rank", "job", "overrides", "status", *metrics, "wall_s", "run_dir", "error"]
+
+
+def _cells(position: int, row: dict[str, Any], overrides: str, columns: list[str]) -> dict[str, str]:
+    cells = {"rank": str(position), "overrides": overrides}
+    cells.update({k: str(row[k]) for k in ("job", "status", "run_dir", "error")})
+    cells["wall_s"] = f"{row['wall_s']:.1f}"
+    for name, value in row["metrics"].items():
+        cells[name] = f"{value:.4f}"
+    return {c: cells.get(c, "") for c in columns}
+
+
+def write_leaderboard(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """leaderboard.csv and leaderboard.md (the optimized metric first); returns the table."""
+    columns = _columns(rows)
+    metric = next((r["metric"] for r in rows if r["metric"]), None)
+    if metric in columns:  # the optimized metric right after the status
+        columns.remove(metric)
+        columns.insert(columns.index("status") + 1, metric)
+    table = [_cells(i + 1, row, o, columns) for i, (row, o) in enumerate(zip(rows, swept(rows), strict=True))]
+    tmp = sweep_dir / ".leaderboard.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(table)
+    tmp.replace(sweep_dir / "leaderboard.csv")
+    lines = [
+        f"# Leaderboard: {len(rows)} jobs, best {metric} first"
+        if metric
+        else f"# Leaderboard: {len(rows)} jobs",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join(cell.replace("|", "\\|") for cell in r.values()) + " |" for r in table),
+    ]
+    tmp = sweep_dir / ".leaderboard.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(sweep_dir / "leaderboard.md")
+    return table
+
+
+def read_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(sweep_dir.glob(f"*/{ROW_FILE}"))]
+
+
+class Leaderboard(Callback):
+    """`mode`: max or min for `optimized_metric`, or auto (min for losses, else max)."""
+
+    def __init__(self, mode: str = "auto") -> None:
+        if mode not in ("auto", "max", "min"):
+            raise ValueError(f"hydra.callbacks.leaderboard.mode={mode} must be auto, max or min.")
+        self.mode = mode
+        self._started = time.perf_counter()
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._started = time.perf_counter()
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        row = job_row(config, job_return, time.perf_counter() - self._started)
+        write_json(Path(row["run_dir"]) / ROW_FILE, row)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = read_rows(sweep_dir)
+        write_leaderboard(sweep_dir, rank(rows, _direction(row["metric"], self.mode)))
+        if row["status"] == "failed":
+            log.error("Job %d (%s) failed: %s", row["job"], " ".join(row["overrides"]), row["error"])
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = read_rows(sweep_dir)
+        if not rows:
+            return
+        metric = config.get("optimized_metric")
+        table = write_leaderboard(sweep_dir, rank(rows, _direction(metric, self.mode)))
+        view = Table(title=f"Leaderboard ({sweep_dir})", title_justify="left")
+        # the console gets the essentials; the files have every metric and the run directories
+        essentials = ("rank", "job", "overrides", "status", metric, "wall_s", "error")
+        shown = [c for c in essentials if c in table[0] and (c != "error" or any(r[c] for r in table))]
+        for column in shown:
+            view.add_column(column, overflow="fold")
+        for cells in table:
+            view.add_row(*(cells[c] for c in shown))
+        get_console().print(view)
