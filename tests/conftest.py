@@ -45,10 +45,12 @@ def offline_env() -> dict[str, str]:
     return env
 
 
-def run_cli(script: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python <script> args...` as a user runs it, from `cwd`, offline."""
+def run_cli(
+    script: str, *args: str, cwd: Path, flags: tuple[str, ...] = (), timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """`python <script> [flags] args...` as a user runs it, from `cwd`, offline."""
     return subprocess.run(
-        [sys.executable, str(ROOT / script), f"paths.root_dir={cwd}", *args],
+        [sys.executable, str(ROOT / script), *flags, f"paths.root_dir={cwd}", *args],
         cwd=cwd,
         env=offline_env(),
         capture_output=True,
