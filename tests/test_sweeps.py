@@ -150,9 +150,8 @@ def test_the_slurm_launcher_config_composes(tmp_path: Path) -> None:
         cwd=tmp_path, flags=("--cfg", "hydra", "--package", "hydra.launcher"),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    launcher = yaml.safe_load(proc.stdout)["hydra"]["launcher"]
+    launcher = yaml.safe_load(proc.stdout)
     assert launcher["_target_"].endswith("SlurmLauncher")
-    assert (
-        launcher["partition"] == "gpu" and launcher["gpus_per_node"] == 4 and launcher["tasks_per_node"] == 4
-    )
+    assert launcher["partition"] == "gpu" and launcher["gpus_per_node"] == 4
+    assert launcher["tasks_per_node"] == "${.gpus_per_node}"  # one process per GPU
     assert launcher["timeout_min"] == 240 and launcher["nodes"] == 1 and launcher["mem_gb"] == 64
