@@ -46,11 +46,13 @@ class CheckpointOnInterrupt(L.Callback):
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signal = signum
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Installed after Lightning takes its snapshot of the handlers, which it puts back at the
+        end of fit, so ours never outlives the run."""
         if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
             self._previous = signal.signal(signal.SIGUSR1, self._on_signal)
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGUSR1, self._previous)
             self._previous = None
@@ -69,7 +71,7 @@ class CheckpointOnInterrupt(L.Callback):
         else:
             return
         trainer.save_checkpoint(self.path)
-        self.on_fit_end(trainer, module)
+        self.on_train_end(trainer, module)
         log.warning(
             "Training interrupted by %s at epoch %d, step %d; saved %s. Resume with: %s",
             reason,

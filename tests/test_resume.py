@@ -1,0 +1,129 @@
+"""Resume: ckpt_path=last (or a path) continues a run in its own directory; SIGTERM, SIGUSR1 and
+Ctrl-C save last.ckpt and exit non-zero with the command that resumes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import ROOT, TINY_MODEL, compose_task, offline_env
+from test_module import fit, tiny
+
+from transferkit.errors import ConfigError
+from transferkit.interrupts import CheckpointOnInterrupt, Interrupted, exit_code
+from transferkit.tasks.train import resolve_checkpoint
+
+
+def fake_run(runs: Path, name: str, mtime: float) -> Path:
+    run = runs / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"ckpt")
+    os.utime(last, (mtime, mtime))
+    return run
+
+
+def test_ckpt_path_last_is_the_newest_run_and_the_run_continues_in_its_directory(tmp_path: Path) -> None:
+    runs = tmp_path / "logs" / "train" / "runs"
+    fake_run(runs, "2026-01-01_old", 1_000)
+    newest = fake_run(runs, "2026-01-02_new", 2_000)
+    fake_run(runs, "2026-01-03_touched_earlier", 1_500)
+    cfg = compose_task("train", tmp_path, ["ckpt_path=last"])
+    resolve_checkpoint(cfg)
+    assert cfg.ckpt_path == str(newest / "checkpoints" / "last.ckpt")
+    assert cfg.paths.output_dir == str(newest.resolve())
+    assert cfg.callbacks.model_checkpoint.dirpath == str(newest.resolve() / "checkpoints")  # follows
+
+
+def test_ckpt_path_last_prefers_the_given_run_dir_and_train_false_does_not_move(tmp_path: Path) -> None:
+    runs = tmp_path / "logs" / "train" / "runs"
+    fake_run(runs, "newer", 9_000)
+    cfg = compose_task("train", tmp_path, ["ckpt_path=last"])
+    own = fake_run(tmp_path, "run_parent", 1_000)  # compose_task's run dir is tmp_path/run
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (own / "checkpoints" / "last.ckpt").rename(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    resolve_checkpoint(cfg)
+    assert cfg.ckpt_path == str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    other = fake_run(tmp_path / "elsewhere", "r", 1_000) / "checkpoints" / "last.ckpt"
+    evaluate_only = compose_task("train", tmp_path, [f"ckpt_path={other}", "train=false"])
+    resolve_checkpoint(evaluate_only)
+    assert evaluate_only.paths.output_dir == str(tmp_path / "run")
+
+
+def test_resume_refuses_what_is_not_there(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="ckpt_path=last: no run in .* has checkpoints/last.ckpt"):
+        resolve_checkpoint(compose_task("train", tmp_path, ["ckpt_path=last"]))
+    with pytest.raises(ConfigError, match="ckpt_path=.*nope.ckpt does not exist"):
+        resolve_checkpoint(compose_task("train", tmp_path, [f"ckpt_path={tmp_path / 'nope.ckpt'}"]))
+
+
+class SendSignal(L.Callback):
+    def __init__(self, at_batch: int, signum: int) -> None:
+        self.at_batch, self.signum = at_batch, signum
+
+    def on_train_batch_start(self, trainer: L.Trainer, module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.at_batch:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_sigusr1_saves_last_ckpt_after_the_current_batch(tmp_path: Path) -> None:
+    model = tiny()
+    saver = CheckpointOnInterrupt(tmp_path / "checkpoints")
+    with pytest.raises(Interrupted) as raised:
+        fit(model, tmp_path, epochs=5, spies=(saver, SendSignal(4, signal.SIGUSR1)))
+    assert exit_code(raised.value) == 128 + signal.SIGUSR1
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 5  # batch 4 finished, then it stopped
+    assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)  # the handler is put back
+
+
+def val_epochs(run: Path) -> list[int]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [int(r["epoch"]) for r in csv.DictReader(f) if r.get("val/acc")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signalled_run_resumes_to_the_same_final_epoch_in_its_own_directory(
+    tmp_path: Path, image_folder: Path, signum: int
+) -> None:
+    args = [
+        sys.executable, str(ROOT / "train.py"), f"paths.root_dir={tmp_path}", "data=imagefolder",
+        f"data.root={image_folder}", "data.image_size=32", "data.num_workers=0", "data.batch_size=2",
+        f"model.name={TINY_MODEL}", "model.weights=null", "trainer=cpu", "trainer.max_epochs=6",
+        "features.cache=false", "callbacks.rich_progress_bar=null",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    runs = tmp_path / "logs" / "train" / "runs"
+    deadline = time.time() + 120
+    while not list(runs.glob("*/checkpoints/last.ckpt")) and time.time() < deadline:  # epoch 0 is done
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 128 + signum, out[-3000:]
+    assert "Training interrupted by" in out and "Resume with: python train.py" in out and "ckpt_path=" in out
+    (run,) = runs.iterdir()
+    assert not (run / "results.json").exists()
+    interrupted_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"]
+    assert interrupted_at < 5
+
+    resumed = subprocess.run([*args, "ckpt_path=last"], cwd=tmp_path, env=offline_env(), capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert [p.name for p in runs.iterdir()] == [run.name]  # one run, continued in place
+    results = json.loads((run / "results.json").read_text())
+    assert results["epochs"] == 6
+    assert sorted(set(val_epochs(run)) - {6}) == list(range(6))  # the history before the signal is kept
+    assert len(list((run / ".hydra").glob("resumed_*"))) == 1
