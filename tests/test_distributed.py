@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL, run_cli
+from conftest import ROOT, TINY_MODEL, run_cli
 
 from transferkit.distributed import SyncBatchNorm
 from transferkit.module import TransferModule
@@ -80,3 +81,10 @@ def test_lightning_s_own_ddp_lets_replicas_drift_after_an_unfreeze(
     (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
     weights = rank_lines(run_dir, "weights")
     assert set(weights) == {0, 1} and weights[0] != weights[1]
+
+
+def test_gpu_smoke_refuses_to_run_without_a_gpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the script would run for real")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_smoke.sh")], capture_output=True, text=True)
+    assert proc.returncode == 1 and "no CUDA GPU visible" in proc.stderr
