@@ -324,12 +324,11 @@ def test_strategies_that_cannot_apply_to_the_run_are_config_errors(
         fit(model(), strategy, tmp_path, epochs=3)
 
 
-def test_an_unfreeze_after_the_last_epoch_is_warned_of(tmp_path: Path) -> None:
-    with pytest.warns(
-        UserWarning, match="unfreezes at epoch 3, but this run stops after trainer.max_epochs=3"
+def test_an_unfreeze_after_the_last_epoch_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match="unfreezes at epoch 3, but this run stops after trainer.max_epochs=3"
     ):
-        _, rec = fit(model(), Gradual(unfreeze_at_epoch=3), tmp_path, epochs=3)
-    assert not any(rec.grads[2].values())
+        fit(model(), Gradual(unfreeze_at_epoch=3), tmp_path, epochs=3)
 
 
 def test_gradual_with_bn_train_trains_batchnorm_first_and_the_rest_at_the_unfreeze(tmp_path: Path) -> None:

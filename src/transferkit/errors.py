@@ -31,3 +31,7 @@ class WeightsError(UserError):
 
 class ExportError(UserError):
     """A model that does not export, or whose export does not reproduce PyTorch's logits."""
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite (usually a learning rate too high for the data)."""

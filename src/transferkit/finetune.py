@@ -21,7 +21,6 @@ from collections.abc import Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import BaseFinetuning
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
@@ -91,13 +90,14 @@ class BlockFinetuning(BaseFinetuning):
         raise NotImplementedError
 
     def check(self, trainer: L.Trainer) -> None:
-        """Warn of an unfreeze this run will not reach (fine when it is to be resumed longer)."""
+        """Refuse an unfreeze this run would never reach (epochs count from 0)."""
         max_epochs = trainer.max_epochs
         late = [s for s in self.starts if s is not None and max_epochs not in (None, -1) and s >= max_epochs]
         if late:
-            rank_zero_warn(
+            raise ConfigError(
                 f"The backbone unfreezes at epoch {min(late)}, but this run stops after "
-                f"trainer.max_epochs={max_epochs} (epochs count from 0): it will train the head only."
+                f"trainer.max_epochs={max_epochs} (epochs count from 0): unfreeze earlier "
+                f"(finetune.unfreeze_at_epoch / finetune.milestones) or train longer."
             )
 
     @property

@@ -15,7 +15,7 @@ from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from transferkit.backbones import build_backbone
-from transferkit.errors import ConfigError
+from transferkit.errors import ConfigError, TrainingDiverged
 from transferkit.features.precision import PRECISIONS, frozen_forward
 from transferkit.finetune import hold_frozen_in_eval
 from transferkit.heads import build_head
@@ -38,6 +38,10 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
     # compute_groups=False: torchmetrics merges metrics whose states match after the first batch
     # (top-5 accuracy and F1 on a batch all wrong, say) and then computes both from one state.
     return MetricCollection(metrics, prefix=prefix, compute_groups=False)
+
+
+def bad_setting(error: Exception) -> ConfigError:
+    return ConfigError(f"Bad optimizer or scheduler setting: {error} (check optimizer.* and scheduler.*).")
 
 
 class TransferModule(L.LightningModule):
@@ -92,6 +96,34 @@ class TransferModule(L.LightningModule):
         self.test_metrics = classification_metrics(len(class_names), "test/")
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
+        self._check_optimizer()
+
+    def _check_optimizer(self) -> None:
+        """Build the optimizer and scheduler once on a stand-in parameter, so a value they refuse
+        (lr=-1, momentum=2) is reported now, before any data is read."""
+        if self.hparams.optimizer is None:
+            return
+        try:
+            optimizer = instantiate(self.hparams.optimizer)(params=[nn.Parameter(torch.zeros(1))])
+            self._scheduler(optimizer, total_steps=10)
+        except (ValueError, TypeError) as error:  # torch checks values: "Invalid learning rate: -1"
+            raise bad_setting(error) from None
+
+    def check_input_size(self) -> None:
+        """Refuse an image size the backbone cannot take (a ViT's fixed size, a CNN's minimum)."""
+        size = self.preprocessing.image_size
+        training = self.backbone.training
+        try:
+            with torch.no_grad():
+                self.backbone.eval()(torch.zeros(1, 3, size, size))
+        except (RuntimeError, AssertionError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(
+                f"data.image_size={size} does not fit model.name={self.hparams.name} ({reason}); "
+                "use data.image_size=null for the size its weights expect."
+            ) from None
+        finally:
+            self.backbone.train(training)
 
     @property
     def class_names(self) -> list[str]:
@@ -142,6 +174,14 @@ class TransferModule(L.LightningModule):
         inputs, targets = batch
         logits = self.head(inputs) if inputs.ndim == 2 else self(inputs)  # cached features or images
         loss = (self.train_criterion if stage == "train" else self.criterion)(logits, targets)
+        if stage == "train" and not torch.isfinite(loss):
+            lr = (self.hparams.optimizer or {}).get("lr")
+            raise TrainingDiverged(
+                f"The training loss became {loss.item()} at epoch {self.current_epoch}, step "
+                f"{self.global_step}: training diverged. Lower the learning rate (optimizer.lr={lr}, "
+                "try a tenth of it). "
+                "checkpoints/last.ckpt, if any, is from before the fault."
+            )
         labels = targets.argmax(dim=1) if targets.ndim == 2 else targets
         getattr(self, f"{stage}_metrics").update(logits, labels)
         getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(targets))
@@ -219,20 +259,19 @@ class TransferModule(L.LightningModule):
             for group in optimizer.param_groups:
                 group["lr"] *= group["lr_scale"]
             scheduler, interval = self._scheduler(optimizer)
-        except (ValueError, TypeError) as error:  # torch checks values: "Invalid learning rate: -1"
-            raise ConfigError(
-                f"Bad optimizer or scheduler setting: {error} (check optimizer.* and scheduler.*)."
-            ) from None
+        except (ValueError, TypeError) as error:
+            raise bad_setting(error) from None
         if scheduler is None:
             return {"optimizer": optimizer}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
-    def _scheduler(self, optimizer: torch.optim.Optimizer) -> tuple[Any, str]:
+    def _scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int | None = None) -> tuple[Any, str]:
         """A scheduler that takes `total_steps` (one-cycle) is given the run's and steps per
         batch; the others step per epoch."""
         if not self.hparams.scheduler:
             return None, "epoch"
         build = instantiate(self.hparams.scheduler)
         if "total_steps" in inspect.signature(build.func).parameters:
-            return build(optimizer=optimizer, total_steps=self.trainer.estimated_stepping_batches), "step"
+            steps = total_steps if total_steps is not None else self.trainer.estimated_stepping_batches
+            return build(optimizer=optimizer, total_steps=steps), "step"
         return build(optimizer=optimizer), "epoch"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -14,11 +15,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 
-from transferkit.data.folders import Splits, find_splits
+from transferkit.data import scan
+from transferkit.data.folders import Splits, find_splits, skip_files
 from transferkit.data.images import ImageListDataset
 from transferkit.data.sampling import balance_mode, balanced_class_weights, balanced_sampler
-from transferkit.errors import ConfigError
+from transferkit.errors import ConfigError, DataError
 from transferkit.preprocessing import Preprocessing, augment_policy
+
+log = logging.getLogger("transferkit")
+BAD_IMAGE_POLICIES = ("error", "skip")
 
 
 def default_num_workers() -> int:
@@ -53,6 +58,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         balance: str | None = "none",
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        on_bad_image: str = "error",
+        scan_cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         if int(batch_size) <= 0:
@@ -63,6 +70,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"data.image_size={image_size} is too small; use 32 or more (null: the weights')."
             )
+        if not 0.0 < float(val_fraction) < 1.0:
+            raise ConfigError(f"data.val_fraction={val_fraction} must lie in (0, 1), e.g. 0.2.")
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ConfigError(f"data.on_bad_image={on_bad_image} must be error or skip.")
         for key, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
             if not float(alpha) >= 0.0:
                 raise ConfigError(f"data.{key}={alpha} must be 0 (off) or more; 0.2 to 1.0 is usual.")
@@ -80,21 +91,45 @@ class ImageFolderDataModule(L.LightningDataModule):
             k: v for k, v in {"image_size": image_size, "mean": mean, "std": std}.items() if v is not None
         }
         self.preprocessing = Preprocessing().with_overrides(**self.preprocessing_overrides)
+        self.on_bad_image = on_bad_image
+        self.scan_cache_dir = scan_cache_dir
+        self.bad_images: dict[Path, str] = {}  # skipped with on_bad_image=skip
         self.datasets: dict[str, ImageListDataset] = {}
         self.feature_sets: dict[str, Dataset] | None = None
 
     @cached_property
-    def splits(self) -> Splits:
-        """Scanned once, on first use; raises DataError on a malformed folder."""
+    def folders(self) -> Splits:
+        """The files and classes as listed (no image opened); raises DataError on a malformed folder."""
         return find_splits(self.root, self.val_fraction, self.seed)
+
+    @cached_property
+    def splits(self) -> Splits:
+        """`folders` with every image checked once: a bad one stops here (on_bad_image=error) or
+        is left out (skip)."""
+        folders = self.folders
+        samples = folders.train + folders.val + (folders.test or [])
+        cache = scan.cache_file(self.scan_cache_dir, self.root) if self.scan_cache_dir is not None else None
+        bad = scan.scan_images([path for path, _ in samples], cache, workers=max(1, self.num_workers))
+        if not bad:
+            return folders
+        listed = "; ".join(f"{path} ({error})" for path, error in list(bad.items())[:20])
+        more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
+        if self.on_bad_image == "error":
+            raise DataError(
+                f"{len(bad)} file(s) cannot be read as images: {listed}{more}. Remove or replace them, "
+                "or set data.on_bad_image=skip to train without them."
+            )
+        log.warning("Skipping %d file(s) that cannot be read as images: %s%s", len(bad), listed, more)
+        self.bad_images = bad
+        return skip_files(folders, set(bad))
 
     @property
     def class_names(self) -> list[str]:
-        return self.splits.class_names
+        return self.folders.class_names
 
     @property
     def has_test(self) -> bool:
-        return self.splits.test is not None
+        return self.folders.test is not None
 
     @property
     def class_counts(self) -> list[int]:

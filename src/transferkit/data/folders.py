@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from transferkit.data.images import IMAGE_EXTENSIONS, is_image_file
@@ -112,3 +112,18 @@ def find_splits(root: str | Path, val_fraction: float = 0.2, seed: int = 42) -> 
             f"add {root}/val/<class>/ folders or more images."
         )
     return Splits(class_names, train, val, splits.get("test"), val_from_train=True)
+
+
+def skip_files(splits: Splits, bad: set[Path]) -> Splits:
+    """`splits` without the `bad` files; a class left with no training image is an error."""
+
+    def keep(samples: list[Sample] | None) -> list[Sample] | None:
+        return None if samples is None else [s for s in samples if s[0] not in bad]
+
+    train = keep(splits.train)
+    left = {label for _, label in train}
+    emptied = [name for i, name in enumerate(splits.class_names) if i not in left]
+    if emptied:
+        names = ", ".join(emptied)
+        raise DataError(f"Without the unreadable files, class(es) {names} have no training image.")
+    return replace(splits, train=train, val=keep(splits.val), test=keep(splits.test))

@@ -113,27 +113,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build(cfg.data)
     datamodule.prepare_data()
     _check_run(cfg, datamodule.has_test)
+    finetune = build(cfg.finetune)
+    callbacks = [finetune, *instantiate_group(cfg.get("callbacks"))]  # unfreeze before lr logging
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")))
     if cfg.get("train", True):
         model = build_model(
             cfg, datamodule.class_names, datamodule.preprocessing_overrides, datamodule.class_weights()
         )
+        model.check_input_size()
         model.data_config = recorded_data_config(cfg.data, datamodule)
+        finetune.freeze_before_training(model)  # what trains decides whether features can be cached
+        finetune.check(trainer)
     else:
         model = load_model(cfg.ckpt_path)
         check_same_classes(model, datamodule.class_names)
     datamodule.preprocessing = model.preprocessing
     log.info("%d classes: %s", len(model.class_names), ", ".join(model.class_names))
-
-    finetune = build(cfg.finetune)
-    callbacks = [finetune, *instantiate_group(cfg.get("callbacks"))]  # unfreeze before lr logging
-    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")))
+    _ = datamodule.splits  # every image checked, now that the config is known to work
+    if datamodule.bad_images and trainer.is_global_zero:
+        listed = "".join(f"{path}\t{error}\n" for path, error in datamodule.bad_images.items())
+        (Path(cfg.paths.output_dir) / "bad_images.txt").write_text(listed)
 
     best = None  # None: validate the model as it is (the checkpoint's, with train=false)
     features = dict(plain(cfg.get("features")) or {})
     model.frozen_dtype = resolve_precision(features.pop("precision", "auto"), trainer.strategy.root_device)
     feature_cache = None
     if cfg.get("train", True):
-        finetune.freeze_before_training(model)  # what trains decides whether features can be cached
         feature_cache = use_feature_cache(
             model, datamodule, trainer, finetune, seed=cfg.get("seed"), **features
         )
