@@ -48,7 +48,9 @@ def test_defaults_are_the_documented_ones(compose_train, tmp_path: Path) -> None
     assert cfg.finetune._target_.endswith("Freeze")
     assert cfg.optimized_metric == "val/acc"
     callbacks = {type(c).__name__ for c in instantiate_group(cfg.callbacks)}
-    assert callbacks == {"ModelCheckpoint", "LearningRateMonitor", "RichProgressBar", "RichModelSummary"}
+    assert callbacks == {
+        "ModelCheckpoint", "CheckpointOnInterrupt", "LearningRateMonitor", "RichProgressBar", "RichModelSummary",
+    }  # fmt: skip
 
 
 def test_seed_experiment_holds_the_recipe(compose_train, tmp_path: Path) -> None:

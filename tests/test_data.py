@@ -12,13 +12,13 @@ import torch
 from conftest import make_image_folder
 from hydra.utils import instantiate
 from PIL import Image
-from torch.utils.data import RandomSampler, WeightedRandomSampler
 from torchvision.transforms import v2 as T
 
 from transferkit.data import DemoDataModule, ImageFolderDataModule
 from transferkit.data.demo import SHAPES, generate_demo
 from transferkit.data.folders import find_splits
 from transferkit.data.images import ImageListDataset, load_rgb
+from transferkit.data.sampling import EpochSampler
 from transferkit.errors import ConfigError, DataError
 from transferkit.preprocessing import Preprocessing
 
@@ -291,10 +291,21 @@ def test_class_counts_and_balanced_weights(imbalanced_folder: Path) -> None:
         assert ImageFolderDataModule(imbalanced_folder, balance=balance).class_weights() is None
 
 
+def _draws(dm: ImageFolderDataModule, epochs: int) -> list[int]:
+    """The training indices the train loader's sampler draws in `epochs` (keys are epoch * n + index)."""
+    sampler, n = dm.train_dataloader().sampler, len(dm.splits.train)
+    draws = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        keys = list(sampler)
+        assert all(epoch * n <= key < (epoch + 1) * n for key in keys)
+        draws += [key % n for key in keys]
+    return draws
+
+
 def _class_fraction(dm: ImageFolderDataModule, epochs: int) -> float:
-    """The fraction of class 0 among the indices the train loader's sampler draws in `epochs`."""
-    sampler = dm.train_dataloader().sampler
-    labels = [dm.splits.train[i][1] for _ in range(epochs) for i in sampler]
+    """The fraction of class 0 among the samples drawn in `epochs`."""
+    labels = [dm.splits.train[i][1] for i in _draws(dm, epochs)]
     return labels.count(0) / len(labels)
 
 
@@ -302,24 +313,52 @@ def test_sampler_draws_the_classes_evenly_and_shuffling_does_not(imbalanced_fold
     common = {"batch_size": 4, "num_workers": 0, "image_size": 32}
     balanced = ImageFolderDataModule(imbalanced_folder, balance="sampler", seed=3, **common)
     loader = balanced.train_dataloader()
-    assert isinstance(loader.sampler, WeightedRandomSampler) and loader.sampler.replacement
-    assert loader.sampler.num_samples == 8
+    assert isinstance(loader.sampler, EpochSampler) and len(loader.sampler) == 8
     torch.testing.assert_close(loader.sampler.weights, torch.tensor([1 / 6] * 6 + [1 / 2] * 2).double())
     images, labels = next(iter(loader))
     assert images.shape == (4, 3, 32, 32) and labels.shape == (4,)
-    assert 0.4 <= _class_fraction(balanced, epochs=250) <= 0.6  # 2000 draws
+    assert 0.4 <= _class_fraction(balanced, epochs=250) <= 0.6  # 2000 draws, with replacement
     shuffled = ImageFolderDataModule(imbalanced_folder, balance="none", **common)
-    assert isinstance(shuffled.train_dataloader().sampler, RandomSampler)
+    assert shuffled.train_dataloader().sampler.weights is None
     assert _class_fraction(shuffled, epochs=250) == 0.75
+    assert sorted(_draws(shuffled, 1)) == list(range(8))  # a permutation
 
 
 def test_sampler_is_seeded_by_data_seed(imbalanced_folder: Path) -> None:
     def draws(seed: int) -> list[int]:
-        dm = ImageFolderDataModule(imbalanced_folder, num_workers=0, balance="sampler", seed=seed)
-        sampler = dm.train_dataloader().sampler
-        return [i for _ in range(4) for i in sampler]
+        return _draws(
+            ImageFolderDataModule(imbalanced_folder, num_workers=0, balance="sampler", seed=seed), 4
+        )
 
     assert draws(5) == draws(5) != draws(6)
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch_and_a_resume_skips_what_was_trained() -> None:
+    def order(epoch: int, skip: int = 0, seed: int = 1) -> list[int]:
+        sampler = EpochSampler(10, seed, skip=skip)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(2) == order(2) and order(2) != order(3) and order(2, seed=2) != order(2)
+    assert order(2, skip=4) == order(2)[4:]
+    sampler = EpochSampler(10, 1, skip=4)
+    assert len(list(sampler)) == 6 and len(list(sampler)) == 10  # the skip applies once
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index_and_leaves_the_global_rng(
+    image_folder: Path,
+) -> None:
+    dm = ImageFolderDataModule(image_folder, num_workers=0, image_size=32, seed=7)
+    dm.setup()
+    train = dm.datasets["train"]
+    n = len(train)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    first = train[2 * n + 5][0]
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(123)  # whatever the global state, the sample is the same
+    assert torch.equal(train[2 * n + 5][0], first)
+    assert not torch.equal(train[3 * n + 5][0], first)  # another epoch, another augmentation
 
 
 @pytest.mark.parametrize("balance", ["oversample", "None", True])

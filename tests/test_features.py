@@ -144,10 +144,11 @@ def test_views_cache_k_augmented_copies_and_draw_one_per_item(
     assert not torch.equal(train_features[0], train_features[1])  # different augmentations
     assert train_features.dtype == torch.float16  # views are many: half the memory
     assert data["splits"]["val"]["features"].dtype == torch.float32  # val metrics are the model's own
-    feature_set = cache_module.FeatureSet(train_features, data["splits"]["train"]["labels"])
-    torch.manual_seed(0)
-    drawn = {tuple(feature_set[0][0].tolist()) for _ in range(30)}
-    assert len(drawn) == 3
+    feature_set = cache_module.FeatureSet(train_features, data["splits"]["train"]["labels"], seed=0)
+    n = len(feature_set)
+    assert torch.equal(feature_set[4 * n][0], feature_set[4 * n][0])  # a function of (seed, epoch, index)
+    drawn = {tuple(feature_set[epoch * n][0].tolist()) for epoch in range(30)}
+    assert len(drawn) == 3  # over the epochs, every view of item 0
 
 
 @pytest.mark.parametrize(
@@ -173,7 +174,7 @@ def test_auto_skips_the_cache_when_the_backbone_trains(
     compose_train, tmp_path: Path, tiny_overrides: list[str]
 ) -> None:
     results = train(compose_train(tmp_path, [*tiny_overrides, "finetune=partial"]))
-    assert results["feature_cache"] is None and not (tmp_path / ".cache").exists()
+    assert results["feature_cache"] is None and not (tmp_path / ".cache" / "features").exists()
 
 
 def test_precision_auto_follows_the_hardware() -> None:

@@ -36,7 +36,7 @@ def exit_code(error: BaseException) -> int:
 class CheckpointOnInterrupt(L.Callback):
     """Save `dirpath/last.ckpt` when fit is interrupted. Lightning turns SIGTERM into
     SIGTERMException and Ctrl-C into KeyboardInterrupt; SIGUSR1 is handled here (unless Lightning's
-    SLURM auto-requeue handles it), stopping after the current batch."""
+    SLURM auto-requeue handles it), stopping before the next batch."""
 
     def __init__(self, dirpath: str | Path, filename: str = "last") -> None:
         self.path = Path(dirpath) / f"{filename}.ckpt"
@@ -57,7 +57,9 @@ class CheckpointOnInterrupt(L.Callback):
             signal.signal(signal.SIGUSR1, self._previous)
             self._previous = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        """Stop between batches: the last one is counted as done, so a resume neither repeats
+        nor skips a batch."""
         if self._signal is not None:
             raise Interrupted(self._signal)
 

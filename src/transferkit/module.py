@@ -19,6 +19,7 @@ from transferkit.errors import ConfigError, TrainingDiverged
 from transferkit.features.precision import PRECISIONS, frozen_forward
 from transferkit.finetune import hold_frozen_in_eval
 from transferkit.heads import build_head
+from transferkit.rng import rng_states, set_rng_states
 
 RECORD_KEY = "transferkit"  # the checkpoint entry with what the run records beside the model
 
@@ -140,8 +141,14 @@ class TransferModule(L.LightningModule):
         return next(name for name, d in PRECISIONS.items() if d == dtype)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record what eval needs to find the data again and reproduce the logged metrics."""
+        """Record what eval needs to find the data again and reproduce the logged metrics, and
+        the random number generators, so a resumed run draws what the uninterrupted one would."""
         checkpoint[RECORD_KEY] = {"data": self.data_config, "precision": self.validation_precision}
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
 
     def train(self, mode: bool = True) -> TransferModule:
         """Frozen parts stay in eval mode whoever switches the model to training."""

@@ -18,7 +18,7 @@ from torchvision.transforms import v2 as T
 from transferkit.data import scan
 from transferkit.data.folders import Splits, find_splits, skip_files
 from transferkit.data.images import ImageListDataset
-from transferkit.data.sampling import balance_mode, balanced_class_weights, balanced_sampler
+from transferkit.data.sampling import EpochSampler, balance_mode, balanced_class_weights, balanced_weights
 from transferkit.errors import ConfigError, DataError
 from transferkit.preprocessing import Preprocessing, augment_policy
 
@@ -158,7 +158,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         splits = self.splits
         evaluate = self.preprocessing.transforms(train=False)
         self.datasets = {
-            "train": ImageListDataset(splits.train, self.preprocessing.transforms(True, self.augment)),
+            "train": ImageListDataset(
+                splits.train, self.preprocessing.transforms(True, self.augment), self.seed
+            ),
             "val": ImageListDataset(splits.val, evaluate),
         }
         if splits.test is not None:
@@ -168,7 +170,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         """Serve cached backbone features instead of images (None: images again)."""
         self.feature_sets = feature_sets
 
-    def _loader(self, split: str, shuffle: bool = False, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
         if self.feature_sets is not None:  # tensors in memory: workers would only add overhead
             dataset, workers = self.feature_sets[split], 0
         else:
@@ -178,12 +180,20 @@ class ImageFolderDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
             sampler=sampler,
             num_workers=workers,
             pin_memory=self._uses_cuda(),
             persistent_workers=self.persistent_workers and workers > 0,
+            generator=self._generator(),  # its own: loading never draws from the global RNG
         )
+
+    def _generator(self) -> torch.Generator:
+        generator = torch.Generator()
+        if self.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(int(self.seed))
+        return generator
 
     def _uses_cuda(self) -> bool:
         trainer = self.trainer
@@ -192,11 +202,19 @@ class ImageFolderDataModule(L.LightningDataModule):
         return trainer.strategy.root_device.type == "cuda"
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled; with balance=sampler, drawn so every class comes up equally often instead."""
-        if self.balance == "sampler":
-            labels = [label for _, label in self.splits.train]
-            return self._loader("train", sampler=balanced_sampler(labels, self.seed))
-        return self._loader("train", shuffle=True)
+        """Shuffled per epoch as a function of (seed, epoch); with balance=sampler, drawn so every
+        class comes up equally often instead. A run resumed mid-epoch skips what it trained on."""
+        labels = [label for _, label in self.splits.train]
+        weights = balanced_weights(labels) if self.balance == "sampler" else None
+        sampler = EpochSampler(len(labels), self.seed, weights, skip=self._resumed_samples())
+        return self._loader("train", sampler=sampler)
+
+    def _resumed_samples(self) -> int:
+        """Samples of the current epoch that a run resumed mid-epoch has already trained on."""
+        trainer = self.trainer
+        if trainer is None or not trainer.fit_loop.restarting:
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.completed * self.batch_size
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

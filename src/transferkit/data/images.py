@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from transferkit.data.sampling import epoch_seed
 from transferkit.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -50,20 +52,34 @@ def load_rgb(path: str | Path) -> Image.Image:
 
 
 class ImageListDataset(Dataset):
-    """(image, label) pairs over a fixed list of files."""
+    """(image, label) pairs over a fixed list of files.
+
+    With a `seed`, a key `epoch * n + index` (what EpochSampler yields) augments sample `index`
+    with random draws seeded by (seed, epoch, index): the same in any worker, in any order, and
+    after a resume, and the global RNG is left as it was.
+    """
 
     def __init__(
         self,
         samples: Sequence[tuple[Path, int]],
         transform: Callable[[Image.Image], Any] | None = None,
+        seed: int | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, key: int) -> tuple[Any, int]:
+        epoch, index = divmod(key, len(self.samples))
         path, label = self.samples[index]
         image = load_rgb(path)
-        return (self.transform(image) if self.transform else image), label
+        if self.transform is None:
+            return image, label
+        if self.seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(epoch_seed(self.seed, epoch, index))
+            return self.transform(image), label

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import WeightedRandomSampler
+from torch.utils.data import Sampler
 
 from transferkit.errors import ConfigError
 
@@ -29,16 +29,45 @@ def balanced_class_weights(counts: Sequence[int]) -> list[float]:
     return [total / (n_classes * count) for count in counts]
 
 
-def balanced_sampler(labels: Sequence[int], seed: int | None) -> WeightedRandomSampler:
-    """Draw an epoch's worth of samples (with replacement), each class equally often on average.
-
-    Seeded so a run draws the same sequence again; a null seed draws a fresh one.
-    """
+def balanced_weights(labels: Sequence[int]) -> torch.Tensor:
+    """Per-sample draw weights under which every class comes up equally often on average."""
     counts = Counter(labels)
-    weights = torch.tensor([1.0 / counts[label] for label in labels], dtype=torch.float64)
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(int(seed))
-    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=generator)
+    return torch.tensor([1.0 / counts[label] for label in labels], dtype=torch.float64)
+
+
+def epoch_seed(seed: int, epoch: int, index: int = -1) -> int:
+    """A seed for one epoch (and one sample of it): a pure function, so a run resumed mid-epoch
+    draws what the uninterrupted run drew, whichever process draws it."""
+    return (int(seed) * 1_000_003 + epoch * 7_919 + index + 1) % (2**63)
+
+
+class EpochSampler(Sampler[int]):
+    """The training order of each epoch as a function of (seed, epoch): a shuffle, or with
+    `weights` a draw with replacement (class balancing).
+
+    It yields `epoch * n + index`, so the dataset (in any worker) knows the epoch too and can
+    seed each sample's augmentation by (seed, epoch, index). `skip` leaves out the first samples
+    of the next epoch it serves: those a run interrupted mid-epoch had already trained on.
+    """
+
+    def __init__(self, n: int, seed: int | None, weights: torch.Tensor | None = None, skip: int = 0) -> None:
+        self.n, self.weights, self.skip = n, weights, skip
+        self.seed = int(seed) if seed is not None else int(torch.randint(2**31, ()))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning before each epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=generator)
+        skip, self.skip = self.skip, 0
+        offset = self.epoch * self.n
+        return iter((order[skip:] + offset).tolist())

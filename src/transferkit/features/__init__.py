@@ -74,6 +74,7 @@ def use_feature_cache(
         num_workers=datamodule.num_workers,
         channels_last=model.channels_last,
     )
+    sets["train"].seed = seed  # which view each epoch draws
     datamodule.use_features(sets)
     return path
 

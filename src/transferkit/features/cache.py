@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from transferkit.data.images import ImageListDataset
+from transferkit.data.sampling import epoch_seed
 from transferkit.features.precision import frozen_forward
 
 log = logging.getLogger("transferkit")
@@ -35,19 +37,21 @@ STORAGE_DTYPES = {"train": torch.float16, "val": torch.float32, "test": torch.fl
 class FeatureSet(Dataset):
     """Cached features of one split: (views, N, D) features and N labels.
 
-    With several views (augmented copies of each training image), each draw picks one at random,
-    so every epoch sees a different augmentation of each image.
+    With several views (augmented copies of each training image), each draw picks one, as a
+    function of (seed, epoch, index) for the `epoch * N + index` keys EpochSampler yields, so
+    every epoch sees a different augmentation of each image, reproducibly.
     """
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        self.features, self.labels = features, labels
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, seed: int | None = None) -> None:
+        self.features, self.labels, self.seed = features, labels, seed
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = divmod(key, len(self))
         views = self.features.shape[0]
-        view = int(torch.randint(views, ())) if views > 1 else 0
+        view = random.Random(epoch_seed(self.seed or 0, epoch, index)).randrange(views) if views > 1 else 0
         return self.features[view, index].float(), self.labels[index]
 
 
