@@ -49,7 +49,8 @@ def test_defaults_are_the_documented_ones(compose_train, tmp_path: Path) -> None
     assert cfg.optimized_metric == "val/acc"
     callbacks = {type(c).__name__ for c in instantiate_group(cfg.callbacks)}
     assert callbacks == {
-        "ModelCheckpoint", "CheckpointOnInterrupt", "LearningRateMonitor", "RichProgressBar", "RichModelSummary",
+        "ModelCheckpoint", "CheckpointOnInterrupt", "LearningRateMonitor", "RichProgressBar",
+        "RichModelSummary",
     }  # fmt: skip
 
 
