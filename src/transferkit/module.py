@@ -104,6 +104,9 @@ class TransferModule(L.LightningModule):
         (lr=-1, momentum=2) is reported now, before any data is read."""
         if self.hparams.optimizer is None:
             return
+        lr = self.hparams.optimizer.get("lr")
+        if lr is not None and not float(lr) > 0:
+            raise ConfigError(f"optimizer.lr={lr} must be positive (1e-3 is a usual start).")
         try:
             optimizer = instantiate(self.hparams.optimizer)(params=[nn.Parameter(torch.zeros(1))])
             self._scheduler(optimizer, total_steps=10)

@@ -89,6 +89,9 @@ def move_into_run(new_dir: Path, run_dir: Path) -> None:
 
 def _check_run(cfg: DictConfig, has_test: bool) -> None:
     """Refuse, before any work, what would only fail at the end."""
+    devices, cores = cfg.trainer.get("devices"), os.cpu_count() or 1
+    if cfg.trainer.get("accelerator") == "cpu" and isinstance(devices, int) and devices > cores:
+        raise ConfigError(f"trainer.devices={devices} CPU processes, but this machine has {cores} cores.")
     ckpt_path = cfg.get("ckpt_path")
     if not cfg.get("train", True) and not ckpt_path:
         raise ConfigError("train=false evaluates a checkpoint: give it with ckpt_path=PATH.")

@@ -1,0 +1,290 @@
+"""Reliability: bad images, values that cannot work, a diverging loss, earlier runs, atomic
+writes, and runs that are reproducible and resume to the same numbers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TINY_MODEL, offline_env
+from fsspec.implementations.local import LocalFileOpener
+from PIL import Image
+from test_module import fit, tiny
+
+from transferkit.data import scan
+from transferkit.data.datamodule import ImageFolderDataModule
+from transferkit.data.images import load_rgb
+from transferkit.errors import ConfigError, DataError, TrainingDiverged
+from transferkit.interrupts import Interrupted
+from transferkit.tasks.common import write_json
+from transferkit.tasks.train import train
+
+
+def add_bad_files(folder: Path) -> list[Path]:
+    """A truncated JPEG, a zero-byte PNG and a text file named .jpg: the three kinds of bad file."""
+    good = folder / "000.png"
+    Image.open(good).convert("RGB").save(folder / "whole.jpg", quality=90)
+    data = (folder / "whole.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.jpg").write_text("this is not a picture")
+    return [folder / "truncated.jpg", folder / "empty.png", folder / "notes.jpg"]
+
+
+def add_awkward_good_files(folder: Path) -> None:
+    """Files that look odd but must load: CMYK, 16-bit grey, and junk that is not an image at all."""
+    Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(folder / "cmyk.jpg")
+    Image.fromarray((np.arange(1600).reshape(40, 40) * 40).astype(np.uint16)).save(folder / "wide.png")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (folder / "Thumbs.db").write_bytes(b"\0")
+    (folder / "__MACOSX").mkdir()
+    (folder / "__MACOSX" / "._000.png").write_bytes(b"\0\5\26\7")
+
+
+def test_cmyk_and_16_bit_images_load_as_rgb(tmp_path: Path) -> None:
+    add_awkward_good_files(tmp_path)
+    assert load_rgb(tmp_path / "cmyk.jpg").getpixel((5, 5)) == (255, 0, 0)  # cyan 0, magenta+yellow full
+    wide = load_rgb(tmp_path / "wide.png")
+    assert wide.mode == "RGB" and wide.getpixel((0, 0)) == (0, 0, 0) and wide.getpixel((39, 39))[0] > 200
+
+
+def test_bad_images_stop_the_run_with_their_names_and_junk_is_not_counted(image_folder: Path) -> None:
+    bad = add_bad_files(image_folder / "train" / "circle")
+    add_awkward_good_files(image_folder / "train" / "square")
+    dm = ImageFolderDataModule(image_folder, num_workers=2)
+    assert dm.class_names == ["circle", "square", "triangle"]  # listing opens no image
+    with pytest.raises(DataError) as raised:
+        _ = dm.splits
+    message = str(raised.value)
+    assert message.startswith("3 file(s) cannot be read as images") and "data.on_bad_image=skip" in message
+    for path in bad:
+        assert str(path) in message
+    assert "image file is truncated" in message and "empty file (0 bytes)" in message
+    assert "cmyk" not in message and "DS_Store" not in message and "MACOSX" not in message
+
+
+def test_the_error_lists_the_first_20_and_counts_the_rest(image_folder: Path) -> None:
+    for i in range(25):
+        (image_folder / "train" / "circle" / f"bad{i:02d}.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"^25 file\(s\) cannot be read .* and 5 more\."):
+        _ = ImageFolderDataModule(image_folder).splits
+
+
+def test_skip_leaves_bad_files_out_names_them_and_writes_bad_images_txt(
+    compose_train,
+    tmp_path: Path,
+    tiny_overrides: list[str],
+    image_folder: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bad = add_bad_files(image_folder / "train" / "circle")
+    add_awkward_good_files(image_folder / "train" / "square")
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        results = train(
+            compose_train(tmp_path, [*tiny_overrides, "data.on_bad_image=skip", "trainer.max_epochs=1"])
+        )
+    assert results["epochs"] == 1
+    assert "Skipping 3 file(s)" in caplog.text and all(str(p) in caplog.text for p in bad)
+    lines = (tmp_path / "run" / "bad_images.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in lines) == sorted(map(str, bad))
+    dm = ImageFolderDataModule(image_folder, on_bad_image="skip")
+    trained_on = {path.name for path, _ in dm.splits.train}
+    assert {"cmyk.jpg", "wide.png", "whole.jpg"} <= trained_on and not trained_on & {p.name for p in bad}
+
+
+def test_a_second_scan_decodes_only_changed_files(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
+    real = scan.check_image
+    monkeypatch.setattr(scan, "check_image", lambda path: calls.append(path) or real(path))
+    cache = tmp_path / "scans"
+    _ = ImageFolderDataModule(image_folder, scan_cache_dir=cache).splits
+    assert len(calls) == 48  # 12 train + 4 val images for 3 classes
+    calls.clear()
+    _ = ImageFolderDataModule(image_folder, scan_cache_dir=cache).splits
+    assert calls == []
+    changed = image_folder / "val" / "square" / "001.png"
+    os.utime(changed, (1e9, 1e9))
+    (image_folder / "train" / "circle" / "new.png").write_bytes(b"")
+    with pytest.raises(DataError, match="new.png"):
+        _ = ImageFolderDataModule(image_folder, scan_cache_dir=cache).splits
+    assert sorted(p.name for p in calls) == ["001.png", "new.png"]
+
+
+def test_a_class_left_empty_by_skipping_is_an_error(image_folder: Path) -> None:
+    for path in (image_folder / "train" / "circle").iterdir():
+        path.write_bytes(b"")
+    with pytest.raises(DataError, match="class\\(es\\) circle have no training image"):
+        _ = ImageFolderDataModule(image_folder, on_bad_image="skip").splits
+
+
+def test_an_empty_class_folder_is_refused(image_folder: Path) -> None:
+    (image_folder / "train" / "star").mkdir()
+    (image_folder / "train" / "star" / ".DS_Store").write_bytes(b"\0")
+    with pytest.raises(DataError, match="Class folder\\(s\\) with no images in .*train: star"):
+        _ = ImageFolderDataModule(image_folder).class_names
+
+
+REFUSED = {
+    "batch size": (["data.batch_size=0"], "data.batch_size=0 must be a positive integer"),
+    "lr zero": (["optimizer.lr=0"], "optimizer.lr=0 must be positive"),
+    "lr negative": (["optimizer.lr=-0.1"], "optimizer.lr=-0.1 must be positive"),
+    "momentum": (["optimizer.momentum=-1"], "Bad optimizer or scheduler setting: Invalid momentum value"),
+    "val fraction": (["data.val_fraction=1.5"], r"data.val_fraction=1.5 must lie in \(0, 1\)"),
+    "image size": (
+        ["model.name=vit_b_16", "data.image_size=64"],
+        "data.image_size=64 does not fit model.name=vit_b_16 .*Wrong image height",
+    ),
+    "late unfreeze": (
+        ["finetune=gradual", "finetune.unfreeze_at_epoch=5", "trainer.max_epochs=2"],
+        "unfreezes at epoch 5, but this run stops after trainer.max_epochs=2",
+    ),
+    "cpu devices": (["trainer.devices=512"], "trainer.devices=512 CPU processes, but this machine has"),
+    "gpu on cpu": (["trainer=gpu"], r"\(check trainer.\*\)"),
+    "bad image policy": (["data.on_bad_image=maybe"], "data.on_bad_image=maybe must be error or skip"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED), ids=list(REFUSED))
+def test_values_that_cannot_work_are_refused_before_any_work(
+    compose_train, tmp_path: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    if case == "gpu on cpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    overrides, message = REFUSED[case]
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("images were read before the config was checked")
+
+    monkeypatch.setattr(scan, "scan_images", no_scan)
+    with pytest.raises(ConfigError, match=message):
+        train(compose_train(tmp_path, [*tiny_overrides, *overrides]))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_diverging_loss_stops_with_the_epoch_step_and_advice(
+    compose_train, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    cfg = compose_train(tmp_path, [*tiny_overrides, "optimizer.lr=1e38", "trainer.max_epochs=20"])
+    with pytest.raises(
+        TrainingDiverged, match=r"became (nan|inf|-inf) at epoch \d+, step \d+: .*optimizer.lr=1e\+?38"
+    ):
+        train(cfg)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    if last.exists():  # from an epoch before the fault: every weight finite
+        state = torch.load(last, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+def test_results_json_is_replaced_whole_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "results.json"
+    write_json(path, {"val/acc": 0.5})
+
+    def crash(src, dst):
+        raise OSError("killed")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        write_json(path, {"val/acc": 0.9})
+    assert json.loads(path.read_text()) == {"val/acc": 0.5}
+
+
+def test_a_checkpoint_write_that_dies_leaves_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning writes a checkpoint to a temporary file and moves it into place at the end."""
+    trainer = fit(tiny(), tmp_path, epochs=1)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    before = path.read_bytes()
+
+    def die(self) -> None:
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(LocalFileOpener, "commit", die)
+    with pytest.raises(OSError, match="killed mid-write"):
+        trainer.save_checkpoint(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".ckpt"] == ["last.ckpt"]
+
+
+class SendSignal(L.Callback):
+    """Test helper, also used by config (`+callbacks.signal._target_=test_reliability.SendSignal`)."""
+
+    def __init__(self, at_step: int, signum: int = signal.SIGUSR1) -> None:
+        self.at_step, self.signum = at_step, signum
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_same_seed_same_numbers_and_an_interrupted_run_resumes_to_them(
+    compose_train, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    """On a CPU with a fixed seed: two runs agree exactly, and a run interrupted mid-epoch and
+    resumed (augmentation, dropout and shuffling included) ends with the same metrics and weights."""
+    common = [
+        *tiny_overrides, "data.batch_size=4", "trainer.max_epochs=3", "features.cache=false",
+        "finetune=partial", "model.head.dropout=0.3", "test=false",
+    ]  # fmt: skip
+    first = train(compose_train(tmp_path / "a", common))
+    second = train(compose_train(tmp_path / "b", common))
+    numbers = ("val/acc", "val/loss", "val/f1")
+    assert [first[k] for k in numbers] == [second[k] for k in numbers]
+
+    interrupted = compose_train(
+        tmp_path / "c",
+        [*common, "+callbacks.signal._target_=test_reliability.SendSignal", "+callbacks.signal.at_step=13"],
+    )
+    with pytest.raises(Interrupted):
+        train(interrupted)
+    checkpoint = torch.load(tmp_path / "c" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 14 and checkpoint["epoch"] == 1  # signalled at 13: stops before 14
+    resumed = train(compose_train(tmp_path / "c", [*common, "ckpt_path=last"]))
+    assert resumed["epochs"] == 3
+    assert [resumed[k] for k in numbers] == [first[k] for k in numbers]
+    weights = [
+        torch.load(d / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for d in (tmp_path / "a", tmp_path / "c")
+    ]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.slow
+def test_an_earlier_run_directory_is_never_written_into(tmp_path: Path, image_folder: Path) -> None:
+    run_dir = tmp_path / "my_run"
+    args = [
+        sys.executable, str(ROOT / "train.py"), f"paths.root_dir={tmp_path}", "data=imagefolder",
+        f"data.root={image_folder}", "data.image_size=32", "data.num_workers=0", f"model.name={TINY_MODEL}",
+        "model.weights=null", "trainer=cpu", "trainer.max_epochs=1", f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    first = subprocess.run(args, cwd=tmp_path, env=offline_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    kept = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    again = subprocess.run(
+        [*args, "optimizer.lr=0.5"],
+        cwd=tmp_path,
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 2
+    assert (
+        "already holds a run" in again.stdout + again.stderr
+        and "Traceback" not in again.stdout + again.stderr
+    )
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == kept
