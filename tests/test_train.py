@@ -147,7 +147,7 @@ def test_eval_only_uses_the_checkpoint_s_model_and_preprocessing(
         (["train=false"], "ckpt_path=PATH"),
         (["ckpt_path=/no/such.ckpt"], "does not exist"),
         (["optimized_metric=test/acc"], "no test/"),
-        (["optimizer.lr=-1"], "Invalid learning rate"),
+        (["optimizer.lr=-1"], "optimizer.lr=-1 must be positive"),
         (["trainer=gpu"], "trainer"),
         (["data.root=???"], "data.root must be set"),
     ],
