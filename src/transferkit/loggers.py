@@ -1,12 +1,16 @@
-"""Loggers that keep a resumed run's history."""
+"""Lightning's loggers, set up for local, offline-first use and for resumed runs."""
 
 from __future__ import annotations
 
 import csv
+import netrc
 import os
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers import MLFlowLogger as LightningMLFlowLogger
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 
@@ -33,3 +37,36 @@ class CSVLogger(LightningCSVLogger):
                 writer.writerows(rows)
             experiment.metrics_keys = sorted(header)
         return experiment
+
+
+class MLFlowLogger(LightningMLFlowLogger):
+    """Lightning's MLFlowLogger on a local store, no server: runs in `store_dir/mlflow.db` (the
+    SQLite backend MLflow recommends over its deprecated file store), artifacts beside it.
+    Browse with `mlflow ui --backend-store-uri sqlite:///<store_dir>/mlflow.db`."""
+
+    def __init__(self, store_dir: str | os.PathLike, **kwargs: Any) -> None:
+        store = Path(store_dir).resolve()
+        store.mkdir(parents=True, exist_ok=True)
+        super().__init__(
+            tracking_uri=f"sqlite:///{store / 'mlflow.db'}",
+            artifact_location=str(store / "artifacts"),
+            **kwargs,
+        )
+
+
+def wandb_logged_in() -> bool:
+    """An API key in the environment or in ~/.netrc (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's WandbLogger, offline (files under save_dir, `wandb sync` later) unless
+    logged in; `offline: true/false` forces either."""
+
+    def __init__(self, offline: bool | str = "auto", **kwargs: Any) -> None:
+        super().__init__(offline=(not wandb_logged_in()) if offline == "auto" else bool(offline), **kwargs)

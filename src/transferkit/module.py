@@ -10,9 +10,10 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from transferkit.backbones import build_backbone
 from transferkit.errors import ConfigError, TrainingDiverged
@@ -97,6 +98,9 @@ class TransferModule(L.LightningModule):
         self.test_metrics = classification_metrics(len(class_names), "test/")
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
+        self.val_confusion = MulticlassConfusionMatrix(len(class_names))
+        self.confusion: torch.Tensor | None = None  # of the last validation: the plots use it
+        self.history: dict[str, list[dict[str, float]]] = {"train": [], "val": []}  # per epoch
         self._check_optimizer()
 
     def _check_optimizer(self) -> None:
@@ -148,10 +152,15 @@ class TransferModule(L.LightningModule):
         the random number generators, so a resumed run draws what the uninterrupted one would."""
         checkpoint[RECORD_KEY] = {"data": self.data_config, "precision": self.validation_precision}
         checkpoint["rng_states"] = rng_states()
+        checkpoint["history"] = self.history
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming training: carry on the random draws and the curves (not when validating)."""
+        if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
+        self.history = checkpoint.get("history", self.history)
 
     def train(self, mode: bool = True) -> TransferModule:
         """Frozen parts stay in eval mode whoever switches the model to training."""
@@ -195,6 +204,8 @@ class TransferModule(L.LightningModule):
         labels = targets.argmax(dim=1) if targets.ndim == 2 else targets
         getattr(self, f"{stage}_metrics").update(logits, labels)
         getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(targets))
+        if stage == "val":
+            self.val_confusion.update(logits.detach(), labels)
         return loss
 
     def _log_epoch(self, stage: str) -> dict[str, torch.Tensor]:
@@ -208,6 +219,15 @@ class TransferModule(L.LightningModule):
         metrics.reset()
         loss.reset()
         self.log_dict(values, prog_bar=stage != "test")
+        if stage == "val":
+            self.confusion = self.val_confusion.compute().cpu()
+            self.val_confusion.reset()
+        if (
+            stage in self.history
+            and self.trainer.state.fn == TrainerFn.FITTING
+            and not self.trainer.sanity_checking
+        ):
+            self.history[stage].append({k: float(v) for k, v in values.items()})
         return values
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

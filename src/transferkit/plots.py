@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from transferkit.preprocessing import Preprocessing
 
@@ -25,6 +26,7 @@ def plot_curves(history: dict[str, list[dict[str, float]]], path: str | Path) ->
             if values:
                 ax.plot(range(len(values)), values, style, label=stage, markersize=4)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel({"loss": "cross-entropy loss", "acc": "accuracy"}[metric])
         ax.set_title({"loss": "Loss", "acc": "Accuracy"}[metric])
         ax.grid(alpha=0.3)

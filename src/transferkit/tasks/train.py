@@ -11,14 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from omegaconf import DictConfig, open_dict
 
+from transferkit import reports
 from transferkit.checkpoints import load_model
+from transferkit.data.images import ImageListDataset
+from transferkit.data.sampling import EpochSampler
 from transferkit.errors import ConfigError
 from transferkit.features import use_feature_cache
 from transferkit.features.cache import weights_fingerprint
 from transferkit.features.precision import resolve_precision
 from transferkit.lr_finder import tune_lr
+from transferkit.module import TransferModule
+from transferkit.plots import plot_batch, plot_curves
 from transferkit.tasks.common import (
     build,
     build_model,
@@ -101,6 +107,31 @@ def _check_run(cfg: DictConfig, has_test: bool) -> None:
         raise ConfigError(f"optimized_metric={metric} will not be measured; use {where}, e.g. val/acc.")
 
 
+def parameter_counts(model: TransferModule) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"params/total": total, "params/trainable": trainable, "params/frozen": total - trainable}
+
+
+def log_run_facts(trainer: L.Trainer, cfg: DictConfig, model: TransferModule) -> None:
+    """The composed config and the parameter counts (as training starts) to every logger; the
+    model's hyper-parameters reach them through Lightning."""
+    counts = parameter_counts(model)
+    log.info("Parameters: %s", ", ".join(f"{k.split('/')[1]} {v:,}" for k, v in counts.items()))
+    for logger in trainer.loggers:
+        logger.log_hyperparams({**counts, "config": plain(cfg)})
+
+
+def plot_training_batch(datamodule: Any, model: TransferModule, path: Path, count: int = 16) -> None:
+    """The first training images of epoch 0, drawn and augmented as the model will see them."""
+    train = datamodule.splits.train
+    transform = model.preprocessing.transforms(train=True, augment=datamodule.augment)
+    dataset = ImageListDataset(train, transform, datamodule.seed)
+    keys = list(EpochSampler(len(train), datamodule.seed))[:count]
+    images = torch.stack([dataset[key][0] for key in keys])
+    plot_batch(images, [train[key][1] for key in keys], model.class_names, model.preprocessing, path)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then measure the best checkpoint on val (and test when the data has it).
 
@@ -142,6 +173,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model.frozen_dtype = resolve_precision(features.pop("precision", "auto"), trainer.strategy.root_device)
     feature_cache = None
     if cfg.get("train", True):
+        log_run_facts(trainer, cfg, model)
+        if trainer.is_global_zero:
+            plot_training_batch(datamodule, model, Path(cfg.paths.output_dir) / "plots" / "train_batch.png")
         feature_cache = use_feature_cache(
             model, datamodule, trainer, finetune, seed=cfg.get("seed"), **features
         )
@@ -169,8 +203,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.world_size > 1:
         metrics = json.dumps(_metrics(validated[0]), sort_keys=True)
         log.info("Rank %d: metrics %s", trainer.global_rank, metrics)
+    for logger in trainer.loggers:  # every logger gets the final numbers, not only per-epoch ones
+        logger.log_metrics(
+            {f"final/{k}": v for k, v in results.items() if isinstance(v, float)}, trainer.global_step
+        )
+        logger.save()
     if trainer.is_global_zero:
         output_dir = Path(cfg.paths.output_dir)
+        if model.history["val"]:
+            plot_curves(model.history, output_dir / "plots" / "curves.png")
+        if model.confusion is not None:  # of the final validation: the best checkpoint's
+            reports.write_confusion_matrix(model.confusion, model.class_names, output_dir / "plots")
         write_json(output_dir / "results.json", results)
         print_results(f"Results ({output_dir})", results)
     return results
