@@ -70,3 +70,9 @@ class WandbLogger(LightningWandbLogger):
 
     def __init__(self, offline: bool | str = "auto", **kwargs: Any) -> None:
         super().__init__(offline=(not wandb_logged_in()) if offline == "auto" else bool(offline), **kwargs)
+
+    def close(self) -> None:
+        """End the W&B run once everything is logged (Lightning's finalize leaves it open), so an
+        offline run is complete on disk for `wandb sync`."""
+        if self._experiment is not None:
+            self._experiment.finish()

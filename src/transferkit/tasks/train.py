@@ -204,10 +204,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics = json.dumps(_metrics(validated[0]), sort_keys=True)
         log.info("Rank %d: metrics %s", trainer.global_rank, metrics)
     for logger in trainer.loggers:  # every logger gets the final numbers, not only per-epoch ones
-        logger.log_metrics(
-            {f"final/{k}": v for k, v in results.items() if isinstance(v, float)}, trainer.global_step
-        )
+        final = {f"final/{k}": v for k, v in results.items() if isinstance(v, float)}
+        logger.log_metrics(final, trainer.global_step)
         logger.save()
+        if hasattr(logger, "close"):
+            logger.close()
     if trainer.is_global_zero:
         output_dir = Path(cfg.paths.output_dir)
         if model.history["val"]:
