@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import yaml
 from conftest import ROOT, make_image_folder
 from PIL import Image
 
+from transferkit.errors import UserError
 from transferkit.tasks.train import train
 
 
@@ -84,10 +86,11 @@ def test_wandb_runs_offline_without_a_key(
         assert key in data, key
 
 
-def split(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "split_folder.py"), *args], capture_output=True, text=True
-    )
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def count_images(root: Path) -> dict[str, dict[str, int]]:
@@ -97,10 +100,14 @@ def count_images(root: Path) -> dict[str, dict[str, int]]:
 
 
 def test_split_folder_is_stratified_seeded_and_copies_or_links(tmp_path: Path) -> None:
+    split = load_script("split_folder").split_folder
     source = make_image_folder(tmp_path / "src", classes=("a", "b"), splits={"all": 10}) / "all"
     (source / "b" / "deeper").mkdir()
     (source / "b" / "000.png").rename(source / "b" / "deeper" / "000.png")
-    proc = split(str(source), str(tmp_path / "dst"), "--val", "0.2", "--test", "0.1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "split_folder.py"), str(source), str(tmp_path / "dst"),
+         "--val", "0.2", "--test", "0.1"], capture_output=True, text=True,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert count_images(tmp_path / "dst") == {
         "train": {"a": 7, "b": 7},
@@ -109,16 +116,22 @@ def test_split_folder_is_stratified_seeded_and_copies_or_links(tmp_path: Path) -
     }
     assert "train: 14 images (a 7, b 7)" in proc.stdout
     assert len(list((tmp_path / "dst").rglob("deeper/000.png"))) == 1  # sub-folders are kept
-    again = split(str(source), str(tmp_path / "again"), "--val", "0.2", "--test", "0.1", "--link")
-    assert again.returncode == 0
+    split(source, tmp_path / "again", val=0.2, test=0.1, seed=42, link=True)
     first = sorted(p.relative_to(tmp_path / "dst") for p in (tmp_path / "dst").rglob("*.png"))
     second = sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*.png"))
     assert first == second  # seeded: the same split
     assert all(p.is_symlink() for p in (tmp_path / "again").rglob("*.png"))
-    assert split(str(source), str(tmp_path / "other"), "--val", "0.2", "--seed", "1").returncode == 0
+    split(source, tmp_path / "other", val=0.2, test=0.0, seed=1, link=False)
     val_names = sorted(p.name for p in (tmp_path / "dst" / "val").rglob("*.png"))
     assert sorted(p.name for p in (tmp_path / "other" / "val").rglob("*.png")) != val_names
-    refused = split(str(source), str(tmp_path / "dst"), "--val", "0.2")
-    assert refused.returncode != 0 and "exists and is not empty" in refused.stderr
-    bad = split(str(source), str(tmp_path / "x"), "--val", "0.6", "--test", "0.5")
-    assert bad.returncode != 0 and "summing to less than 1" in bad.stderr
+    with pytest.raises(UserError, match="exists and is not empty"):
+        split(source, tmp_path / "dst", val=0.2, test=0.0, seed=42, link=False)
+    with pytest.raises(UserError, match="summing to less than 1"):
+        split(source, tmp_path / "x", val=0.6, test=0.5, seed=42, link=False)
+
+
+def test_split_counts_keep_a_training_image_and_give_each_split_one() -> None:
+    counts = load_script("split_folder").split_counts
+    assert counts(10, 0.2, 0.1) == (7, 2, 1)
+    assert counts(3, 0.2, 0.1) == (1, 1, 1)  # a small class still reaches every split
+    assert counts(2, 0.2, 0.1) == (1, 1, 0) and counts(1, 0.5, 0.0) == (1, 0, 0)  # val before test
