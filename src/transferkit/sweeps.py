@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -153,6 +154,8 @@ class Leaderboard(Callback):
             log.error("Job %d (%s) failed: %s", row["job"], " ".join(row["overrides"]), row["error"])
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not HydraConfig.initialized():  # the sweep dir may interpolate ${hydra:runtime.cwd}
+            HydraConfig.instance().set_config(config)
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = read_rows(sweep_dir)
         if not rows:

@@ -35,6 +35,8 @@ R = TypeVar("R")
 _RUN_ID = secrets.token_hex(3)
 if not OmegaConf.has_resolver("run_id"):
     OmegaConf.register_new_resolver("run_id", lambda: _RUN_ID)
+if not OmegaConf.has_resolver("cwd"):  # cached: every later read gives the directory the run started in
+    OmegaConf.register_new_resolver("cwd", os.getcwd, use_cache=True)
 
 
 def user_errors_exit(task: Callable[[DictConfig], R]) -> Callable[[DictConfig], R]:
