@@ -56,6 +56,7 @@ def test_csv_logger_gets_the_config_parameter_counts_and_final_metrics(
     assert float(final["final/val/acc"]) == pytest.approx(results["val/acc"])
 
 
+@pytest.mark.slow
 def test_tensorboard_mlflow_and_many(compose_train, tmp_path: Path, tiny_overrides: list[str]) -> None:
     import mlflow
 
@@ -72,6 +73,7 @@ def test_tensorboard_mlflow_and_many(compose_train, tmp_path: Path, tiny_overrid
     assert "val/acc" in found.data.metrics  # per-epoch metrics too
 
 
+@pytest.mark.slow
 def test_wandb_runs_offline_without_a_key(
     compose_train, tmp_path: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -84,6 +84,8 @@ def test_the_cookbook_runs_as_written(tmp_path: Path) -> None:
         assert [r["label"] for r in csv.DictReader(f)] == [r["label"] for r in rows]
     assert (project / "exported" / "model.onnx").is_file()
     assert "# Leaderboard: 2 jobs" in proc.stdout
+    assert "Per-class report" in proc.stdout and "Exported (onnx, parity checked)" in proc.stdout
+    assert "PassManager" not in proc.stdout + proc.stderr  # the ONNX exporter's chatter is kept quiet
     assert (project / "logs" / "mlflow" / "mlflow.db").is_file()
     eval_runs = list((project / "logs" / "eval" / "runs").iterdir())
     assert len(eval_runs) == 1 and (eval_runs[0] / "confusion_matrix.png").is_file()

@@ -231,6 +231,7 @@ class SendSignal(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_and_an_interrupted_run_resumes_to_them(
     compose_train, tmp_path: Path, tiny_overrides: list[str]
 ) -> None:

@@ -93,7 +93,7 @@ def val_epochs(run: Path) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM], ids=["SIGTERM"])  # SIGUSR1: in-process above
 def test_a_signalled_run_resumes_to_the_same_final_epoch_in_its_own_directory(
     tmp_path: Path, image_folder: Path, signum: int
 ) -> None:
