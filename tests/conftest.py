@@ -98,23 +98,27 @@ def compose_train() -> Callable[..., DictConfig]:
     return functools.partial(compose_task, "train")
 
 
-@pytest.fixture
-def tiny_overrides(image_folder: Path) -> list[str]:
-    """A train run that takes seconds: tiny backbone, small images, no workers."""
+def tiny_run(data_root: Path, epochs: int = 2) -> list[str]:
+    """Overrides for a train run that takes seconds: tiny backbone, small images, no workers."""
     return [
         "data=imagefolder",
-        f"data.root={image_folder}",
+        f"data.root={data_root}",
         "data.image_size=32",
         "data.batch_size=8",
         "data.num_workers=0",
         f"model.name={TINY_MODEL}",
         "model.weights=null",
         "trainer=cpu",
-        "trainer.max_epochs=2",
+        f"trainer.max_epochs={epochs}",
         "callbacks.rich_progress_bar=null",
         "callbacks.rich_model_summary=null",
         "optimizer.lr=0.05",
     ]
+
+
+@pytest.fixture
+def tiny_overrides(image_folder: Path) -> list[str]:
+    return tiny_run(image_folder)
 
 
 @pytest.fixture(scope="session")
@@ -125,18 +129,5 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     root = tmp_path_factory.mktemp("trained")
     data = make_image_folder(root / "data", splits={"train": 12, "val": 4, "test": 4})
-    overrides = [
-        "data=imagefolder",
-        f"data.root={data}",
-        "data.image_size=32",
-        "data.batch_size=8",
-        "data.num_workers=0",
-        f"model.name={TINY_MODEL}",
-        "model.weights=null",
-        "trainer=cpu",
-        "trainer.max_epochs=3",
-        "callbacks.rich_progress_bar=null",
-        "callbacks.rich_model_summary=null",
-        "optimizer.lr=0.05",
-    ]
+    overrides = tiny_run(data, epochs=3)
     return {**train(compose_task("train", root, overrides)), "data_root": str(data)}
