@@ -343,3 +343,73 @@ def test_gradual_with_bn_train_trains_batchnorm_first_and_the_rest_at_the_unfree
         assert changed(before[block], after[block], "running_mean"), block
         convs = {k for k, v in before[block].items() if v.ndim == 4}
         assert convs and any(not torch.equal(before[block][k], after[block][k]) for k in convs), block
+
+
+class SaveAt(L.Callback):
+    """Write the training state at the start of step `step`, as an interrupt there would."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+class StepState(L.Callback):
+    """At every step: which backbone parameters train, every BatchNorm's mode, the param groups."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, tuple] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        groups = [
+            (g["name"], g["lr"], sorted(id_names(pl_module)[id(p)] for p in g["params"]))
+            for g in trainer.optimizers[0].param_groups
+        ]
+        trainable = sorted(n for n, p in pl_module.backbone.named_parameters() if p.requires_grad)
+        modes = {n: m.training for n, m in pl_module.backbone.named_modules() if isinstance(m, _BatchNorm)}
+        self.steps[trainer.global_step] = (trainable, modes, groups)
+
+
+def id_names(module: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        lambda: Freeze(),
+        lambda: Partial(unfreeze_last=2),
+        lambda: Gradual(unfreeze_at_epoch=1),
+        lambda: Gradual(milestones=[1, 2]),
+        lambda: Gradual(unfreeze_at_epoch=2, bn="train"),
+        lambda: Full(),
+    ],
+    ids=["freeze", "partial", "gradual", "gradual-milestones", "gradual-bn-train", "full"],
+)
+def test_a_mid_epoch_resume_trains_what_the_uninterrupted_run_trains(tmp_path: Path, strategy) -> None:
+    """Saved during epoch 2 (3 steps an epoch), after every unfreeze: from the resumed step on,
+    the trainable parameters, BatchNorm modes and param groups are the straight run's."""
+    straight, saved = StepState(), tmp_path / "mid.ckpt"
+    run(model(), [strategy(), straight, SaveAt(7, saved)], tmp_path / "a")
+    resumed = StepState()
+    run(model(), [strategy(), resumed], tmp_path / "b", ckpt_path=str(saved))
+    assert min(resumed.steps) == 7 and max(resumed.steps) == max(straight.steps) == 8
+    for step in resumed.steps:
+        assert resumed.steps[step] == straight.steps[step], f"step {step}"
+
+
+def run(module: TransferModule, callbacks: list[L.Callback], root: Path, ckpt_path: str | None = None) -> None:
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, loader(), loader(12, seed=1), ckpt_path=ckpt_path)

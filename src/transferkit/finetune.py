@@ -113,6 +113,13 @@ class BlockFinetuning(BaseFinetuning):
         super().setup(trainer, pl_module, stage)  # freeze_before_training
         self.check(trainer)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A run resumed inside an epoch gets no `on_train_epoch_start` from Lightning, and
+        `freeze_before_training` has frozen every block that starts after epoch 0: unfreeze
+        what that epoch trains (the param groups are restored already, so none is added)."""
+        if trainer.fit_loop.epoch_loop.restarting:
+            self.on_train_epoch_start(trainer, pl_module)
+
     def _set_block(self, pl_module: L.LightningModule, index: int, train: bool) -> None:
         """Freeze or unfreeze one block (BatchNorm as the policy says) and name its lr group."""
         block, backbone = self.blocks[index], pl_module.backbone
