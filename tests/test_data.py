@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,40 +70,163 @@ def test_extensions_case_insensitive_and_junk_ignored(tmp_path: Path) -> None:
     assert names == {"000.png", "001.png", "UPPER.JPG", "mixed.JpEg"}
 
 
-@pytest.mark.parametrize(
-    "mode, make",
-    [
-        ("L", lambda: Image.new("L", (10, 8), 128)),
-        ("LA", lambda: Image.new("LA", (10, 8), (128, 0))),
-        ("P", lambda: Image.new("RGB", (10, 8), (200, 10, 10)).convert("P", palette=Image.Palette.ADAPTIVE)),
-        ("RGBA", lambda: Image.new("RGBA", (10, 8), (0, 0, 0, 0))),
-        ("CMYK", lambda: Image.new("CMYK", (10, 8), (0, 255, 255, 0))),
-        ("I;16", lambda: Image.fromarray(np.full((8, 10), 65535, dtype=np.uint16))),
-    ],
-)
-def test_every_image_mode_loads_as_rgb(tmp_path: Path, mode: str, make) -> None:
-    image = make()
-    assert image.mode == mode
-    path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
-    image.save(path)
+def row(mode: str, values: list, palette: list[int] | None = None) -> Image.Image:
+    """A one-row image of `mode` holding `values`, one per pixel."""
+    image = Image.new(mode, (len(values), 1))
+    if palette is not None:
+        image.putpalette(palette)
+    image.putdata(values)
+    return image
+
+
+def saved(image: Image.Image, name: str, **options) -> Callable[[Path], Path]:
+    def write(folder: Path) -> Path:
+        image.save(folder / name, **options)
+        return folder / name
+
+    return write
+
+
+def netpbm(magic: str, maxval: int, values: list[int], name: str) -> Callable[[Path], Path]:
+    """A binary PGM (P5) or PPM (P6), one row; samples of two bytes, big-endian, above maxval 255."""
+    width = len(values) // (3 if magic == "P6" else 1)
+    data = np.array(values, dtype=">u2" if maxval > 255 else "u1").tobytes()
+
+    def write(folder: Path) -> Path:
+        (folder / name).write_bytes(f"{magic}\n{width} 1\n{maxval}\n".encode() + data)
+        return folder / name
+
+    return write
+
+
+def grey_tiff(
+    values: list[int], bits: int, signed: bool = False, orientation: int = 1
+) -> Callable[[Path], Path]:
+    """A one-row little-endian greyscale TIFF written tag by tag, for the sample layouts Pillow reads
+    but does not write: 12-bit (packed, as cameras and microscopes save), unsigned 32-bit, signed 16-bit."""
+    if bits % 8:
+        bitstring = "".join(f"{value:0{bits}b}" for value in values)
+        bitstring += "0" * (-len(bitstring) % 8)
+        data = int(bitstring, 2).to_bytes(len(bitstring) // 8, "big")
+    else:
+        data = np.array(values, dtype=f"<{'i' if signed else 'u'}{bits // 8}").tobytes()
+    tags = {256: len(values), 257: 1, 258: bits, 259: 1, 262: 1, 273: 0, 277: 1, 278: 1, 279: len(data)}
+    tags.update({274: orientation, 339: 2 if signed else 1})
+    tags[273] = 8 + 2 + 12 * len(tags) + 4  # the pixels follow the one directory
+    directory = struct.pack("<H", len(tags))
+    directory += b"".join(struct.pack("<HHII", tag, 4, 1, value) for tag, value in sorted(tags.items()))
+
+    def write(folder: Path) -> Path:
+        (folder / "grey.tif").write_bytes(b"II*\0" + struct.pack("<I", 8) + directory + b"\0\0\0\0" + data)
+        return folder / "grey.tif"
+
+    return write
+
+
+PALETTE = [255, 0, 0, 10, 20, 30, 0, 0, 255]  # red, a dark grey-blue, blue
+WIDE_16 = [0, 129, 386, 51400, 65535]  # /257: 0, 0.502 -> 1, 1.502 -> 2, 200 exactly, 255
+WIDE_16_TO_8 = [0, 1, 2, 200, 255]  # nearest, so truncating (0, 0, 1, ...) would fail
+WIDE_16_ARRAY = np.array([WIDE_16], dtype=np.uint16)
+CASES = {
+    "1-png": ("1", saved(row("1", [0, 255, 0, 255]), "x.png"), [0, 255, 0, 255]),
+    "L-png": ("L", saved(row("L", [0, 1, 128, 255]), "x.png"), [0, 1, 128, 255]),
+    # a PGM's maxval is its white: Pillow scales maxval 100 onto 0..255 itself (50 -> 127.5 -> 128)
+    "L-pgm-maxval-100": ("L", netpbm("P5", 100, [0, 50, 100], "x.pgm"), [0, 128, 255]),
+    # transparency over white: 100 at alpha 51 (0.2) is 100 * 0.2 + 255 * 0.8 = 224
+    "LA-png": (
+        "LA",
+        saved(row("LA", [(30, 255), (100, 51), (100, 0), (255, 128)]), "x.png"),
+        [30, 224, 255, 255],
+    ),
+    # PNG keeps palette transparency as P plus a transparent index (tRNS)
+    "P-png": (
+        "P",
+        saved(row("P", [0, 1, 2, 1], PALETTE), "x.png", transparency=2),
+        [(255, 0, 0), (10, 20, 30), (255, 255, 255), (10, 20, 30)],
+    ),
+    # no common format stores PA; TIFF is the one Pillow writes it to and reads it back from
+    "PA-tif": (
+        "PA",
+        saved(row("PA", [(0, 255), (1, 255), (2, 0), (1, 51)], PALETTE), "x.tif"),
+        [(255, 0, 0), (10, 20, 30), (255, 255, 255), (206, 208, 210)],
+    ),
+    "RGB-png": (
+        "RGB",
+        saved(row("RGB", [(0, 0, 0), (1, 2, 3), (200, 10, 10)]), "x.png"),
+        [(0, 0, 0), (1, 2, 3), (200, 10, 10)],
+    ),
+    # 16-bit colour: Pillow makes it 8-bit RGB itself, rounding to nearest as wide grey is rounded
+    "RGB-ppm-16-bit": (
+        "RGB",
+        netpbm("P6", 65535, [51400, 129, 386, 0, 128, 65535], "x.ppm"),
+        [(200, 1, 2), (0, 0, 255)],
+    ),
+    "RGBA-webp": (
+        "RGBA",
+        saved(row("RGBA", [(10, 20, 30, 255), (200, 10, 10, 51), (0, 0, 0, 0)]), "x.webp", lossless=True),
+        [(10, 20, 30), (244, 206, 206), (255, 255, 255)],
+    ),
+    "CMYK-tif": (
+        "CMYK",
+        saved(row("CMYK", [(0, 0, 0, 0), (0, 255, 255, 0), (100, 0, 0, 0), (0, 0, 0, 255)]), "x.tif"),
+        [(255, 255, 255), (255, 0, 0), (155, 255, 255), (0, 0, 0)],
+    ),
+    # JPEG stores YCbCr but Pillow opens it as RGB; a YCbCr TIFF opens as YCbCr. For (100, 185, 235):
+    # R = Y + 1.402 (Cr - 128) = 250.01, G = Y - 0.344 (Cb - 128) - 0.714 (Cr - 128) = 3.97,
+    # B = Y + 1.772 (Cb - 128) = 201.00 (near whole numbers: Pillow's fixed point is off by one elsewhere)
+    "YCbCr-tif": (
+        "YCbCr",
+        saved(row("YCbCr", [(0, 128, 128), (30, 128, 128), (255, 128, 128), (100, 185, 235)]), "x.tif"),
+        [(0, 0, 0), (30, 30, 30), (255, 255, 255), (250, 4, 201)],
+    ),
+    # a 16-bit PGM opens as I: white is 65535 however dark the picture, so 200 is 1, not 200
+    "I-pgm-16-bit-dark": ("I", netpbm("P5", 65535, [0, 128, 129, 200, 255], "x.pgm"), [0, 0, 1, 1, 1]),
+    "I-pgm-16-bit": ("I", netpbm("P5", 65535, WIDE_16, "x.pgm"), WIDE_16_TO_8),
+    # maxval 4095 (12 bits): Pillow rescales it to 0..65535, so 2048 is 2048 / 4095 * 255 = 127.5 -> 128
+    "I-pgm-maxval-4095": ("I", netpbm("P5", 4095, [0, 200, 2048, 4095], "x.pgm"), [0, 12, 128, 255]),
+    # Pillow writes mode I as signed 32-bit: white is 2**31 - 1, negatives are black
+    "I-tif-int32": (
+        "I",
+        saved(Image.fromarray(np.array([[-5, 51400, 8421505, 2**30, 2**31 - 1]], dtype=np.int32)), "x.tif"),
+        [0, 0, 1, 128, 255],
+    ),
+    "I-tif-uint32": ("I", grey_tiff([51400, 16843009, 2**31, 2**32 - 1], bits=32), [0, 1, 128, 255]),
+    "I-tif-int16": ("I", grey_tiff([-100, 0, 200, 16384, 32767], bits=16, signed=True), [0, 0, 2, 128, 255]),
+    "I;16-png": ("I;16", saved(Image.fromarray(WIDE_16_ARRAY), "x.png"), WIDE_16_TO_8),
+    "I;16-tif": ("I;16", saved(Image.fromarray(WIDE_16_ARRAY), "x.tif"), WIDE_16_TO_8),
+    # a 12-bit TIFF opens as I;16 holding 0..4095: white is 4095, not 65535
+    "I;16-tif-12-bit": ("I;16", grey_tiff([0, 200, 2048, 4095], bits=12), [0, 12, 128, 255]),
+    "I;16B-tif": (
+        "I;16B",
+        saved(Image.frombytes("I;16B", (5, 1), WIDE_16_ARRAY.astype(">u2").tobytes()), "x.tif"),
+        WIDE_16_TO_8,
+    ),
+    # float samples have no bit depth: [0, 1] is black to white, whatever else the picture holds
+    "F-tif": (
+        "F",
+        saved(Image.fromarray(np.array([[-0.5, 0.0, 0.02, 0.2, 1.0, 3.0]], dtype=np.float32)), "x.tif"),
+        [0, 0, 5, 51, 255, 255],
+    ),
+}
+
+
+@pytest.mark.parametrize("mode, write, expected", list(CASES.values()), ids=list(CASES))
+def test_every_image_mode_loads_as_rgb(tmp_path: Path, mode: str, write, expected: list) -> None:
+    """Each mode a real folder can hold, from a file, to the 8-bit RGB values worked out by hand.
+    Wide samples are scaled by the white of their format and rounded to the nearest level."""
+    path = write(tmp_path)
+    with Image.open(path) as opened:
+        assert opened.mode == mode
     rgb = load_rgb(path)
-    assert rgb.mode == "RGB" and rgb.size == (10, 8)
-    pixel = rgb.getpixel((0, 0))
-    expected = {
-        "L": (128,) * 3,
-        "LA": (255,) * 3,
-        "P": (200, 10, 10),
-        "RGBA": (255,) * 3,
-        "CMYK": (255, 0, 0),
-        "I;16": (255,) * 3,
-    }[mode]
-    assert pixel == expected  # transparency is composited on white; 16 bits scaled to 8
+    assert rgb.mode == "RGB" and rgb.size == (len(expected), 1)
+    pixels = [rgb.getpixel((x, 0)) for x in range(rgb.width)]
+    assert pixels == [value if isinstance(value, tuple) else (value,) * 3 for value in expected]
 
 
-def test_16_bit_images_scale_by_their_bit_depth_not_their_content(tmp_path: Path) -> None:
-    path = tmp_path / "dark.png"
-    Image.fromarray(np.array([[0, 200 * 257]], dtype=np.uint16)).save(path)
-    assert load_rgb(path).getpixel((1, 0)) == (200, 200, 200)
+def test_a_rotated_tiff_keeps_the_white_of_its_bit_depth(tmp_path: Path) -> None:
+    """EXIF rotation makes a copy without the TIFF tags: the white is read before it."""
+    rgb = load_rgb(grey_tiff([0, 200, 2048, 4095], bits=12, orientation=6)(tmp_path))  # 90 degrees
+    assert rgb.size == (1, 4) and [rgb.getpixel((0, y))[0] for y in range(4)] == [0, 12, 128, 255]
 
 
 def test_undecodable_image_error_names_the_file(tmp_path: Path) -> None:

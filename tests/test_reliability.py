@@ -3,6 +3,8 @@ writes, and runs that are reproducible and resume to the same numbers."""
 
 from __future__ import annotations
 
+import builtins
+import errno
 import json
 import logging
 import os
@@ -13,9 +15,10 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import PIL
 import pytest
 import torch
-from conftest import ROOT, TINY_MODEL, offline_env
+from conftest import ROOT, TINY_MODEL, make_image_folder, offline_env
 from fsspec.implementations.local import LocalFileOpener
 from PIL import Image
 from test_module import fit, tiny
@@ -119,6 +122,85 @@ def test_a_second_scan_decodes_only_changed_files(
     with pytest.raises(DataError, match="new.png"):
         _ = ImageFolderDataModule(image_folder, scan_cache_dir=cache).splits
     assert sorted(p.name for p in calls) == ["001.png", "new.png"]
+
+
+def fail_reads(monkeypatch: pytest.MonkeyPatch, path: Path, error: OSError) -> None:
+    """Reading `path` fails with `error`: a real chmod 000 where that blocks reads, else (as root,
+    whom chmod does not stop) every open() of that one file raises, as the operating system would."""
+    if isinstance(error, PermissionError):
+        os.chmod(path, 0)
+        try:
+            path.read_bytes()
+        except PermissionError:
+            return
+    real_open = builtins.open
+
+    def failing_open(file, *args, **kwargs):
+        if isinstance(file, str | os.PathLike) and Path(file) == path:
+            raise error
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", failing_open)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [PermissionError(errno.EACCES, "Permission denied"), OSError(errno.EIO, "Input/output error")],
+    ids=["permission", "eio"],
+)
+def test_a_read_error_skips_the_file_this_run_only(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: OSError
+) -> None:
+    """A permission fixed with chmod (which leaves size and mtime alone) or a network drive that
+    hiccuped: the file is bad for that run, and used again by the next one."""
+    cache = tmp_path / "scans"
+    path = image_folder / "train" / "circle" / "003.png"
+    stat = os.stat(path)
+    with monkeypatch.context() as patched:
+        fail_reads(patched, path, error)
+        dm = ImageFolderDataModule(image_folder, on_bad_image="skip", scan_cache_dir=cache)
+        assert path not in {p for p, _ in dm.splits.train + dm.splits.val}
+        assert list(dm.bad_images) == [path] and error.strerror in dm.bad_images[path]
+    os.chmod(path, stat.st_mode)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    now = os.stat(path)
+    assert (now.st_size, now.st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)  # only a cache could differ
+    dm = ImageFolderDataModule(image_folder, on_bad_image="skip", scan_cache_dir=cache)
+    assert path in {p for p, _ in dm.splits.train + dm.splits.val} and dm.bad_images == {}
+
+
+def test_a_file_that_vanished_since_the_listing_is_bad_for_this_run(tmp_path: Path) -> None:
+    gone = tmp_path / "gone.png"
+    bad = scan.scan_images([gone], tmp_path / "scan.json")
+    assert list(bad) == [gone] and "No such file or directory" in bad[gone]
+
+
+def test_a_corrupt_file_stays_cached_as_bad(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = add_bad_files(
+        make_image_folder(tmp_path / "data", classes=("a",), splits={"train": 1}) / "train" / "a"
+    )
+    cache = tmp_path / "scan.json"
+    first = scan.scan_images(sorted(bad), cache)
+    assert sorted(first) == sorted(bad)
+    calls: list[Path] = []
+    real = scan.check_image
+    monkeypatch.setattr(scan, "check_image", lambda path: calls.append(path) or real(path))
+    assert scan.scan_images(sorted(bad), cache) == first and calls == []
+
+
+def test_a_new_pillow_rescans(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A newer Pillow may decode what an older one could not: verdicts are the decoder's too."""
+    paths = sorted(image_folder.rglob("*.png"))
+    cache = tmp_path / "scan.json"
+    scan.scan_images(paths, cache)
+    calls: list[Path] = []
+    real = scan.check_image
+    monkeypatch.setattr(scan, "check_image", lambda path: calls.append(path) or real(path))
+    scan.scan_images(paths, cache)
+    assert calls == []
+    monkeypatch.setattr(PIL, "__version__", "99.0.0")
+    scan.scan_images(paths, cache)
+    assert sorted(calls) == paths
 
 
 def test_a_class_left_empty_by_skipping_is_an_error(image_folder: Path) -> None:

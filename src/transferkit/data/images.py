@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -17,7 +17,8 @@ from transferkit.errors import DataError
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 )
-_WIDE_MODES = ("I", "F")  # 16/32-bit integer and float single-channel images
+_WIDE_MODES = ("I", "F")  # I, I;16, I;16B... (integer) and F (float): single-channel samples
+_TIFF_BITS_PER_SAMPLE, _TIFF_SAMPLE_FORMAT, _TIFF_SIGNED = 258, 339, 2
 
 
 def is_image_file(path: Path) -> bool:
@@ -25,15 +26,52 @@ def is_image_file(path: Path) -> bool:
     return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to RGB: transparency over white, wide grey scaled to 8 bits."""
+def _first(value: Any, default: int) -> int:
+    """A TIFF tag's value, one number or one per channel (the same for a grey image)."""
+    if isinstance(value, tuple):
+        value = value[0] if value else default
+    return default if value is None else int(value)
+
+
+def white_level(image: Image.Image) -> float | None:
+    """The sample value that is white in a wide grey image, from its file format, never its pixels:
+    the same sample must give the same grey in every picture, however dark or bright the rest is.
+
+    A TIFF says it in its tags (BitsPerSample, SampleFormat): a 12-bit TIFF opens as I;16 holding
+    0..4095, a 32-bit one as I; signed samples keep 0 as black, so their white is the top of the
+    positive range and negatives clip to black. Every other integer grey Pillow opens holds 16-bit
+    samples: PNG, and PGM/PPM, whose maxval Pillow rescales to 65535. Float samples (mode F) have no
+    bit depth at all, so they follow the usual convention of [0, 1] (scikit-image, OpenCV, torchvision
+    floats): 1.0 is white, whatever else the picture holds. None for the 8-bit modes.
+    """
+    if image.mode == "F":
+        return 1.0
+    if not image.mode.startswith("I"):
+        return None
+    tags = getattr(image, "tag_v2", None)
+    if image.format == "TIFF" and tags is not None:
+        bits = _first(tags.get(_TIFF_BITS_PER_SAMPLE), 16)
+        signed = _first(tags.get(_TIFF_SAMPLE_FORMAT), 1) == _TIFF_SIGNED
+        return float(2 ** (bits - signed) - 1)
+    return 65535.0
+
+
+def _wide_to_rgb(image: Image.Image, white: float) -> Image.Image:
+    """Samples 0..white onto 0..255, rounded to the nearest level; outside that range (negative,
+    or floats above 1) clips, and NaN is black."""
+    samples = np.asarray(image)
+    if white > np.iinfo(np.int32).max:  # unsigned 32-bit: Pillow's mode I holds them as int32
+        samples = samples.view(np.uint32)
+    pixels = samples.astype(np.float64) * 255.0 / white  # multiply first: 200 * 257 is 200.0
+    levels = np.floor(np.nan_to_num(pixels, nan=0.0) + 0.5).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(levels, mode="L").convert("RGB")
+
+
+def to_rgb(image: Image.Image, white: float | None = None) -> Image.Image:
+    """Convert any Pillow mode to RGB: transparency over white, wide grey scaled from 0..`white`
+    (by default `white_level(image)`; pass it when `image` is a copy that lost its file's tags)."""
     if image.mode.startswith(_WIDE_MODES):
-        pixels = np.asarray(image, dtype=np.float32)
-        if image.mode.startswith("I;16") or (image.mode == "I" and pixels.max(initial=0) > 255):
-            pixels = pixels / 257.0  # the 16-bit range onto 8 bits, the same for every image
-        elif image.mode == "F" and pixels.max(initial=0) <= 1.0:
-            pixels = pixels * 255.0
-        return Image.fromarray(pixels.clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
+        return _wide_to_rgb(image, white if white is not None else white_level(image))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -41,14 +79,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode a file fully (so truncation shows here), honour EXIF rotation, return RGB."""
+def decode_rgb(file: str | Path | BinaryIO, name: str | Path) -> Image.Image:
+    """Decode an image in full (so truncation shows here), honour EXIF rotation, return RGB.
+    `file` is a path or the file's bytes (the scan reads them itself); `name` is for the error."""
     try:
-        with Image.open(path) as image:
+        with Image.open(file) as image:
             image.load()
-            return to_rgb(ImageOps.exif_transpose(image))
+            white = white_level(image)  # before the transpose, whose copy has no TIFF tags
+            return to_rgb(ImageOps.exif_transpose(image), white)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise DataError(f"Cannot read image {path} ({error}); remove or replace the file.") from error
+        raise DataError(f"Cannot read image {name} ({error}); remove or replace the file.") from error
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """The image at `path` as RGB, decoded in full; DataError naming the file when it cannot be."""
+    return decode_rgb(path, path)
 
 
 class ImageListDataset(Dataset):
