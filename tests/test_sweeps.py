@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import csv
+import errno
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
 import yaml
 from conftest import TINY_MODEL, run_cli
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
-from transferkit.sweeps import rank, swept, write_leaderboard
+from transferkit import sweeps
+from transferkit.sweeps import Leaderboard, rank, swept, write_leaderboard
+from transferkit.tasks.common import write_json
 
 
 def row(job: int, value: float | None, status: str = "ok", **metrics: float) -> dict:
@@ -47,6 +59,120 @@ def test_the_board_ranks_best_first_and_failures_last(tmp_path: Path) -> None:
     assert "batch_size=0" in table[3]["error"] and table[3]["val/acc"] == ""
     markdown = (tmp_path / "leaderboard.md").read_text()
     assert markdown.startswith("# Leaderboard: 4 jobs, best val/acc first") and markdown.count("\n| ") == 5
+
+
+# Parallel launchers (joblib, submitit, SLURM) finish jobs together: forked workers start at once.
+FORK = multiprocessing.get_context("fork")
+
+
+def _worker(target: Callable[..., None], args: tuple[Any, ...], barrier: Any, errors: Any) -> None:
+    barrier.wait()
+    try:
+        target(*args, errors)
+    except Exception as error:  # noqa: BLE001 - reported to the test, which says what failed
+        errors.put(f"{type(error).__name__}: {error}")
+
+
+def _run_together(target: Callable[..., None], args: list[tuple[Any, ...]]) -> list[str]:
+    """Each `target(*a, errors)` in its own process, released together; the errors they raised."""
+    barrier, errors = FORK.Barrier(len(args)), FORK.Queue()
+    procs = [FORK.Process(target=_worker, args=(target, a, barrier, errors)) for a in args]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    return found
+
+
+def _write_many(path: Path, worker: int, times: int, errors: Any) -> None:
+    for i in range(times):
+        try:
+            write_json(path, {"worker": worker, "i": i, "pad": "x" * 2000})
+        except Exception as error:  # noqa: BLE001 - every failure is counted, not just the first
+            errors.put(f"{type(error).__name__}: {error}")
+
+
+def test_concurrent_atomic_writes_to_one_path_never_fail(tmp_path: Path) -> None:
+    path = tmp_path / "results.json"
+    failures = _run_together(_write_many, [(path, w, 75) for w in range(4)])
+    assert failures == [], f"{len(failures)} of 300 writes failed, e.g. {failures[0]}"
+    assert json.loads(path.read_text())["i"] == 74  # whole: the last write of some worker
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as readable as a plain write
+
+
+def _job_config(sweep: Path, job: int) -> DictConfig:
+    """What Hydra gives the callback for one job of a multirun, its results.json written."""
+    (sweep / str(job)).mkdir()
+    (sweep / str(job) / "results.json").write_text(json.dumps({"val/acc": job / 100}))
+    return OmegaConf.create(
+        {
+            "optimized_metric": "val/acc",
+            "hydra": {
+                "mode": RunMode.MULTIRUN,
+                "sweep": {"dir": str(sweep)},
+                "runtime": {"output_dir": str(sweep / str(job))},
+                "job": {"num": job},
+                "overrides": {"task": [f"optimizer.lr={job}"]},
+            },
+        }
+    )
+
+
+def _finish_job(config: DictConfig, errors: Any) -> None:
+    Leaderboard().on_job_end(config, JobReturn(status=JobStatus.COMPLETED))
+
+
+@pytest.mark.parametrize(
+    "scan_s", [0, 0, 0, 0.05], ids=["together-1", "together-2", "together-3", "slow-scan"]
+)
+def test_jobs_finishing_together_leave_a_board_with_every_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scan_s: float
+) -> None:
+    """`slow-scan`: a job that saw fewer rows takes longer to write, so it would finish last."""
+    jobs = 8
+    read_rows = sweeps.read_rows
+
+    def slow_read_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+        rows = read_rows(sweep_dir)
+        time.sleep(scan_s * (jobs - len(rows)))
+        return rows
+
+    monkeypatch.setattr(sweeps, "read_rows", slow_read_rows)  # the forked jobs inherit it
+    failures = _run_together(_finish_job, [(_job_config(tmp_path, j),) for j in range(jobs)])
+    board = read_board(tmp_path)
+    assert sorted(int(b["job"]) for b in board) == list(range(jobs)), failures
+    assert failures == []
+    assert [b["job"] for b in board] == [str(j) for j in reversed(range(jobs))]  # best first
+    assert (tmp_path / "leaderboard.md").read_text().startswith(f"# Leaderboard: {jobs} jobs")
+
+
+@pytest.mark.parametrize("flock", ["missing", "refused"])
+def test_the_board_is_still_rebuilt_where_flock_is_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, flock: str
+) -> None:
+    """Windows has no fcntl; some shared filesystems refuse locks (ENOLCK)."""
+    if flock == "missing":
+        monkeypatch.setattr(sweeps, "fcntl", None)
+    else:
+
+        def refuse(fd: Any, operation: int) -> None:
+            raise OSError(errno.ENOLCK, "No locks available")
+
+        monkeypatch.setattr(sweeps.fcntl, "flock", refuse)
+    for job in range(2):
+        (tmp_path / str(job)).mkdir()
+        write_json(tmp_path / str(job) / "job.json", row(job, job / 10))
+    assert [t["job"] for t in sweeps.rebuild(tmp_path, "max")] == ["1", "0"]
+    assert [b["job"] for b in read_board(tmp_path)] == ["1", "0"]
+    assert ("unlocked" in caplog.text) == (flock == "refused")
+    assert sweeps.rebuild(tmp_path / "absent", "max") == []
 
 
 TINY_RUN = (

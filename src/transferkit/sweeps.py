@@ -4,15 +4,22 @@ directory, best first, in `leaderboard.csv` and `leaderboard.md` in the sweep di
 A Hydra callback. Each job records its own row (`job.json` in its run directory) when it ends,
 then rebuilds the board from all rows found, so the board is complete however the sweep ends
 (a failed job, Ctrl-C, jobs running in parallel on a cluster) and printed when it finishes.
+Jobs ending together rebuild it one at a time (an exclusive lock on `.leaderboard.lock`), so the
+last rebuild has every row, and every file is replaced atomically through its own temporary file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import logging
 import math
+import os
+import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +33,14 @@ from rich.table import Table
 
 from transferkit.tasks.common import write_json
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the board is rebuilt unlocked, and again at the sweep's end
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger("transferkit")
 ROW_FILE = "job.json"
+LOCK_FILE = ".leaderboard.lock"
 
 
 def _direction(metric: str | None, mode: str) -> str:
@@ -105,12 +118,11 @@ def write_leaderboard(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[dict[
         columns.remove(metric)
         columns.insert(columns.index("status") + 1, metric)
     table = [_cells(i + 1, row, o, columns) for i, (row, o) in enumerate(zip(rows, swept(rows), strict=True))]
-    tmp = sweep_dir / ".leaderboard.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(table)
-    tmp.replace(sweep_dir / "leaderboard.csv")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(table)
+    _write_atomic(sweep_dir / "leaderboard.csv", text.getvalue())
     lines = [
         f"# Leaderboard: {len(rows)} jobs, best {metric} first"
         if metric
@@ -120,14 +132,57 @@ def write_leaderboard(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[dict[
         "|" + "---|" * len(columns),
         *("| " + " | ".join(cell.replace("|", "\\|") for cell in r.values()) + " |" for r in table),
     ]
-    tmp = sweep_dir / ".leaderboard.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(sweep_dir / "leaderboard.md")
+    _write_atomic(sweep_dir / "leaderboard.md", "\n".join(lines) + "\n")
     return table
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace `path` whole, through a temporary file of this write's own: jobs writing the board
+    at once never rename each other's (created like a plain file, unlike mkstemp's 0600)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        with tmp.open("x", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(sweep_dir.glob(f"*/{ROW_FILE}"))]
+
+
+@contextlib.contextmanager
+def _board_lock(sweep_dir: Path) -> Iterator[None]:
+    """Held while a job scans the rows and writes the board: a job whose row is on disk before
+    another's rebuild ends is always scanned by a later rebuild, so no row is lost. flock works
+    across processes and nodes on most shared filesystems; where it does not, the board is rebuilt
+    unlocked (a row missed then is back at the next rebuild, and at the sweep's end)."""
+    if fcntl is None:
+        yield
+        return
+    with open(sweep_dir / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            locked = True
+        except OSError as error:  # e.g. ENOLCK or ENOSYS: a filesystem without locks
+            log.warning("Rebuilding %s/leaderboard.csv unlocked (%s).", sweep_dir, error)
+            locked = False
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def rebuild(sweep_dir: Path, direction: str) -> list[dict[str, str]]:
+    """The board from every row on disk, ranked; the table written, empty when there is no row."""
+    if not sweep_dir.is_dir():  # no job got as far as its run directory
+        return []
+    with _board_lock(sweep_dir):
+        rows = read_rows(sweep_dir)
+        return write_leaderboard(sweep_dir, rank(rows, direction)) if rows else []
 
 
 class Leaderboard(Callback):
@@ -146,10 +201,8 @@ class Leaderboard(Callback):
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         row = job_row(config, job_return, time.perf_counter() - self._started)
-        write_json(Path(row["run_dir"]) / ROW_FILE, row)
-        sweep_dir = Path(config.hydra.sweep.dir)
-        rows = read_rows(sweep_dir)
-        write_leaderboard(sweep_dir, rank(rows, _direction(row["metric"], self.mode)))
+        write_json(Path(row["run_dir"]) / ROW_FILE, row)  # before the lock: a later rebuild sees it
+        rebuild(Path(config.hydra.sweep.dir), _direction(row["metric"], self.mode))
         if row["status"] == "failed":
             log.error("Job %d (%s) failed: %s", row["job"], " ".join(row["overrides"]), row["error"])
 
@@ -157,11 +210,10 @@ class Leaderboard(Callback):
         if not HydraConfig.initialized():  # the sweep dir may interpolate ${hydra:runtime.cwd}
             HydraConfig.instance().set_config(config)
         sweep_dir = Path(config.hydra.sweep.dir)
-        rows = read_rows(sweep_dir)
-        if not rows:
-            return
         metric = config.get("optimized_metric")
-        table = write_leaderboard(sweep_dir, rank(rows, _direction(metric, self.mode)))
+        table = rebuild(sweep_dir, _direction(metric, self.mode))
+        if not table:
+            return
         view = Table(title=f"Leaderboard ({sweep_dir})", title_justify="left")
         # the console gets the essentials; the files have every metric and the run directories
         essentials = ("rank", "job", "overrides", "status", metric, "wall_s", "error")

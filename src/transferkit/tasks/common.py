@@ -146,11 +146,18 @@ def print_config_tree(
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write atomically: a reader never sees half a file."""
+    """Write atomically: a reader never sees half a file. Each write has its own temporary file, so
+    processes writing one path at once (parallel sweep jobs) never rename each other's; it is
+    created like a plain file (the umask's permissions, not mkstemp's 0600: others may read runs)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        with tmp.open("x") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def print_results(title: str, results: dict[str, Any]) -> None:
