@@ -127,3 +127,27 @@ def test_a_signalled_run_resumes_to_the_same_final_epoch_in_its_own_directory(
     assert results["epochs"] == 6
     assert sorted(set(val_epochs(run)) - {6}) == list(range(6))  # the history before the signal is kept
     assert len(list((run / ".hydra").glob("resumed_*"))) == 1
+
+
+def epoch_rows(run: Path, metric: str) -> list[int]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f) if row.get(metric)]
+
+
+def test_last_ckpt_is_the_final_epoch_whatever_the_metric_did_and_a_resume_adds_no_duplicate_rows(
+    compose_train, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    """lr 1e-9: val/acc never improves after epoch 0, so best.ckpt stays at epoch 0; last.ckpt
+    must still be epoch 3 of 4, and resuming from it to 6 epochs logs each epoch once."""
+    from transferkit.tasks.train import train
+
+    still = [*tiny_overrides, "optimizer.lr=1e-9", "trainer.max_epochs=4"]
+    train(compose_train(tmp_path, still))
+    run = tmp_path / "run"
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (best["epoch"], last["epoch"]) == (0, 3)
+    assert epoch_rows(run, "val/acc") == epoch_rows(run, "train/loss") == [0, 1, 2, 3]  # no final-validate row
+    train(compose_train(tmp_path, [*still, "trainer.max_epochs=6", "ckpt_path=last"]))
+    assert epoch_rows(run, "val/acc") == epoch_rows(run, "train/loss") == [0, 1, 2, 3, 4, 5]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 5

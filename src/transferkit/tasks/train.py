@@ -7,6 +7,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,18 @@ def _check_run(cfg: DictConfig, has_test: bool) -> None:
         raise ConfigError(f"optimized_metric={metric} will not be measured; use {where}, e.g. val/acc.")
 
 
+@contextmanager
+def loggers_muted(trainer: L.Trainer) -> Iterator[None]:
+    """Per-epoch files (metrics.csv, TensorBoard) hold per-epoch numbers only: a validation of
+    the best checkpoint after fit would be logged under the last epoch's number."""
+    loggers = trainer.loggers
+    trainer.loggers = []
+    try:
+        yield
+    finally:
+        trainer.loggers = loggers
+
+
 def parameter_counts(model: TransferModule) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -187,12 +201,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     evaluated = best or (None if cfg.get("train", True) else cfg.ckpt_path)
-    validated = trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)
-    if not validated:
-        raise ConfigError("Nothing was validated; check trainer.limit_val_batches and the val split.")
-    results: dict[str, Any] = _metrics(validated[0])
-    if cfg.get("test", True) and datamodule.has_test:
-        results.update(_metrics(trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]))
+    with loggers_muted(trainer):  # the best checkpoint's numbers go to results.json and final/*
+        validated = trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+        if not validated:
+            raise ConfigError("Nothing was validated; check trainer.limit_val_batches and the val split.")
+        results: dict[str, Any] = _metrics(validated[0])
+        if cfg.get("test", True) and datamodule.has_test:
+            tested = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+            results.update(_metrics(tested[0]))
     results.update(
         best_model_path=str(Path(evaluated).resolve()) if evaluated else None,
         class_names=model.class_names,
