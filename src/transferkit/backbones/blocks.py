@@ -3,7 +3,10 @@
 A block is a named, ordered group of parameter names (input side first); together the blocks
 hold every parameter of the backbone exactly once. ResNet stages, VGG conv groups, EfficientNet
 and MobileNet stages, ConvNeXt stages, ViT encoder layers; timm models use timm's own grouping
-(`group_matcher(coarse=True)`, the grouping behind its layer-wise lr decay).
+(`group_matcher(coarse=True)`, the grouping behind its layer-wise lr decay). Parameters a
+grouping leaves out join the block registered before them: a head norm or conv_head after the
+last stage joins that stage (so `partial` with one block trains the last stage, not a head
+fragment), and anything before the first group joins the stem.
 
 A new backbone declares its blocks in one of two ways:
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -51,22 +55,30 @@ def _owned(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
+def _join_neighbours(names: list[str], owner: dict[str, int | None]) -> dict[str, int]:
+    """Give each unowned parameter the block of the parameter registered before it: a final
+    norm or head conv after the last stage joins that stage, and one registered before any
+    owned parameter (a token, a weighting of the stages) joins the first block, the stem."""
+    first = min((i for i in owner.values() if i is not None), default=0)
+    joined: dict[str, int] = {}
+    last_seen = first
+    for name in names:
+        index = owner.get(name)
+        last_seen = last_seen if index is None else index
+        joined[name] = last_seen
+    return joined
+
+
 def _from_spec(model: nn.Module, spec: Spec) -> list[Block]:
-    """Assign each parameter to the block of its longest matching prefix; parameters after the
-    last block (a final norm, say) join the last block, those before the first join the first."""
+    """Assign each parameter to the block of its longest matching prefix; the rest join the
+    block before them (`_join_neighbours`)."""
     names = [n for n, _ in model.named_parameters()]
-    owner: dict[str, int] = {}
+    owner: dict[str, int | None] = {}
     for name in names:
         matches = [(len(p), i) for i, (_, prefixes) in enumerate(spec) for p in prefixes if _owned(name, p)]
-        if matches:
-            owner[name] = max(matches)[1]
-    last_seen = 0
-    for name in names:  # registration order: unmatched parameters join the block before them
-        if name in owner:
-            last_seen = owner[name]
-        else:
-            owner[name] = last_seen
-    blocks = [Block(block, tuple(n for n in names if owner[n] == i)) for i, (block, _) in enumerate(spec)]
+        owner[name] = max(matches)[1] if matches else None
+    joined = _join_neighbours(names, owner)
+    blocks = [Block(block, tuple(n for n in names if joined[n] == i)) for i, (block, _) in enumerate(spec)]
     return [b for b in blocks if b.params]
 
 
@@ -82,14 +94,46 @@ def _children_spec(model: nn.Module) -> Spec:
     return spec
 
 
-def _timm_blocks(model: nn.Module) -> list[Block]:
-    from timm.models import group_parameters
+_UNMATCHED = "\x00unmatched"  # a name no matcher claims: timm puts it with what it leaves out
 
-    groups = group_parameters(model, model.group_matcher(coarse=True))
+
+def _timm_matcher(model: nn.Module) -> dict | Callable[[str], Any]:
+    """The coarse (stage-level) grouping; a few families (RDNet) only have the fine one, which
+    for them already is stage-level."""
+    try:
+        return model.group_matcher(coarse=True)
+    except (AssertionError, NotImplementedError):
+        return model.group_matcher(coarse=False)
+
+
+def _timm_groups(model: nn.Module) -> dict[str, int | None]:
+    """timm's group of each parameter, None for those its matcher leaves out.
+
+    timm sends every unmatched parameter (a head norm, a conv_head, a pre-logits layer) to one
+    extra group after the last, which would make a head fragment the last block; a probe name
+    that nothing matches lands in that group and so tells it apart.
+    """
+    from timm.models._manipulate import group_with_matcher
+
+    names = [n for n, _ in model.named_parameters()]
+    groups = group_with_matcher([(n, None) for n in [*names, _UNMATCHED]], _timm_matcher(model), reverse=True)
+    rest = groups[_UNMATCHED]
+    return {n: None if groups[n] == rest else groups[n] for n in names}
+
+
+def _timm_blocks(model: nn.Module) -> list[Block]:
+    """timm's stage groups, input side first, with the parameters it leaves out joined to the
+    group before them (`_join_neighbours`); a model its matcher does not group at all falls back
+    to its children."""
+    names = [n for n, _ in model.named_parameters()]
+    owner = _timm_groups(model)
+    if all(index is None for index in owner.values()):
+        return _from_spec(model, _children_spec(model))
+    joined = _join_neighbours(names, owner)
     blocks = []
-    for i, (_, params) in enumerate(sorted(groups.items())):
+    for i, group in enumerate(sorted(set(joined.values()))):
         name = "stem" if i == 0 else f"stage{i}"
-        blocks.append(Block(name, tuple(params)))
+        blocks.append(Block(name, tuple(n for n in names if joined[n] == group)))
     return blocks
 
 
