@@ -15,6 +15,7 @@ import torch
 from conftest import CONF
 from omegaconf import OmegaConf
 from torch import nn
+from torchvision import models
 
 from transferkit.backbones import build_backbone
 from transferkit.backbones.blocks import Block, backbone_blocks
@@ -151,3 +152,64 @@ def test_unmatched_parameters_join_the_block_before_them_and_leading_ones_the_st
             ),
         ),
     ]
+
+
+TORCHVISION_LAST_STAGES = {
+    "alexnet": "features.10.",  # no block list: the fallback, with the classifier after the features
+    "densenet121": "features.denseblock4.",  # features.norm5 after it
+    "googlenet": "inception5b.",
+    "inception_v3": "Mixed_7c.",
+    "maxvit_t": "blocks.3.",  # the classifier's norm and pre-logits layer after it
+    "mnasnet0_5": "layers.13.",  # the final 1x1 conv and its BatchNorm after it
+    "mobilenet_v2": "features.17.",
+    "regnet_x_400mf": "trunk_output.block4.",
+    "resnext50_32x4d": "layer4.",
+    "shufflenet_v2_x0_5": "stage4.",  # conv5 after it
+    "squeezenet1_1": "features.12.",
+    "swin_v2_t": "features.7.",
+    "vit_b_32": "encoder.layers.encoder_layer_11.",
+}
+
+
+def torchvision_backbone(name: str) -> nn.Module:
+    """On the meta device, except RegNet, whose constructor computes its widths with tensors."""
+    device = "cpu" if name.startswith("regnet") else "meta"
+    with torch.device(device):
+        return build_backbone(name, None).model
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_LAST_STAGES))
+def test_torchvision_last_block_holds_the_last_stage(name: str) -> None:
+    model = torchvision_backbone(name)
+    blocks = assert_blocks_follow_the_rules(model, TORCHVISION_LAST_STAGES[name])
+    order = [n for n, _ in model.named_parameters()]
+    assert set(order[order.index(blocks[-1].params[0]) :]) <= set(blocks[-1].params)
+
+
+def test_densenet_stages_hold_their_transition() -> None:
+    blocks = backbone_blocks(torchvision_backbone("densenet121"))
+    assert [b.name for b in blocks] == ["stem", "stage1", "stage2", "stage3", "stage4"]
+    assert "features.transition1.conv.weight" in blocks[1].params
+    assert blocks[-1].params[-1] == "features.norm5.bias"
+
+
+TIMM_UNGROUPED_LAST_STAGES = {  # timm models without a group_matcher: the children fallback
+    "caformer_s18": "stages.3.",
+    "pit_ti_224": "transformers.2.",
+    "csatv2": "stages.3.",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_UNGROUPED_LAST_STAGES))
+def test_timm_models_without_a_grouping_split_into_their_stages(name: str) -> None:
+    model = meta_timm(name)
+    blocks = assert_blocks_follow_the_rules(model, TIMM_UNGROUPED_LAST_STAGES[name])
+    assert len(blocks) >= 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name", sorted(n for n in models.list_models(module=models) if not n.startswith("regnet"))
+)
+def test_every_torchvision_classifier_splits_by_the_rules(name: str) -> None:
+    assert_blocks_follow_the_rules(torchvision_backbone(name))

@@ -1,8 +1,9 @@
 """A backbone's blocks: the units that fine-tuning strategies freeze, unfreeze and give an lr.
 
 A block is a named, ordered group of parameter names (input side first); together the blocks
-hold every parameter of the backbone exactly once. ResNet stages, VGG conv groups, EfficientNet
-and MobileNet stages, ConvNeXt stages, ViT encoder layers; timm models use timm's own grouping
+hold every parameter of the backbone exactly once. ResNet stages, VGG conv groups, EfficientNet,
+MobileNet and MNASNet stages, ConvNeXt, Swin, MaxViT and ShuffleNet stages, DenseNet dense blocks
+(each with its transition), ViT encoder layers; timm models use timm's own grouping
 (`group_matcher(coarse=True)`, the grouping behind its layer-wise lr decay). Parameters a
 grouping leaves out join the block registered before them: a head norm or conv_head after the
 last stage joins that stage (so `partial` with one block trains the last stage, not a head
@@ -17,8 +18,9 @@ A new backbone declares its blocks in one of two ways:
       def _mynet(model: MyNet) -> list[tuple[str, list[str]]]:
           return [("stem", ["conv1", "bn1"]), ("stage1", ["stage1"]), ("stage2", ["stage2"])]
 
-Anything else falls back to the model's top-level children in order (a `features` or `layers`
-Sequential is opened up), which is coarse but always complete.
+Anything else falls back to the model's top-level children in order, a stage container
+(`features`, `layers`, `stages`, `blocks`, `transformers`) opened up and whatever follows it
+joined to its last element: coarse but always complete.
 """
 
 from __future__ import annotations
@@ -82,16 +84,25 @@ def _from_spec(model: nn.Module, spec: Spec) -> list[Block]:
     return [b for b in blocks if b.params]
 
 
+STAGE_CONTAINERS = ("features", "layers", "stages", "blocks", "transformers")
+
+
 def _children_spec(model: nn.Module) -> Spec:
+    """The top-level children in order, a stage container (`STAGE_CONTAINERS`, a Sequential or
+    ModuleList) opened up into its elements. Children after the last opened container (a final
+    norm, a classifier's pre-logits layers) are left out, so they join its last element rather
+    than making a head fragment the last block."""
     spec: Spec = []
+    opened_end = None
     for name, child in model.named_children():
         if not any(True for _ in child.parameters()):
             continue
-        if name in ("features", "layers") and isinstance(child, nn.Sequential):
+        if name in STAGE_CONTAINERS and isinstance(child, nn.Sequential | nn.ModuleList):
             spec += [(f"{name}.{sub}", [f"{name}.{sub}"]) for sub, _ in child.named_children()]
+            opened_end = len(spec)
         else:
             spec.append((name, [name]))
-    return spec
+    return spec if opened_end is None else spec[:opened_end]
 
 
 _UNMATCHED = "\x00unmatched"  # a name no matcher claims: timm puts it with what it leaves out
@@ -213,6 +224,35 @@ def _register_torchvision() -> None:
     @register_blocks(models.SwinTransformer)
     def _swin(model: models.SwinTransformer) -> Spec:
         return _convnext(model)
+
+    @register_blocks(models.DenseNet)
+    def _densenet(model: models.DenseNet) -> Spec:
+        """Stem (conv0, norm0), then each dense block with the transition after it; the final
+        norm5 joins the last."""
+        blocks = [n for n, _ in model.features.named_children() if n.startswith("denseblock")]
+        return [("stem", ["features.conv0", "features.norm0"])] + [
+            (f"stage{i}", [f"features.{name}", f"features.transition{i}"]) for i, name in enumerate(blocks, 1)
+        ]
+
+    @register_blocks(models.MNASNet)
+    def _mnasnet(model: models.MNASNet) -> Spec:
+        """The layers before the first stack (a Sequential) are the stem, each stack a stage; the
+        final 1x1 conv and its BatchNorm join the last."""
+        layers = list(model.layers.named_children())
+        first = next(i for i, (_, layer) in enumerate(layers) if isinstance(layer, nn.Sequential))
+        stacks = [name for name, layer in layers if isinstance(layer, nn.Sequential)]
+        spec: Spec = [("stem", [f"layers.{name}" for name, _ in layers[:first]])]
+        return spec + [(f"stage{i}", [f"layers.{name}"]) for i, name in enumerate(stacks, 1)]
+
+    @register_blocks(models.ShuffleNetV2)
+    def _shufflenet(model: models.ShuffleNetV2) -> Spec:
+        """conv1, then stage2 ... stage4 (torchvision's names); the final 1x1 conv5 joins stage4."""
+        return [("stem", ["conv1"])] + [(name, [name]) for name in ("stage2", "stage3", "stage4")]
+
+    @register_blocks(models.MaxVit)
+    def _maxvit(model: models.MaxVit) -> Spec:
+        """Stem, then the four stages; the classifier's norm and pre-logits layer join the last."""
+        return [("stem", ["stem"])] + [(f"stage{i + 1}", [f"blocks.{i}"]) for i in range(len(model.blocks))]
 
     @register_blocks(models.VisionTransformer)
     def _vit(model: models.VisionTransformer) -> Spec:
