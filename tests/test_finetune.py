@@ -400,7 +400,9 @@ def test_a_mid_epoch_resume_trains_what_the_uninterrupted_run_trains(tmp_path: P
         assert resumed.steps[step] == straight.steps[step], f"step {step}"
 
 
-def run(module: TransferModule, callbacks: list[L.Callback], root: Path, ckpt_path: str | None = None) -> None:
+def run(
+    module: TransferModule, callbacks: list[L.Callback], root: Path, ckpt_path: str | None = None
+) -> None:
     trainer = L.Trainer(
         max_epochs=3,
         accelerator="cpu",

@@ -4,6 +4,7 @@ writes, and runs that are reproducible and resume to the same numbers."""
 from __future__ import annotations
 
 import builtins
+import csv
 import errno
 import json
 import logging
@@ -344,6 +345,19 @@ def test_same_seed_same_numbers_and_an_interrupted_run_resumes_to_them(
         for d in (tmp_path / "a", tmp_path / "c")
     ]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert epoch_metrics(tmp_path / "c" / "run") == epoch_metrics(tmp_path / "a" / "run")  # train/* too
+
+
+def epoch_metrics(run: Path) -> dict[tuple[str, str], str]:
+    """(epoch, metric) -> value of every per-epoch train/ and val/ number in metrics.csv."""
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {
+        (row["epoch"], key): value
+        for row in rows
+        for key, value in row.items()
+        if value and key.startswith(("train/", "val/"))
+    }
 
 
 @pytest.mark.slow

@@ -147,7 +147,33 @@ def test_last_ckpt_is_the_final_epoch_whatever_the_metric_did_and_a_resume_adds_
     best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert (best["epoch"], last["epoch"]) == (0, 3)
-    assert epoch_rows(run, "val/acc") == epoch_rows(run, "train/loss") == [0, 1, 2, 3]  # no final-validate row
+    assert (
+        epoch_rows(run, "val/acc") == epoch_rows(run, "train/loss") == [0, 1, 2, 3]
+    )  # no final-validate row
     train(compose_train(tmp_path, [*still, "trainer.max_epochs=6", "ckpt_path=last"]))
     assert epoch_rows(run, "val/acc") == epoch_rows(run, "train/loss") == [0, 1, 2, 3, 4, 5]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 5
+
+
+class OracleLabels(L.Callback):
+    """Relabel each val batch with the model's own predictions: val/acc is 1.0."""
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        inputs, targets = batch
+        with torch.no_grad():
+            logits = pl_module.head(inputs) if inputs.ndim == 2 else pl_module(inputs)
+        targets.copy_(logits.argmax(1))
+
+
+def test_val_acc_best_survives_a_resume(compose_train, tmp_path: Path, tiny_overrides: list[str]) -> None:
+    """The first run validates perfectly (oracle labels), the resumed epoch at chance: the best
+    so far is still the first run's."""
+    from transferkit.tasks.train import train
+
+    oracle = ["+callbacks.oracle._target_=test_resume.OracleLabels", "trainer.max_epochs=2"]
+    train(compose_train(tmp_path, [*tiny_overrides, *oracle]))
+    train(compose_train(tmp_path, [*tiny_overrides, "trainer.max_epochs=3", "ckpt_path=last"]))
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        rows = {int(r["epoch"]): r for r in csv.DictReader(f) if r.get("val/acc")}
+    assert [float(rows[e]["val/acc"]) for e in (0, 1)] == [1.0, 1.0] and float(rows[2]["val/acc"]) < 1.0
+    assert float(rows[2]["val/acc_best"]) == 1.0

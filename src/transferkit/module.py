@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric, MetricCollection
+from torchmetrics import MaxMetric, MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from transferkit.backbones import build_backbone
@@ -101,6 +101,7 @@ class TransferModule(L.LightningModule):
         self.val_confusion = MulticlassConfusionMatrix(len(class_names))
         self.confusion: torch.Tensor | None = None  # of the last validation: the plots use it
         self.history: dict[str, list[dict[str, float]]] = {"train": [], "val": []}  # per epoch
+        self._resumed_metric_states: dict[str, dict[str, torch.Tensor]] = {}
         self._check_optimizer()
 
     def _check_optimizer(self) -> None:
@@ -149,18 +150,50 @@ class TransferModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record what eval needs to find the data again and reproduce the logged metrics, and
-        the random number generators, so a resumed run draws what the uninterrupted one would."""
+        what a resumed run must carry on: the random number generators, the curves and the
+        metric states that span steps (the best val/acc so far, this epoch's train metrics)."""
         checkpoint[RECORD_KEY] = {"data": self.data_config, "precision": self.validation_precision}
         checkpoint["rng_states"] = rng_states()
         checkpoint["history"] = self.history
+        checkpoint["metric_states"] = {
+            name: {k: v.detach().cpu() for k, v in metric.metric_state.items()}
+            for name, metric in self._running_metrics().items()
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resuming training: carry on the random draws and the curves (not when validating)."""
+        """Resuming training: carry on the random draws, the curves and the best val/acc (not
+        when validating). This epoch's train metrics wait for `on_train_start`."""
         if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
             return
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
         self.history = checkpoint.get("history", self.history)
+        self._resumed_metric_states = checkpoint.get("metric_states", {})
+        self._restore_metric_states(("val_acc_best",))
+
+    def _running_metrics(self) -> dict[str, Metric]:
+        """The metrics whose state outlives a step: the best val/acc, and the train metrics that
+        accumulate over an epoch (val and test run whole within one step of training)."""
+        metrics = {"val_acc_best": self.val_acc_best, "train_loss": self.train_loss}
+        metrics.update({f"train_metrics.{k}": m for k, m in self.train_metrics.items(keep_base=True)})
+        return metrics
+
+    def _restore_metric_states(self, names: tuple[str, ...]) -> None:
+        running = self._running_metrics()
+        for name in names:
+            for state, value in self._resumed_metric_states.get(name, {}).items():
+                setattr(running[name], state, value.to(self.device))
+
+    def on_train_start(self) -> None:
+        """A run resumed inside an epoch carries on that epoch's train metrics; one resumed at
+        an epoch's end starts the next epoch's afresh (Lightning then restarts no epoch).
+
+        Under DDP the checkpoint holds rank 0's share only, so there the resumed epoch's train/*
+        cover the batches after the resume (val/*, which decide the best checkpoint, are whole).
+        """
+        if self.trainer.fit_loop.epoch_loop.restarting and self.trainer.world_size == 1:
+            self._restore_metric_states(tuple(n for n in self._running_metrics() if n.startswith("train")))
+        self._resumed_metric_states = {}
 
     def train(self, mode: bool = True) -> TransferModule:
         """Frozen parts stay in eval mode whoever switches the model to training."""
@@ -238,9 +271,6 @@ class TransferModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "test")
-
-    def on_train_start(self) -> None:
-        self.val_acc_best.reset()  # forget the sanity check's numbers
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
