@@ -15,6 +15,7 @@ from conftest import compose_task, run_cli
 from transferkit.checkpoints import load_model
 from transferkit.data.images import load_rgb
 from transferkit.errors import ConfigError
+from transferkit.features import precision
 from transferkit.tasks.export import export
 from transferkit.tasks.predict import predict
 
@@ -119,6 +120,21 @@ def test_predict_one_image_a_list_file_and_tta(trained_run: dict, tmp_path: Path
     row = read_csv(tta)[0]
     assert float(row["confidence"]) == pytest.approx(float(averaged.max()), abs=1e-6)
     assert row["label"] == trained_run["class_names"][int(averaged.argmax())]
+
+
+def test_predict_gives_the_checkpoint_s_numbers_on_a_cpu_with_native_bf16(
+    trained_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """predict's default precision is the one the checkpoint was validated in (what eval.py
+    uses), not the machine's: on a CPU with native bf16 it still gives the recorded numbers."""
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    ckpt = trained_run["best_model_path"]
+    image = Path(trained_run["data_root"]) / "val" / "square" / "003.png"
+    output = tmp_path / "one.csv"
+    predict(compose_task("predict", tmp_path, [f"ckpt_path={ckpt}", f"input={image}", f"output={output}"]))
+    row = read_csv(output)[0]
+    expected = reference_probs(ckpt, [image])[0]  # load_model: the recorded precision, as eval
+    assert float(row["confidence"]) == pytest.approx(float(expected.max()), abs=1e-6)
 
 
 def test_predict_on_the_exported_onnx_gives_the_checkpoint_s_labels(

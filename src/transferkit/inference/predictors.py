@@ -77,12 +77,17 @@ def _tuples(preprocessing: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_predictor(
-    path: str | Path, device: str = "auto", precision: str = "auto"
+    path: str | Path, device: str = "auto", precision: str | None = None
 ) -> TorchPredictor | OnnxPredictor:
-    """A predictor for a train.py checkpoint or an export.py model.onnx."""
+    """A predictor for a train.py checkpoint or an export.py model.onnx.
+
+    `precision` None runs the backbone in the precision the checkpoint was validated in, so a
+    checkpoint gives the same probabilities on every machine, whatever bf16 support it has.
+    """
     path = Path(path)
     if path.suffix == ".onnx" and path.is_file():
         return OnnxPredictor(path)
     model = load_model(path)
     target = best_device(device)
-    return TorchPredictor(model, target, resolve_precision(precision, target, "precision"))
+    dtype = model.frozen_dtype if precision is None else resolve_precision(precision, target, "precision")
+    return TorchPredictor(model, target, dtype)
