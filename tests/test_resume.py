@@ -177,3 +177,25 @@ def test_val_acc_best_survives_a_resume(compose_train, tmp_path: Path, tiny_over
         rows = {int(r["epoch"]): r for r in csv.DictReader(f) if r.get("val/acc")}
     assert [float(rows[e]["val/acc"]) for e in (0, 1)] == [1.0, 1.0] and float(rows[2]["val/acc"]) < 1.0
     assert float(rows[2]["val/acc_best"]) == 1.0
+
+
+def test_seed_null_draws_a_seed_that_eval_and_a_resume_read_again(compose_train, tmp_path: Path) -> None:
+    """No val/ folder: val is split off train/ by the seed. seed=null draws one; the checkpoint
+    records it, so eval's split and a resumed run's are the training run's."""
+    from conftest import make_image_folder, tiny_run
+
+    from transferkit.checkpoints import load_model
+    from transferkit.data.folders import find_splits
+    from transferkit.tasks.eval import eval_datamodule
+    from transferkit.tasks.train import train
+
+    data = make_image_folder(tmp_path / "data", splits={"train": 10})
+    first = train(compose_train(tmp_path, [*tiny_run(data, epochs=1), "seed=null"]))
+    seed = first["seed"]
+    assert isinstance(seed, int)
+    model = load_model(first["best_model_path"])
+    assert model.data_config["seed"] == model.run_record["seed"] == seed
+    drawn = find_splits(data, 0.2, seed).val
+    assert [eval_datamodule(None, model.data_config).splits.val for _ in range(2)] == [drawn, drawn]
+    resumed = train(compose_train(tmp_path, [*tiny_run(data, epochs=2), "seed=null", "ckpt_path=last"]))
+    assert resumed["seed"] == seed and resumed["epochs"] == 2

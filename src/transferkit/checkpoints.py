@@ -61,5 +61,6 @@ def load_model(path: str | Path) -> TransferModule:
         ) from None
     record = checkpoint.get(RECORD_KEY) or {}
     model.data_config = record.get("data")
+    model.run_record = {k: v for k, v in record.items() if k not in ("data", "precision")}
     model.frozen_dtype = PRECISIONS[record.get("precision", "fp32")]
     return model.eval()

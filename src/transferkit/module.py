@@ -85,6 +85,7 @@ class TransferModule(L.LightningModule):
             self.backbone.to(memory_format=torch.channels_last)
         self.frozen_dtype = torch.float32  # the frozen backbone's forward; the train task resolves it
         self.data_config: dict[str, Any] | None = None  # the data it trains on; the train task sets it
+        self.run_record: dict[str, Any] = {}  # what else the run records (seed, augmentation)
         self.head = build_head(backbone.num_features, len(class_names), **(head or {}))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
@@ -152,7 +153,11 @@ class TransferModule(L.LightningModule):
         """Record what eval needs to find the data again and reproduce the logged metrics, and
         what a resumed run must carry on: the random number generators, the curves and the
         metric states that span steps (the best val/acc so far, this epoch's train metrics)."""
-        checkpoint[RECORD_KEY] = {"data": self.data_config, "precision": self.validation_precision}
+        checkpoint[RECORD_KEY] = {
+            **self.run_record,
+            "data": self.data_config,
+            "precision": self.validation_precision,
+        }
         checkpoint["rng_states"] = rng_states()
         checkpoint["history"] = self.history
         checkpoint["metric_states"] = {

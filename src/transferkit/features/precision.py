@@ -6,6 +6,7 @@ bf16 autocast on a CPU without native bf16 is emulated and several times slower 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import cache
@@ -13,6 +14,8 @@ from functools import cache
 import torch
 
 from transferkit.errors import ConfigError
+
+log = logging.getLogger("transferkit")
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -43,6 +46,18 @@ def resolve_precision(precision: str, device: torch.device, key: str = "features
     if precision not in PRECISIONS:
         raise ConfigError(f"{key}={precision!r} is not one of: auto, {', '.join(PRECISIONS)}.")
     return PRECISIONS[precision]
+
+
+def checkpoint_precision(precision: str | None, recorded: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype eval and predict run a checkpoint's backbone in. `precision` None: the one
+    validation ran in during training (so the numbers match the logged ones on any machine),
+    unless that is bf16 and this device only emulates it (several times slower): then fp32."""
+    if precision is not None:
+        return resolve_precision(precision, device, "precision")
+    if recorded == torch.bfloat16 and not native_bf16(device):
+        log.info("Training validated in bf16; %s has no native bf16, so running in fp32.", device)
+        return torch.float32
+    return recorded
 
 
 def autocast(dtype: torch.dtype, device: torch.device) -> AbstractContextManager:

@@ -11,7 +11,7 @@ import torch
 
 from transferkit.checkpoints import load_model
 from transferkit.errors import ConfigError
-from transferkit.features.precision import resolve_precision
+from transferkit.features.precision import checkpoint_precision
 from transferkit.module import TransferModule
 from transferkit.preprocessing import Preprocessing
 
@@ -81,13 +81,12 @@ def load_predictor(
 ) -> TorchPredictor | OnnxPredictor:
     """A predictor for a train.py checkpoint or an export.py model.onnx.
 
-    `precision` None runs the backbone in the precision the checkpoint was validated in, so a
-    checkpoint gives the same probabilities on every machine, whatever bf16 support it has.
+    `precision` None runs the backbone as eval.py does (`checkpoint_precision`), so predict and
+    eval give the same probabilities for an image on any machine, whatever its bf16 support.
     """
     path = Path(path)
     if path.suffix == ".onnx" and path.is_file():
         return OnnxPredictor(path)
     model = load_model(path)
     target = best_device(device)
-    dtype = model.frozen_dtype if precision is None else resolve_precision(precision, target, "precision")
-    return TorchPredictor(model, target, dtype)
+    return TorchPredictor(model, target, checkpoint_precision(precision, model.frozen_dtype, target))

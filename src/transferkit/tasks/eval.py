@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from transferkit import reports
 from transferkit.checkpoints import load_model
 from transferkit.errors import ConfigError, DataError
-from transferkit.features.precision import PRECISIONS, native_bf16, resolve_precision
+from transferkit.features.precision import PRECISIONS, checkpoint_precision
 from transferkit.inference import TorchPredictor, best_device, predict_files
 from transferkit.module import classification_metrics
 from transferkit.tasks.common import (
@@ -53,17 +53,6 @@ def choose_split(split: str | None, datamodule: Any) -> str:
     return split
 
 
-def eval_precision(precision: str | None, recorded: torch.dtype, device: torch.device) -> torch.dtype:
-    """null: the precision validation ran in during training (so the metrics match the logged
-    ones), unless that is bf16 and this device only emulates it."""
-    if precision is not None:
-        return resolve_precision(precision, device, "precision")
-    if recorded == torch.bfloat16 and not native_bf16(device):
-        log.info("Training validated in bf16; %s has no native bf16, so evaluating in fp32.", device)
-        return torch.float32
-    return recorded
-
-
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Write results.json and the reports to the run directory; return the results."""
     started = time.perf_counter()
@@ -74,7 +63,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     split = choose_split(cfg.get("split"), datamodule)
     items = getattr(datamodule.splits, split)
     device = best_device(cfg.device)
-    dtype = eval_precision(cfg.get("precision"), model.frozen_dtype, device)
+    dtype = checkpoint_precision(cfg.get("precision"), model.frozen_dtype, device)
     predictor = TorchPredictor(model, device, dtype)
     workers = datamodule.num_workers if cfg.get("num_workers") is None else int(cfg.num_workers)
     predictions = predict_files(

@@ -27,6 +27,7 @@ from transferkit.features.precision import resolve_precision
 from transferkit.lr_finder import tune_lr
 from transferkit.module import TransferModule
 from transferkit.plots import plot_batch, plot_curves
+from transferkit.rng import draw_seed, recorded_seed
 from transferkit.tasks.common import (
     build,
     build_model,
@@ -95,6 +96,28 @@ def move_into_run(new_dir: Path, run_dir: Path) -> None:
         new_dir.rmdir()
 
 
+def resolve_seed(cfg: DictConfig) -> None:
+    """Give the run a seed that can be read again: the split of val off train/, the epoch order
+    and the augmentation are functions of it, so eval and a resume must draw the same.
+
+    `seed=null` draws one (logged, and recorded in checkpoints and results.json); a run from a
+    checkpoint takes the checkpoint's, so a resume continues on the split it started on.
+    """
+    seed = cfg.get("seed")
+    recorded = recorded_seed(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    if recorded is not None and recorded != seed:
+        if seed is not None:
+            log.info(
+                "Using the checkpoint's seed=%d, not seed=%s: its split and order go on.", recorded, seed
+            )
+        seed = recorded
+    if seed is None:
+        seed = draw_seed()
+        log.info("seed=null: this run's seed is %d (recorded in its checkpoints and results.json).", seed)
+    with open_dict(cfg):
+        cfg.seed = int(seed)
+
+
 def _check_run(cfg: DictConfig, has_test: bool) -> None:
     """Refuse, before any work, what would only fail at the end."""
     devices, cores = cfg.trainer.get("devices"), os.cpu_count() or 1
@@ -154,9 +177,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     started = time.perf_counter()
     resolve_checkpoint(cfg)
+    resolve_seed(cfg)
     print_config_tree(cfg)
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True)
 
     datamodule = build(cfg.data)
     datamodule.prepare_data()
@@ -170,6 +193,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
         model.check_input_size()
         model.data_config = recorded_data_config(cfg.data, datamodule)
+        model.run_record["seed"] = cfg.seed
         finetune.freeze_before_training(model)  # what trains decides whether features can be cached
         finetune.check(trainer)
     else:
@@ -190,9 +214,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log_run_facts(trainer, cfg, model)
         if trainer.is_global_zero:
             plot_training_batch(datamodule, model, Path(cfg.paths.output_dir) / "plots" / "train_batch.png")
-        feature_cache = use_feature_cache(
-            model, datamodule, trainer, finetune, seed=cfg.get("seed"), **features
-        )
+        feature_cache = use_feature_cache(model, datamodule, trainer, finetune, seed=cfg.seed, **features)
         if cfg.get("tune_lr"):  # Lightning sweeps without our callbacks: the model is frozen above
             tune_lr(trainer, model, datamodule, cfg.paths.output_dir, **plain(cfg.get("lr_finder")) or {})
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -212,6 +234,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     results.update(
         best_model_path=str(Path(evaluated).resolve()) if evaluated else None,
         class_names=model.class_names,
+        seed=cfg.seed,
         feature_cache=str(feature_cache) if feature_cache else None,
         epochs=trainer.current_epoch,
         wall_s=round(time.perf_counter() - started, 2),
