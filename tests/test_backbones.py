@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from conftest import CONF, TINY_MODEL
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from test_blocks import assert_blocks_follow_the_rules
 from torch import nn
 
 from transferkit.backbones import build_backbone
@@ -187,3 +189,82 @@ def test_a_registered_backbone_declares_its_own_blocks() -> None:
 def test_an_unknown_backbone_falls_back_to_its_children() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
     assert [b.name for b in backbone_blocks(model)] == ["0", "2"]
+
+
+def forward_width(model: nn.Module, size: int) -> int:
+    with torch.no_grad():
+        return model.eval()(torch.zeros(1, 3, size, size)).shape[-1]
+
+
+def assert_width_and_blocks(name: str, size: int) -> None:
+    """The head is sized from `num_features`: it must be the width the backbone returns."""
+    backbone = build_backbone(f"timm:{name}", None)
+    assert backbone.num_features == forward_width(backbone.model, size)
+    assert_blocks_follow_the_rules(backbone.model)
+
+
+TIMM_SAMPLE = {  # name: a small input size it takes
+    "mobilenetv3_small_050": 64,  # pooled features 1024 wide, num_features 288
+    "ghostnet_050": 64,  # 1280 wide, num_features 480
+    "convnext_atto": 64,
+    "resnet10t": 64,
+    "efficientnet_b0": 64,
+    "test_vit": 64,
+    "regnetx_002": 64,
+}
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_SAMPLE))
+def test_timm_num_features_is_the_width_of_what_the_backbone_returns(name: str) -> None:
+    assert_width_and_blocks(name, TIMM_SAMPLE[name])
+
+
+TIMM_SWEEP = {  # one or two small models per timm module; name: a small input size it takes
+    **dict.fromkeys(["cs3darknet_focus_s", "densenet121", "dla34", "dpn48b", "edgenext_xx_small"], 64),
+    **dict.fromkeys(["efficientvit_b0", "efficientvit_m0", "fasternet_t0", "fastvit_t8", "gernet_s"], 64),
+    **dict.fromkeys(["ghostnetv2_100", "hardcorenas_a", "hgnet_tiny", "hgnetv2_b0", "lcnet_050"], 64),
+    **dict.fromkeys(["inception_next_atto", "lcnetv2_small", "mambaout_femto", "mixnet_s"], 64),
+    **dict.fromkeys(["mobilenetv4_conv_small", "mobileone_s0", "mobilevit_xxs", "pvt_v2_b0"], 64),
+    **dict.fromkeys(["repghostnet_050", "repvit_m0_9", "resnest14d", "resnetv2_18", "rexnet_100"], 64),
+    **dict.fromkeys(["semnasnet_050", "starnet_s1", "test_nfnet", "tiny_vit_5m_224", "tinynet_e"], 64),
+    **dict.fromkeys(["ese_vovnet19b_slim", "xcit_nano_12_p16_224", "cpubone_nano", "lowformer_b0"], 64),
+    **dict.fromkeys(["efficientvim_m1", "shvit_s1", "swiftformer_xs", "nf_regnet_b0", "caformer_s18"], 64),
+    **dict.fromkeys(["rdnet_tiny", "hrnet_w18_small", "test_byobnet", "crossvit_tiny_240"], 64),
+    **dict.fromkeys(["deit_tiny_patch16_224", "eva02_tiny_patch14_224", "levit_128s", "pit_ti_224"], 224),
+    **dict.fromkeys(["coat_lite_tiny", "convit_tiny", "efficientformerv2_s0", "vit_tiny_patch16_224"], 224),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TIMM_SWEEP))
+def test_timm_sweep_num_features_and_blocks(name: str) -> None:
+    assert_width_and_blocks(name, TIMM_SWEEP[name])
+
+
+@pytest.mark.parametrize("name", model_config_names())
+def test_every_model_config_s_num_features_is_its_output_width(name: str) -> None:
+    """On the meta device: shapes without weights, so even vgg16 costs nothing."""
+    with torch.device("meta"):
+        backbone = build_backbone(name, None)
+        assert backbone.num_features == forward_width(backbone.model, backbone.preprocessing.image_size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        n for n in torchvision.models.list_models(module=torchvision.models) if not n.startswith("regnet")
+    ),
+)
+def test_every_torchvision_classifier_s_num_features_is_its_output_width(name: str) -> None:
+    with torch.device("meta"):
+        backbone = build_backbone(name, None)
+        assert backbone.num_features == forward_width(backbone.model, 299 if name == "inception_v3" else 224)
+
+
+def test_a_timm_mobilenetv3_module_maps_a_batch_to_class_scores() -> None:
+    """Issue 21: the head was sized 288 wide for 1024-wide features (mat1 and mat2 shapes)."""
+    module = TransferModule(name="timm:mobilenetv3_small_050", class_names=["a", "b", "c"], weights=None)
+    with torch.no_grad():
+        logits = module.eval()(torch.zeros(2, 3, 64, 64))
+    assert logits.shape == (2, 3)

@@ -88,6 +88,16 @@ def _preprocessing(model) -> Preprocessing:
     )
 
 
+def feature_width(model) -> int:
+    """The width of what the model returns with `num_classes=0`.
+
+    timm's `num_features` is the last stage's width; the pooled features come out of the head's
+    own layers (MobileNetV3's and GhostNet's conv_head, a pre-logits fc), at `head_hidden_size`,
+    which is 1024, not 288, for mobilenetv3_small_050.
+    """
+    return getattr(model, "head_hidden_size", None) or model.num_features
+
+
 def build_timm_backbone(name: str, weights: str | bool | None) -> Backbone:
     if not timm.is_model(name.split(".")[0]):
         raise unknown_model(TIMM_PREFIX + name)
@@ -108,4 +118,4 @@ def build_timm_backbone(name: str, weights: str | bool | None) -> Backbone:
             f"model.weights={weights!r} means nothing for timm:{name}; use true (timm's pretrained tag; "
             f"pick another tag with model.name=timm:{name.split('.')[0]}.<tag>), shipped, a path, or null."
         )
-    return Backbone(model, model.num_features, _preprocessing(model))
+    return Backbone(model, feature_width(model), _preprocessing(model))
