@@ -7,12 +7,15 @@ import json
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
 import transferkit.features.cache as cache_module
 from transferkit.checkpoints import load_model
 from transferkit.data.datamodule import ImageFolderDataModule
+from transferkit.data.images import load_rgb
+from transferkit.data.sampling import EpochSampler
 from transferkit.errors import ConfigError
 from transferkit.features.precision import cpu_has_native_bf16, resolve_precision
 from transferkit.module import TransferModule
@@ -149,6 +152,65 @@ def test_views_cache_k_augmented_copies_and_draw_one_per_item(
     assert torch.equal(feature_set[4 * n][0], feature_set[4 * n][0])  # a function of (seed, epoch, index)
     drawn = {tuple(feature_set[epoch * n][0].tolist()) for epoch in range(30)}
     assert len(drawn) == 3  # over the epochs, every view of item 0
+
+
+def test_cached_views_are_seeded_and_train_batch_png_shows_the_view_each_image_trains_on(
+    compose_train, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    """Two builds under one key are identical, and the picture's images are the cached ones:
+    through the backbone they give the features epoch 0 trains on."""
+    from transferkit.features import use_feature_cache
+    from transferkit.finetune import Freeze
+    from transferkit.tasks.train import training_batch
+
+    overrides = [*tiny_overrides, "features.views=2", f"features.dir={tmp_path}/cache"]
+    results = train(compose_train(tmp_path, overrides))
+    assert results["augment"] == "basic"
+    first = torch.load(results["feature_cache"], weights_only=True)["splits"]["train"]["features"]
+    os.unlink(results["feature_cache"])
+    model = load_model(results["best_model_path"])
+    datamodule = ImageFolderDataModule(tiny_overrides[1].split("=", 1)[1], num_workers=0, image_size=32)
+    datamodule.preprocessing = model.preprocessing
+    trainer = L.Trainer(accelerator="cpu", logger=False)
+    freeze = Freeze()
+    freeze.freeze_before_training(model)
+    use_feature_cache(model, datamodule, trainer, freeze, views=2, dir=tmp_path / "cache", seed=42)
+    rebuilt = torch.load(results["feature_cache"], weights_only=True)["splits"]["train"]["features"]
+    assert torch.equal(first, rebuilt)
+
+    images, labels = training_batch(datamodule, model, count=4)
+    fed = [datamodule.feature_sets["train"][key] for key in list(range(len(rebuilt[0])))]
+    with torch.no_grad():
+        features = model.backbone.eval()(images)
+    keys = EpochSampler(len(fed), 42)
+    for row, key in enumerate(list(keys)[:4]):
+        assert torch.allclose(features[row], fed[key][0], atol=2e-2, rtol=2e-2)  # fp16 storage
+        assert labels[row] == int(fed[key][1])
+
+
+def test_a_run_says_and_records_that_one_cached_view_replaces_augmentation(
+    compose_train, tmp_path: Path, tiny_overrides: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from transferkit.tasks.train import training_batch
+
+    with caplog.at_level("INFO", logger="transferkit"):
+        cached = train(compose_train(tmp_path / "a", tiny_overrides))  # data.augment=basic, views=1
+    assert cached["feature_cache"] and cached["augment"] is None
+    assert "data.augment=basic is not applied: features are cached with 1 view" in caplog.text
+    assert torch.load(cached["best_model_path"], weights_only=True)["transferkit"]["augment"] is None
+    uncached = train(compose_train(tmp_path / "b", [*tiny_overrides, "features.cache=false"]))
+    assert uncached["augment"] == "basic"
+
+    model = load_model(cached["best_model_path"])
+    datamodule = ImageFolderDataModule(tiny_overrides[1].split("=", 1)[1], num_workers=0, image_size=32)
+    datamodule.preprocessing = model.preprocessing
+    datamodule.use_features({"train": cache_module.FeatureSet(torch.zeros(1, 36, 4), torch.zeros(36))})
+    images, _ = training_batch(datamodule, model, count=4)
+    evaluate = model.preprocessing.transforms(train=False)
+    train_files = datamodule.splits.train
+    order = list(EpochSampler(36, 42))
+    expected = torch.stack([evaluate(load_rgb(train_files[k][0])) for k in order[:4]])
+    assert torch.equal(images, expected)  # what the cache holds: the evaluation transform
 
 
 @pytest.mark.parametrize(

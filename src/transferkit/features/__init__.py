@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -13,6 +14,7 @@ import lightning as L
 from transferkit.errors import ConfigError
 from transferkit.features.cache import FeatureSet, build_or_load
 
+log = logging.getLogger("transferkit")
 CACHE_MODES = ("auto", True, False)
 
 
@@ -76,7 +78,22 @@ def use_feature_cache(
     )
     sets["train"].seed = seed  # which view each epoch draws
     datamodule.use_features(sets)
+    if int(views) == 1 and datamodule.augment is not None:
+        log.info(
+            "data.augment=%s is not applied: features are cached with 1 view (the evaluation "
+            "transform); use features.views=N to cache N augmented views, or features.cache=false.",
+            datamodule.augment,
+        )
     return path
 
 
-__all__ = ["FeatureSet", "use_feature_cache"]
+def training_augment(datamodule) -> str | None:
+    """The augmentation training actually gets: the data's policy, or None when cached
+    features of one view (the evaluation transform) replace the images."""
+    cached = (datamodule.feature_sets or {}).get("train")
+    if cached is not None and cached.views == 1:
+        return None
+    return datamodule.augment
+
+
+__all__ = ["FeatureSet", "training_augment", "use_feature_cache"]

@@ -28,7 +28,7 @@ from transferkit.features.precision import frozen_forward
 
 log = logging.getLogger("transferkit")
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: augmented views seeded by (seed, view, image)
 # Training views in half precision (half the disk and memory; bf16 results are exact in it in
 # practice); val and test in fp32, so the logged metrics are the model's own on those images.
 STORAGE_DTYPES = {"train": torch.float16, "val": torch.float32, "test": torch.float32}
@@ -48,11 +48,19 @@ class FeatureSet(Dataset):
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    @property
+    def views(self) -> int:
+        return self.features.shape[0]
+
+    def view(self, epoch: int, index: int) -> int:
+        """Which cached view of image `index` epoch `epoch` trains on."""
+        if self.views == 1:
+            return 0
+        return random.Random(epoch_seed(self.seed or 0, epoch, index)).randrange(self.views)
+
     def __getitem__(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = divmod(key, len(self))
-        views = self.features.shape[0]
-        view = random.Random(epoch_seed(self.seed or 0, epoch, index)).randrange(views) if views > 1 else 0
-        return self.features[view, index].float(), self.labels[index]
+        return self.features[self.view(epoch, index), index].float(), self.labels[index]
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -189,18 +197,20 @@ def build_or_load(
         with Progress(transient=False) as progress:
             for split, items in splits.items():
                 passes = views if split == "train" and views > 1 else 1
-                transform = train_transform if passes > 1 else eval_transform
-                loader = DataLoader(
-                    ImageListDataset(items, transform),
-                    batch_size=batch_size,
-                    num_workers=num_workers,
-                    pin_memory=device.type == "cuda",
-                )
+                dataset = ImageListDataset(items, train_transform, seed) if passes > 1 else None
                 features = torch.stack(
                     [
                         extract(
                             backbone,
-                            loader,
+                            DataLoader(
+                                dataset or ImageListDataset(items, eval_transform),
+                                batch_size=batch_size,
+                                # view v of image i is augmented as key v * N + i: seeded by
+                                # (seed, v, i), so a rebuild under the same key is the same
+                                sampler=range(v * len(items), (v + 1) * len(items)) if dataset else None,
+                                num_workers=num_workers,
+                                pin_memory=device.type == "cuda",
+                            ),
                             device,
                             dtype,
                             progress,

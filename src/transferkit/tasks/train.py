@@ -21,7 +21,7 @@ from transferkit.checkpoints import load_model
 from transferkit.data.images import ImageListDataset
 from transferkit.data.sampling import EpochSampler
 from transferkit.errors import ConfigError
-from transferkit.features import use_feature_cache
+from transferkit.features import training_augment, use_feature_cache
 from transferkit.features.cache import weights_fingerprint
 from transferkit.features.precision import resolve_precision
 from transferkit.lr_finder import tune_lr
@@ -159,14 +159,27 @@ def log_run_facts(trainer: L.Trainer, cfg: DictConfig, model: TransferModule) ->
         logger.log_hyperparams({**counts, "config": plain(cfg)})
 
 
-def plot_training_batch(datamodule: Any, model: TransferModule, path: Path, count: int = 16) -> None:
-    """The first training images of epoch 0, drawn and augmented as the model will see them."""
+def training_batch(datamodule: Any, model: TransferModule, count: int = 16) -> tuple[torch.Tensor, list[int]]:
+    """The first `count` training images of epoch 0 as the model is fed them: augmented by
+    (seed, epoch, image) from the images; with cached features, the cached view each one trains
+    on (the evaluation transform with one view)."""
     train = datamodule.splits.train
-    transform = model.preprocessing.transforms(train=True, augment=datamodule.augment)
-    dataset = ImageListDataset(train, transform, datamodule.seed)
     keys = list(EpochSampler(len(train), datamodule.seed))[:count]
+    cached = (datamodule.feature_sets or {}).get("train")
+    augment = training_augment(datamodule)
+    transform = model.preprocessing.transforms(train=augment is not None, augment=augment)
+    dataset = ImageListDataset(train, transform, datamodule.seed)
+    if cached is not None and augment is not None:  # view v of image i was drawn as key v * N + i
+        keys = [cached.view(0, key) * len(train) + key for key in keys]
     images = torch.stack([dataset[key][0] for key in keys])
-    plot_batch(images, [train[key][1] for key in keys], model.class_names, model.preprocessing, path)
+    return images, [train[key % len(train)][1] for key in keys]
+
+
+def plot_training_batch(datamodule: Any, model: TransferModule, path: Path) -> None:
+    images, labels = training_batch(datamodule, model)
+    augment = training_augment(datamodule)
+    title = f"Training images as the model sees them ({f'augment={augment}' if augment else 'not augmented'})"
+    plot_batch(images, labels, model.class_names, model.preprocessing, path, title=title)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -212,9 +225,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     feature_cache = None
     if cfg.get("train", True):
         log_run_facts(trainer, cfg, model)
+        feature_cache = use_feature_cache(model, datamodule, trainer, finetune, seed=cfg.seed, **features)
+        model.run_record["augment"] = training_augment(datamodule)
         if trainer.is_global_zero:
             plot_training_batch(datamodule, model, Path(cfg.paths.output_dir) / "plots" / "train_batch.png")
-        feature_cache = use_feature_cache(model, datamodule, trainer, finetune, seed=cfg.seed, **features)
         if cfg.get("tune_lr"):  # Lightning sweeps without our callbacks: the model is frozen above
             tune_lr(trainer, model, datamodule, cfg.paths.output_dir, **plain(cfg.get("lr_finder")) or {})
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -235,6 +249,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         best_model_path=str(Path(evaluated).resolve()) if evaluated else None,
         class_names=model.class_names,
         seed=cfg.seed,
+        augment=model.run_record.get("augment", datamodule.augment),
         feature_cache=str(feature_cache) if feature_cache else None,
         epochs=trainer.current_epoch,
         wall_s=round(time.perf_counter() - started, 2),
