@@ -79,6 +79,22 @@ def test_onecycle_steps_every_batch(compose_train, tmp_path: Path, tiny_override
     assert head[-1] < head[0]
 
 
+def test_plateau_watches_its_monitor_and_unfrozen_blocks_follow_it(
+    compose_train, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    """val/acc_best never falls, so in mode min it never improves: with patience 0 the lr drops
+    tenfold after every epoch but the first, the block unfrozen at epoch 1 with it."""
+    overrides = [
+        *tiny_overrides, "trainer.max_epochs=3", "finetune=gradual", "finetune.milestones=[1]",
+        "scheduler=plateau", "scheduler.monitor=val/acc_best", "scheduler.patience=0",
+    ]  # fmt: skip
+    cfg = compose_train(tmp_path, overrides)
+    train(cfg)
+    columns = lr_columns(Path(cfg.paths.output_dir))
+    assert columns["lr-SGD/head"] == pytest.approx([0.05, 0.05, 0.005])
+    assert columns["lr-SGD/backbone.stage5"] == pytest.approx([0.005, 0.0005])
+
+
 def test_class_weights_follow_the_training_counts(compose_train, tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "d", splits={"train": 4, "val": 2}, size=32)
     for extra in range(4):  # circle: 8 images, square and triangle: 4
@@ -144,6 +160,10 @@ def test_tune_lr_trains_at_the_suggestion_and_keeps_the_plot(
         ("data.balance=oversample", "data.balance"),
         ("scheduler=cosine scheduler.warmup_epochs=5", "scheduler.warmup_epochs=5"),
         ("lr_finder.bogus=1 tune_lr=true", "lr_finder"),
+        ("scheduler=plateau ~scheduler.monitor", "scheduler.monitor must name the metric"),
+        ("scheduler=plateau scheduler.monitor=val/nothing", "scheduler.monitor=val/nothing is not logged"),
+        ("+scheduler.interval=hour", "scheduler.interval=hour must be epoch or step"),
+        ("+scheduler.frequency=0", "scheduler.frequency=0"),
     ],
 )
 def test_recipe_mistakes_are_config_errors(

@@ -22,7 +22,12 @@ from transferkit.finetune import hold_frozen_in_eval
 from transferkit.heads import build_head
 from transferkit.rng import rng_states, set_rng_states
 
-RECORD_KEY = "transferkit"  # the checkpoint entry with what the run records beside the model
+RECORD_KEY = "transferkit"
+SCHEDULER_KEYS = (
+    "monitor",
+    "interval",
+    "frequency",
+)  # Lightning's, beside the constructor's  # the checkpoint entry with what the run records beside the model
 
 # Epoch metrics are torchmetrics objects synced by their own compute(); see `_log_epoch`.
 warnings.filterwarnings(
@@ -323,20 +328,53 @@ class TransferModule(L.LightningModule):
             optimizer = instantiate(self.hparams.optimizer)(params=groups)
             for group in optimizer.param_groups:
                 group["lr"] *= group["lr_scale"]
-            scheduler, interval = self._scheduler(optimizer)
+            scheduler = self._scheduler(optimizer)
         except (ValueError, TypeError) as error:
             raise bad_setting(error) from None
         if scheduler is None:
             return {"optimizer": optimizer}
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
-    def _scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int | None = None) -> tuple[Any, str]:
-        """A scheduler that takes `total_steps` (one-cycle) is given the run's and steps per
-        batch; the others step per epoch."""
+    @property
+    def metric_names(self) -> list[str]:
+        """What this module logs per epoch, for a scheduler's (or a callback's) `monitor`."""
+        names = [f"{stage}/loss" for stage in ("train", "val")] + ["val/acc_best"]
+        names += [
+            f"{stage}/{k}" for stage in ("train", "val") for k in self.train_metrics.keys(keep_base=True)
+        ]
+        return sorted(names)
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int | None = None) -> dict | None:
+        """Lightning's scheduler dict: the scheduler config's `monitor`, `interval` and
+        `frequency` go to Lightning, the rest to the constructor. A scheduler that takes
+        `total_steps` (one-cycle) is given the run's and steps per batch; others per epoch."""
         if not self.hparams.scheduler:
-            return None, "epoch"
-        build = instantiate(self.hparams.scheduler)
+            return None
+        arguments = dict(self.hparams.scheduler)
+        keys = {k: arguments.pop(k) for k in SCHEDULER_KEYS if k in arguments}
+        build = instantiate(arguments)
         if "total_steps" in inspect.signature(build.func).parameters:
             steps = total_steps if total_steps is not None else self.trainer.estimated_stepping_batches
-            return build(optimizer=optimizer, total_steps=steps), "step"
-        return build(optimizer=optimizer), "epoch"
+            scheduler, interval = build(optimizer=optimizer, total_steps=steps), "step"
+        else:
+            scheduler, interval = build(optimizer=optimizer), "epoch"
+        keys.setdefault("interval", interval)
+        self._check_scheduler_keys(scheduler, keys)
+        return {"scheduler": scheduler, **keys}
+
+    def _check_scheduler_keys(self, scheduler: Any, keys: dict[str, Any]) -> None:
+        monitor = keys.get("monitor")
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and monitor is None:
+            raise ConfigError(
+                "scheduler.monitor must name the metric ReduceLROnPlateau watches, e.g. "
+                "+scheduler.monitor=val/loss (with mode: min) or val/acc (mode: max)."
+            )
+        if monitor is not None and monitor not in self.metric_names:
+            raise ConfigError(
+                f"scheduler.monitor={monitor} is not logged; use one of: {', '.join(self.metric_names)}."
+            )
+        if keys["interval"] not in ("epoch", "step"):
+            raise ConfigError(f"scheduler.interval={keys['interval']} must be epoch or step.")
+        frequency = keys.get("frequency", 1)
+        if not isinstance(frequency, int) or frequency < 1:
+            raise ConfigError(f"scheduler.frequency={frequency} must be a positive whole number.")

@@ -78,6 +78,9 @@ def follow_schedule(scheduler: LRScheduler, head: dict, group: dict) -> None:
             group[key] = value * scale
         elif key not in group:
             group[key] = value  # momentum-cycling keys and the like
-    scheduler.base_lrs.append(scheduler.base_lrs[0] * scale)
+    if hasattr(scheduler, "base_lrs"):  # ReduceLROnPlateau has none: it scales the current lr
+        scheduler.base_lrs.append(scheduler.base_lrs[0] * scale)
+    if getattr(scheduler, "default_min_lr", 0) is None:  # ReduceLROnPlateau with a min_lr per group
+        scheduler.min_lrs.append(scheduler.min_lrs[0] * scale)
     if hasattr(scheduler, "_last_lr"):
         scheduler._last_lr.append(group["lr"])
