@@ -17,6 +17,7 @@ from transferkit.backbones import build_backbone
 from transferkit.backbones.blocks import backbone_blocks, register_blocks
 from transferkit.errors import ConfigError, WeightsError
 from transferkit.module import TransferModule
+from transferkit.preprocessing import Preprocessing
 
 MODEL_CONFIGS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
@@ -268,3 +269,76 @@ def test_a_timm_mobilenetv3_module_maps_a_batch_to_class_scores() -> None:
     with torch.no_grad():
         logits = module.eval()(torch.zeros(2, 3, 64, 64))
     assert logits.shape == (2, 3)
+
+
+def photos() -> list:
+    """A landscape and a portrait photo: crop modes differ only on non-square images."""
+    from PIL import Image
+    from skimage import data
+
+    cat = Image.fromarray(data.chelsea())  # 451 x 300
+    return [cat, cat.transpose(Image.Transpose.ROTATE_90)]
+
+
+def assert_same_pixels(ours: torch.Tensor, theirs: torch.Tensor, std: tuple[float, ...]) -> None:
+    """Equal to 1/255 of a pixel value, whatever the normalisation."""
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1 / 255 / min(std))
+
+
+CROP_MODE_MODELS = {  # timm models whose pretrained config names each crop mode
+    "center": "convnext_atto",
+    "squash": "dm_nfnet_f0.dm_in1k",  # 192 px, crop_pct 0.9
+    "border": "deepseek_vit_412m.deepseek_v4_flash_vision_exp",  # 392 px, crop_pct 1.0
+}
+
+
+@pytest.mark.parametrize("mode", sorted(CROP_MODE_MODELS))
+def test_timm_eval_transform_is_timm_s_own_for_each_crop_mode(mode: str) -> None:
+    """Issue 13: a squash model was given a short-side resize and a centre crop."""
+    from timm.data import create_transform, resolve_data_config
+
+    with torch.device("meta"):  # only the config matters; the transforms run outside
+        backbone = build_backbone(f"timm:{CROP_MODE_MODELS[mode]}", None)
+    config = resolve_data_config({}, model=backbone.model)
+    assert config["crop_mode"] == mode
+    assert backbone.preprocessing.crop_mode == mode
+    ours, theirs = backbone.preprocessing.transforms(train=False), create_transform(**config)
+    for photo in photos():
+        assert_same_pixels(ours(photo), theirs(photo), backbone.preprocessing.std)
+
+
+@pytest.mark.parametrize("mode", ["squash", "border"])
+def test_crop_modes_with_a_crop_match_timm(mode: str) -> None:
+    """crop_pct < 1: border mode crops the long side and pads the short one with the mean."""
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    pre = Preprocessing(64, 71, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), "bicubic", crop_mode=mode)
+    theirs = transforms_imagenet_eval(64, 0.9, mode, interpolation="bicubic", mean=pre.mean, std=pre.std)
+    for photo in photos():
+        assert_same_pixels(pre.transforms(train=False)(photo), theirs(photo), pre.std)
+
+
+def test_an_unknown_crop_mode_is_refused_in_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"crop_mode='diagonal'.*center, squash, border") as error:
+        Preprocessing().with_overrides(crop_mode="diagonal")
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match="crop_mode"):
+        Preprocessing(crop_mode="letterbox")
+
+
+def test_preprocessing_saved_without_a_crop_mode_still_loads() -> None:
+    """Checkpoints and model.json files written before crop_mode existed."""
+    old = {k: v for k, v in Preprocessing(160, 182).to_dict().items() if k != "crop_mode"}
+    assert Preprocessing(**old).crop_mode == "center"
+    assert Preprocessing(crop_mode="squash").with_overrides(**old).crop_mode == "squash"
+
+
+def test_crop_mode_survives_to_dict_and_overrides() -> None:
+    pre = Preprocessing(crop_mode="border")
+    assert (
+        Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in pre.to_dict().items()}) == pre
+    )
+    assert pre.with_overrides(**pre.to_dict()) == pre
+    assert pre.with_overrides(image_size=128).crop_mode == "border"
+    assert pre.with_overrides(crop_mode="center").crop_mode == "center"

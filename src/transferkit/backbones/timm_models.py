@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -23,7 +24,9 @@ from transferkit.backbones.weights import (
     shipped_state_dict,
 )
 from transferkit.errors import WeightsError
-from transferkit.preprocessing import Preprocessing
+from transferkit.preprocessing import CROP_MODES, Preprocessing
+
+log = logging.getLogger("transferkit")
 
 
 def _reachable(url: str | None, timeout: float = 3.0) -> bool:
@@ -76,7 +79,19 @@ def _create_pretrained(name: str):
     return fetch(f"timm:{name}", create)
 
 
+def _crop_mode(cfg: dict) -> str:
+    """timm's crop mode for these weights; one a newer timm adds and we do not reproduce yet
+    falls back to the centre crop, with a warning, rather than making the model unusable."""
+    mode = cfg.get("crop_mode") or "center"
+    if mode not in CROP_MODES:
+        log.warning("timm's crop_mode=%r is not one of %s; evaluating with a centre crop.", mode, CROP_MODES)
+        return "center"
+    return mode
+
+
 def _preprocessing(model) -> Preprocessing:
+    """timm's evaluation config for the weights: size, crop ratio, normalisation, interpolation
+    and crop mode (squash for dm_nfnet and many CLIP fine-tunes, border for a few)."""
     cfg = resolve_data_config({}, model=model)
     size = cfg["input_size"][-1]
     return Preprocessing(
@@ -85,6 +100,7 @@ def _preprocessing(model) -> Preprocessing:
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
         interpolation=cfg["interpolation"],
+        crop_mode=_crop_mode(cfg),
     )
 
 
