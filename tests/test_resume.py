@@ -152,7 +152,9 @@ def test_last_ckpt_is_the_final_epoch_whatever_the_metric_did_and_a_resume_adds_
     )  # no final-validate row
     train(compose_train(tmp_path, [*still, "trainer.max_epochs=6", "ckpt_path=last"]))
     assert epoch_rows(run, "val/acc") == epoch_rows(run, "train/loss") == [0, 1, 2, 3, 4, 5]
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 5
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 5
+    assert [len(last["history"][stage]) for stage in ("train", "val")] == [6, 6]  # the curves lack no epoch
 
 
 class OracleLabels(L.Callback):
