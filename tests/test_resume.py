@@ -201,3 +201,25 @@ def test_seed_null_draws_a_seed_that_eval_and_a_resume_read_again(compose_train,
     assert [eval_datamodule(None, model.data_config).splits.val for _ in range(2)] == [drawn, drawn]
     resumed = train(compose_train(tmp_path, [*tiny_run(data, epochs=2), "seed=null", "ckpt_path=last"]))
     assert resumed["seed"] == seed and resumed["epochs"] == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("optimizer.lr=0.5", "optimizer.lr: 0.05 there, 0.5 here"),
+        ("data.image_size=40", "data.image_size: 32 there, 40 here"),
+        ("finetune=partial", "finetune._target_"),
+        ("model.head.dropout=0.5", "model.head.dropout"),
+    ],
+)
+def test_a_resume_that_would_train_something_else_is_refused(
+    compose_train, tmp_path: Path, tiny_overrides: list[str], override: str, named: str
+) -> None:
+    """Lightning would restore the old optimizer (lr included) and quietly mix the two setups."""
+    from transferkit.tasks.train import train
+
+    train(compose_train(tmp_path, [*tiny_overrides, "trainer.max_epochs=1"]))
+    resume = [*tiny_overrides, "trainer.max_epochs=2", "ckpt_path=last", override]
+    with pytest.raises(ConfigError, match="continues a run set up otherwise") as refused:
+        train(compose_train(tmp_path, resume))
+    assert named in str(refused.value)

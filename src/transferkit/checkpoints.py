@@ -51,6 +51,8 @@ def load_model(path: str | Path) -> TransferModule:
     ran the backbone in (fp32 for checkpoints that predate the record)."""
     checkpoint = read_checkpoint(path)
     hparams = {**checkpoint["hyper_parameters"], "weights": None}  # the weights are in the state dict
+    if hparams.get("preprocessing") is not None:  # saved before crop modes: evaluated with a centre crop
+        hparams["preprocessing"] = {"crop_mode": "center", **hparams["preprocessing"]}
     model = TransferModule(**hparams)
     try:
         model.load_state_dict(checkpoint["state_dict"])
@@ -64,3 +66,53 @@ def load_model(path: str | Path) -> TransferModule:
     model.run_record = {k: v for k, v in record.items() if k not in ("data", "precision")}
     model.frozen_dtype = PRECISIONS[record.get("precision", "fp32")]
     return model.eval()
+
+
+# What may change when a run is resumed: where things are and how fast, not what trains.
+_RESUMABLE = {
+    "model.compile",
+    "scheduler.max_epochs",  # follows trainer.max_epochs: a resume may train longer
+    "data.root",
+    "data.num_workers",
+    "data.persistent_workers",
+    "data.scan_cache_dir",
+}
+_OWN_GROUPS = ("optimizer", "scheduler", "preprocessing")  # hyper-parameters named as their config group
+
+
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}.{key}").items()}
+    return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def _setup(hparams: dict[str, Any], data: dict | None, finetune: dict | None) -> dict[str, Any]:
+    """A run's setup as dotted config keys (model.name, optimizer.lr, data.image_size, ...)."""
+    flat: dict[str, Any] = {}
+    for key, value in hparams.items():
+        flat.update(_flat(value, key if key in _OWN_GROUPS else f"model.{key}"))
+    flat.update(_flat(data, "data") if data is not None else {})
+    flat.update(_flat(finetune, "finetune") if finetune is not None else {})
+    return flat
+
+
+def resume_differences(path: str | Path, model: TransferModule) -> list[str]:
+    """What `model` (built from this command's config, with its run record) would train
+    differently from the run `path` checkpointed: one "key: there -> here" line each.
+
+    Memory-mapped, so the weights are not read. A part the checkpoint does not record (older
+    checkpoints) is not compared.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    record = checkpoint.get(RECORD_KEY) or {}
+    there = _setup(checkpoint.get("hyper_parameters") or {}, record.get("data"), record.get("finetune"))
+    here = _setup(
+        dict(model.hparams),
+        model.data_config if "data" in record else None,
+        model.run_record.get("finetune") if "finetune" in record else None,
+    )
+    return [
+        f"{key}: {there.get(key)!r} there, {here.get(key)!r} here"
+        for key in sorted(there)  # a key newer than the checkpoint is not compared
+        if key not in _RESUMABLE and there[key] != here.get(key)
+    ]

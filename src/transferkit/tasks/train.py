@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from transferkit import reports
-from transferkit.checkpoints import load_model
+from transferkit.checkpoints import load_model, resume_differences
 from transferkit.data.images import ImageListDataset
 from transferkit.data.sampling import EpochSampler
 from transferkit.errors import ConfigError
@@ -118,6 +118,20 @@ def resolve_seed(cfg: DictConfig) -> None:
         cfg.seed = int(seed)
 
 
+def check_resume(cfg: DictConfig, model: TransferModule) -> None:
+    """A resume continues the run it names: refuse one whose config would train something
+    else (another lr, model, image size, strategy...), which Lightning would half apply."""
+    if not cfg.get("ckpt_path"):
+        return
+    differences = resume_differences(cfg.ckpt_path, model)
+    if differences:
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path} continues a run set up otherwise ({'; '.join(differences)}). "
+            "Resume with the run's own settings (drop those overrides), or leave out ckpt_path to start "
+            "a new run (trainer.max_epochs, data.root and data.num_workers may change)."
+        )
+
+
 def _check_run(cfg: DictConfig, has_test: bool) -> None:
     """Refuse, before any work, what would only fail at the end."""
     devices, cores = cfg.trainer.get("devices"), os.cpu_count() or 1
@@ -206,7 +220,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
         model.check_input_size()
         model.data_config = recorded_data_config(cfg.data, datamodule)
-        model.run_record["seed"] = cfg.seed
+        model.run_record.update(seed=cfg.seed, finetune=plain(cfg.finetune))
+        check_resume(cfg, model)
         finetune.freeze_before_training(model)  # what trains decides whether features can be cached
         finetune.check(trainer)
     else:
