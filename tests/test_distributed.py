@@ -4,16 +4,19 @@ block is unfrozen mid-run; SyncBatchNorm that keeps timm's fused activations and
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_MODEL, run_cli
+from conftest import ROOT, TINY_MODEL, make_image_folder, run_cli, tiny_run
+from test_sampling import interleaved, one_process_order, recorded
 
 from transferkit.distributed import SyncBatchNorm
 from transferkit.module import TransferModule
+from transferkit.tasks.train import train
 
 
 def test_sync_batchnorm_keeps_activations_modes_and_outputs() -> None:
@@ -44,12 +47,16 @@ def rank_lines(run_dir: Path, what: str) -> dict[int, str]:
     return found
 
 
-def ddp_sim(tmp_path: Path, image_folder: Path, *extra: str):
+def ddp_sim(
+    tmp_path: Path,
+    image_folder: Path,
+    *extra: str,
+    finetune: tuple[str, ...] = ("finetune=gradual", "finetune.unfreeze_at_epoch=1"),
+):
     return run_cli(
         "train.py", "data=imagefolder", f"data.root={image_folder}", "data.image_size=32",
         "data.num_workers=0", f"model.name={TINY_MODEL}", "model.weights=null", "trainer=ddp_sim",
-        "trainer.max_epochs=2",
-        "finetune=gradual", "finetune.unfreeze_at_epoch=1", "callbacks.rich_progress_bar=null", *extra,
+        "trainer.max_epochs=2", *finetune, "callbacks.rich_progress_bar=null", *extra,
         cwd=tmp_path, timeout=300,
     )  # fmt: skip
 
@@ -81,6 +88,70 @@ def test_lightning_s_own_ddp_lets_replicas_drift_after_an_unfreeze(
     (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
     weights = rank_lines(run_dir, "weights")
     assert set(weights) == {0, 1} and weights[0] != weights[1]
+
+
+@pytest.mark.slow
+def test_ddp_measures_what_one_process_measures_on_odd_val_and_test_counts(
+    compose_train, tmp_path: Path
+) -> None:
+    """9 val and 9 test images on 2 ranks: Lightning's own sampler pads each split to 10 with a
+    repeated image, which the metrics would count; the same checkpoint measured in one process
+    is the reference."""
+    data = make_image_folder(tmp_path / "data", splits={"train": 4, "val": 3, "test": 3})
+    proc = ddp_sim(tmp_path, data, "trainer.max_epochs=1", "data.batch_size=4", finetune=("finetune=full",))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    ddp = json.loads((run_dir / "results.json").read_text())
+    one = train(
+        compose_train(
+            tmp_path / "one",
+            [*tiny_run(data), "data.batch_size=4", "train=false", f"ckpt_path={ddp['best_model_path']}"],
+        )
+    )
+    measured = sorted(k for k in one if k.startswith(("val/", "test/")) and not k.endswith("_best"))
+    print({k: (ddp[k], one[k]) for k in measured})
+    assert {"val/acc", "val/loss", "test/acc", "test/loss"} <= set(measured)
+    assert {k: ddp[k] for k in measured} == pytest.approx({k: one[k] for k in measured}, rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_a_ddp_run_interrupted_mid_epoch_and_resumed_trains_what_one_process_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 ranks, 12 training images, batches of 2 per rank: interrupted after 2 of epoch 1's 3
+    batches (8 samples of all ranks), resumed; each epoch, the ranks together trained one
+    process's order (rank r its positions r, r + 2, ...), every sample once."""
+    paths = [str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))  # the ranks import the test callbacks
+    data = make_image_folder(tmp_path / "data", splits={"train": 4, "val": 1})
+    record = ["+callbacks.record._target_=test_sampling.RecordSamples", "data.batch_size=2"]
+    signal = ["+callbacks.signal._target_=test_sampling.SignalAtStep", "+callbacks.signal.at_step=4"]
+    logs = {name: tmp_path / f"{name}.jsonl" for name in ("part", "rest")}
+    part = ddp_sim(tmp_path, data, *record, f"+callbacks.record.path={logs['part']}", *signal)
+    assert part.returncode == 128 + 10, part.stdout[-3000:] + part.stderr[-3000:]  # SIGUSR1
+    (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 5
+    assert checkpoint["ImageFolderDataModule"] == {
+        "epoch": 1,
+        "samples_trained": 8,
+    }  # 2 batches x 2 x 2 ranks
+    rest = ddp_sim(
+        tmp_path, data, *record, f"+callbacks.record.path={tmp_path / 'rest.jsonl'}", "ckpt_path=last"
+    )
+    assert rest.returncode == 0, rest.stdout[-3000:] + rest.stderr[-3000:]
+    expected = one_process_order(run_dir / "checkpoints" / "last.ckpt", data, epochs=2)
+    trained = {}
+    for rank in (0, 1):
+        (done, _), (left, _) = (recorded(tmp_path / f"{name}.rank{rank}.jsonl") for name in ("part", "rest"))
+        trained[rank] = {epoch: done.get(epoch, []) + left.get(epoch, []) for epoch in (0, 1)}
+        assert list(left) == [1] and len(done[1]) == 4
+    for epoch in (0, 1):
+        together = interleaved([trained[0][epoch], trained[1][epoch]])
+        assert sorted(together) == sorted(expected[epoch])  # every sample once
+        assert together == expected[epoch]
+    weights = rank_lines(run_dir, "weights")
+    assert set(weights) == {0, 1} and weights[0] == weights[1]
 
 
 def test_gpu_smoke_refuses_to_run_without_a_gpu() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 
@@ -171,12 +173,15 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.feature_sets = feature_sets
 
     def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
+        """`split`'s loader; val and test are split between DDP ranks without repeats."""
         if self.feature_sets is not None:  # tensors in memory: workers would only add overhead
             dataset, workers = self.feature_sets[split], 0
         else:
             if split not in self.datasets:
                 self.setup()
             dataset, workers = self.datasets[split], self.num_workers
+        if sampler is None and split != "train":
+            sampler = self._eval_sampler(split, dataset)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -201,20 +206,99 @@ class ImageFolderDataModule(L.LightningDataModule):
             return torch.cuda.is_available()
         return trainer.strategy.root_device.type == "cuda"
 
+    def _replicas(self) -> tuple[int, int]:
+        """(processes, this one's rank) when the trainer splits the data between processes
+        (DDP); (1, 0) otherwise."""
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if not kwargs:
+            return 1, 0
+        return int(kwargs["num_replicas"]), int(kwargs["rank"])
+
+    def _eval_sampler(self, split: str, dataset: Dataset) -> Sampler | None:
+        """Under DDP, each rank's share of val/test, none of it twice: Lightning's own sampler
+        pads the shares to the same size with repeated images, which the metrics would count."""
+        world, rank = self._replicas()
+        if world == 1:
+            return None
+        if len(dataset) < world:
+            raise DataError(
+                f"The {split} split has {len(dataset)} image(s), fewer than the {world} processes that "
+                f"evaluate it; run on fewer devices or give {split} more images."
+            )
+        return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+
     def train_dataloader(self) -> DataLoader:
         """Shuffled per epoch as a function of (seed, epoch); with balance=sampler, drawn so every
-        class comes up equally often instead. A run resumed mid-epoch skips what it trained on."""
+        class comes up equally often instead. Under DDP each rank trains its share of that one
+        order. A run resumed mid-epoch skips what it trained on."""
         labels = [label for _, label in self.splits.train]
         weights = balanced_weights(labels) if self.balance == "sampler" else None
-        sampler = EpochSampler(len(labels), self.seed, weights, skip=self._resumed_samples())
+        world, rank = self._replicas()
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        skip = self._resumed_samples(len(labels))
+        sampler = EpochSampler(len(labels), self.seed, weights, skip, world, rank, epoch)
         return self._loader("train", sampler=sampler)
 
-    def _resumed_samples(self) -> int:
-        """Samples of the current epoch that a run resumed mid-epoch has already trained on."""
+    # The epoch in progress when the train loader was made, and where it started: (epoch,
+    # samples trained before, batches Lightning counts as done). From a checkpoint: `_trained`.
+    _epoch_start: tuple[int, int, int] = (-1, 0, 0)
+    _trained: dict[str, int] | None = None
+
+    def _resumed_samples(self, n: int) -> int:
+        """Samples of the current epoch's order (all ranks together) that a run resumed
+        mid-epoch has already trained on: as recorded in the checkpoint, so the batch size or
+        number of processes may differ now.
+
+        Lightning counts the batches done before the interruption itself; when their size has
+        changed, that count is re-expressed in batches of the current size, so the epoch still
+        ends, validates and steps its schedulers where it should.
+        """
         trainer = self.trainer
+        self._epoch_start = (-1, 0, 0)
         if trainer is None or not trainer.fit_loop.restarting:
             return 0
-        return trainer.fit_loop.epoch_loop.batch_progress.current.completed * self.batch_size
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        done, epoch, (world, _) = progress.current.processed, trainer.current_epoch, self._replicas()
+        trained = self._trained
+        if trained is not None and trained.get("epoch") == epoch:
+            samples = int(trained["samples_trained"])
+        else:  # a checkpoint that did not record it: assume nothing changed
+            samples = done * self.batch_size * world
+        per_rank = math.ceil(n / world)
+        counted = math.ceil(per_rank / self.batch_size) - math.ceil(
+            math.ceil(max(n - samples, 0) / world) / self.batch_size
+        )
+        if counted != done:
+            log.info(
+                "Resuming epoch %d after %d trained samples: %d batches of %d done, %d to go.",
+                epoch,
+                samples,
+                counted,
+                self.batch_size,
+                math.ceil(per_rank / self.batch_size) - counted,
+            )
+            for tracker in (progress.current, progress.total):
+                for count in ("ready", "started", "processed", "completed"):
+                    setattr(tracker, count, getattr(tracker, count) + counted - done)
+        self._epoch_start = (epoch, samples, counted)
+        return samples
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in every checkpoint: the samples of the epoch in progress trained so far (all
+        ranks), which a resume skips whatever its batch size or number of processes."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        epoch = trainer.current_epoch
+        start_epoch, samples, counted = self._epoch_start
+        if start_epoch != epoch:
+            samples, counted = 0, 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        world = self._replicas()[0]
+        return {"epoch": epoch, "samples_trained": samples + (done - counted) * self.batch_size * world}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._trained = dict(state_dict)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

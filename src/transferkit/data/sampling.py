@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 from transferkit.errors import ConfigError
 
@@ -41,26 +42,50 @@ def epoch_seed(seed: int, epoch: int, index: int = -1) -> int:
     return (int(seed) * 1_000_003 + epoch * 7_919 + index + 1) % (2**63)
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(DistributedSampler):
     """The training order of each epoch as a function of (seed, epoch): a shuffle, or with
     `weights` a draw with replacement (class balancing).
 
     It yields `epoch * n + index`, so the dataset (in any worker) knows the epoch too and can
-    seed each sample's augmentation by (seed, epoch, index). `skip` leaves out the first samples
-    of the next epoch it serves: those a run interrupted mid-epoch had already trained on.
+    seed each sample's augmentation by (seed, epoch, index).
+
+    Under DDP, rank r of `num_replicas` takes positions r, r + W, ... of that one order, which
+    wraps round to give every rank as many samples (DDP steps all ranks together): the ranks
+    together train what one process would. Being a DistributedSampler, Lightning uses it as it
+    is rather than wrapping it in a sampler of its own.
+
+    `skip` leaves out the first samples of that global order in the next epoch served: those a
+    run interrupted mid-epoch had already trained on, on all ranks. `len()` stays the epoch's
+    length, as Lightning expects of a resumed loader: it counts the batches done before the
+    interruption itself. `epoch` is where it starts, as a loader with workers draws the order
+    before Lightning calls `set_epoch`.
     """
 
-    def __init__(self, n: int, seed: int | None, weights: torch.Tensor | None = None, skip: int = 0) -> None:
+    def __init__(
+        self,
+        n: int,
+        seed: int | None,
+        weights: torch.Tensor | None = None,
+        skip: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        epoch: int = 0,
+    ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not one of {num_replicas} replicas")
         self.n, self.weights, self.skip = n, weights, skip
         self.seed = int(seed) if seed is not None else int(torch.randint(2**31, ()))
-        self.epoch = 0
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, epoch
+        self.shuffle, self.drop_last = True, False
+        self.num_samples = math.ceil(n / num_replicas)
+        self.total_size = self.num_samples * num_replicas
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning before each epoch."""
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
@@ -69,5 +94,6 @@ class EpochSampler(Sampler[int]):
         else:
             order = torch.multinomial(self.weights, self.n, replacement=True, generator=generator)
         skip, self.skip = self.skip, 0
-        offset = self.epoch * self.n
-        return iter((order[skip:] + offset).tolist())
+        left = math.ceil(max(self.n - skip, 0) / self.num_replicas)  # per rank: all ranks step together
+        positions = torch.arange(left) * self.num_replicas + skip + self.rank
+        return iter((order[positions % max(self.n, 1)] + self.epoch * self.n).tolist())
