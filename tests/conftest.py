@@ -22,6 +22,24 @@ TINY_MODEL = "timm:test_efficientnet"  # 0.1 M parameters, with BatchNorm
 DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: every download fails at once
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--cpu-bf16",
+        action="store_true",
+        help="run as on a CPU with native bf16 (AVX512-BF16/AMX), where precision auto picks bf16",
+    )
+
+
+@pytest.fixture(autouse=True)
+def cpu_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite must pass on both kinds of CPU CI gets; `--cpu-bf16` shows the other kind here
+    (in process only; bf16 is emulated here: slower, and close to native bf16 in its rounding)."""
+    if request.config.getoption("--cpu-bf16"):
+        from transferkit.features import precision
+
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
