@@ -210,6 +210,7 @@ def test_seed_null_draws_a_seed_that_eval_and_a_resume_read_again(compose_train,
         ("data.image_size=40", "data.image_size: 32 there, 40 here"),
         ("finetune=partial", "finetune._target_"),
         ("model.head.dropout=0.5", "model.head.dropout"),
+        ("tune_lr=true", "tune_lr=true with ckpt_path"),
     ],
 )
 def test_a_resume_that_would_train_something_else_is_refused(
@@ -220,6 +221,6 @@ def test_a_resume_that_would_train_something_else_is_refused(
 
     train(compose_train(tmp_path, [*tiny_overrides, "trainer.max_epochs=1"]))
     resume = [*tiny_overrides, "trainer.max_epochs=2", "ckpt_path=last", override]
-    with pytest.raises(ConfigError, match="continues a run set up otherwise") as refused:
+    with pytest.raises(ConfigError) as refused:
         train(compose_train(tmp_path, resume))
     assert named in str(refused.value)

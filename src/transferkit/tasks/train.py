@@ -140,6 +140,11 @@ def _check_run(cfg: DictConfig, has_test: bool) -> None:
     ckpt_path = cfg.get("ckpt_path")
     if not cfg.get("train", True) and not ckpt_path:
         raise ConfigError("train=false evaluates a checkpoint: give it with ckpt_path=PATH.")
+    if cfg.get("tune_lr") and ckpt_path and cfg.get("train", True):
+        raise ConfigError(
+            "tune_lr=true with ckpt_path: a resume continues at the run's own lr (its optimizer is "
+            "restored); drop tune_lr, or leave out ckpt_path to start a new run."
+        )
     metric = cfg.get("optimized_metric")
     if metric and not (metric.startswith("val/") or (metric.startswith("test/") and has_test)):
         where = "val/... or test/..." if has_test else "val/... (the data has no test/)"
