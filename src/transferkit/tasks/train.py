@@ -128,7 +128,7 @@ def check_resume(cfg: DictConfig, model: TransferModule) -> None:
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path} continues a run set up otherwise ({'; '.join(differences)}). "
             "Resume with the run's own settings (drop those overrides), or leave out ckpt_path to start "
-            "a new run (trainer.max_epochs, data.root and data.num_workers may change)."
+            "a new run (trainer.*, data.root, data.num_workers and data.batch_size may change)."
         )
 
 
