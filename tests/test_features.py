@@ -17,7 +17,8 @@ from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.data.images import load_rgb
 from transferkit.data.sampling import EpochSampler
 from transferkit.errors import ConfigError
-from transferkit.features.precision import cpu_has_native_bf16, resolve_precision
+from transferkit.features import precision
+from transferkit.features.precision import resolve_precision
 from transferkit.module import TransferModule
 from transferkit.tasks.train import train
 
@@ -241,7 +242,7 @@ def test_auto_skips_the_cache_when_the_backbone_trains(
 
 def test_precision_auto_follows_the_hardware() -> None:
     cpu = torch.device("cpu")
-    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    expected = torch.bfloat16 if precision.cpu_has_native_bf16() else torch.float32  # --cpu-bf16 patches it
     assert resolve_precision("auto", cpu) == expected
     assert resolve_precision("bf16", cpu) == torch.bfloat16
     assert resolve_precision("fp32", cpu) == torch.float32

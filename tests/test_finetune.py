@@ -78,19 +78,30 @@ def fit(
     callbacks = [strategy, recorder]
     if checkpoints:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}"))
+    return run(module, callbacks, tmp_path, epochs, ckpt_path), recorder
+
+
+def run(
+    module: TransferModule,
+    callbacks: list[L.Callback],
+    root: Path,
+    epochs: int = 3,
+    ckpt_path: str | None = None,
+) -> L.Trainer:
+    """Fit on the random loaders, quietly, without logger or sanity check."""
     trainer = L.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
         logger=False,
-        enable_checkpointing=checkpoints,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
+        default_root_dir=root,
         callbacks=callbacks,
     )
     trainer.fit(module, loader(), loader(12, seed=1), ckpt_path=ckpt_path)
-    return trainer, recorder
+    return trainer
 
 
 def block_state(module: TransferModule) -> dict[str, dict[str, torch.Tensor]]:
@@ -398,20 +409,3 @@ def test_a_mid_epoch_resume_trains_what_the_uninterrupted_run_trains(tmp_path: P
     assert min(resumed.steps) == 7 and max(resumed.steps) == max(straight.steps) == 8
     for step in resumed.steps:
         assert resumed.steps[step] == straight.steps[step], f"step {step}"
-
-
-def run(
-    module: TransferModule, callbacks: list[L.Callback], root: Path, ckpt_path: str | None = None
-) -> None:
-    trainer = L.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=root,
-        callbacks=callbacks,
-    )
-    trainer.fit(module, loader(), loader(12, seed=1), ckpt_path=ckpt_path)
