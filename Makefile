@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format clean-logs
+.PHONY: help install train test test-fast test-models lint format clean-logs
 
 help: ## List the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -19,11 +19,14 @@ install: $(VENV)/.installed ## Create .venv and install transferkit (editable) w
 train: install ## Train the default experiment (demo data, EfficientNet-Lite0, no network)
 	$(BIN)/python train.py $(ARGS)
 
-test: install ## Run the whole test suite (what CI runs)
-	$(BIN)/pytest
+test: install ## Run every test that guards behaviour (what CI runs)
+	$(BIN)/pytest -m "not models"
 
-test-fast: install ## Run the tests not marked slow
-	$(BIN)/pytest -m "not slow"
+test-fast: install ## Run the tests not marked slow: the one to run while editing
+	$(BIN)/pytest -m "not slow and not models"
+
+test-models: install ## Export every full-size model config in every format, with parity (minutes)
+	$(BIN)/pytest -m models
 
 lint: install ## Check style with ruff
 	$(BIN)/ruff check src tests scripts train.py eval.py predict.py export.py

@@ -109,7 +109,7 @@ def model_configs() -> list[tuple[str, str]]:
     return [(p.stem, yaml.safe_load(p.read_text())["name"]) for p in sorted((CONF / "model").glob("*.yaml"))]
 
 
-@pytest.mark.slow
+@pytest.mark.models  # make test-models; make test exports the tiny model in both formats
 @pytest.mark.parametrize(("config", "name"), model_configs(), ids=[c for c, _ in model_configs()])
 def test_every_model_config_exports_with_parity(config: str, name: str, tmp_path: Path) -> None:
     size = 224 if "vit" in name else 32  # torchvision's ViT takes its own size only
