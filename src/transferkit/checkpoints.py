@@ -97,14 +97,25 @@ def _setup(hparams: dict[str, Any], data: dict | None, finetune: dict | None) ->
     return flat
 
 
+def _peek(path: str | Path) -> dict[str, Any]:
+    """The checkpoint memory-mapped: its record and hyper-parameters without reading the weights."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def recorded_seed(path: str | Path) -> int | None:
+    """The seed the run of a training checkpoint used (None for checkpoints that predate it)."""
+    record = _peek(path).get(RECORD_KEY) or {}
+    seed = record.get("seed", (record.get("data") or {}).get("seed"))
+    return None if seed is None else int(seed)
+
+
 def resume_differences(path: str | Path, model: TransferModule) -> list[str]:
     """What `model` (built from this command's config, with its run record) would train
     differently from the run `path` checkpointed: one "key: there -> here" line each.
 
-    Memory-mapped, so the weights are not read. A part the checkpoint does not record (older
-    checkpoints) is not compared.
+    A part the checkpoint does not record (older checkpoints) is not compared.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = _peek(path)
     record = checkpoint.get(RECORD_KEY) or {}
     there = _setup(checkpoint.get("hyper_parameters") or {}, record.get("data"), record.get("finetune"))
     here = _setup(

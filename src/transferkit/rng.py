@@ -1,13 +1,12 @@
-"""The run's seed, and the random number generators' states as plain tensors and ints, so a
-checkpoint holding them still loads with `torch.load(weights_only=True)` (numpy's own state is
-an array)."""
+"""A fresh seed for `seed=null`, and the random number generators' states as plain tensors and
+ints, so a checkpoint holding them still loads with `torch.load(weights_only=True)` (numpy's own
+state is an array)."""
 
 from __future__ import annotations
 
 import os
 import random
 import secrets
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,17 +33,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def recorded_seed(checkpoint_path: str | Path) -> int | None:
-    """The seed a training checkpoint's run used (None for checkpoints that predate the record).
-    Memory-mapped: only the record is read, not the weights."""
-    from transferkit.module import RECORD_KEY
-
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
-    record = checkpoint.get(RECORD_KEY) or {}
-    seed = record.get("seed", (record.get("data") or {}).get("seed"))
-    return None if seed is None else int(seed)
 
 
 def draw_seed() -> int:

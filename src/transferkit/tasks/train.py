@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from transferkit import reports
-from transferkit.checkpoints import load_model, resume_differences
+from transferkit.checkpoints import load_model, recorded_seed, resume_differences
 from transferkit.data.images import ImageListDataset
 from transferkit.data.sampling import EpochSampler
 from transferkit.errors import ConfigError
@@ -27,7 +27,7 @@ from transferkit.features.precision import resolve_precision
 from transferkit.lr_finder import tune_lr
 from transferkit.module import TransferModule
 from transferkit.plots import plot_batch, plot_curves
-from transferkit.rng import draw_seed, recorded_seed
+from transferkit.rng import draw_seed
 from transferkit.tasks.common import (
     build,
     build_model,
