@@ -22,12 +22,8 @@ from transferkit.finetune import hold_frozen_in_eval
 from transferkit.heads import build_head
 from transferkit.rng import rng_states, set_rng_states
 
-RECORD_KEY = "transferkit"
-SCHEDULER_KEYS = (
-    "monitor",
-    "interval",
-    "frequency",
-)  # Lightning's, beside the constructor's  # the checkpoint entry with what the run records beside the model
+RECORD_KEY = "transferkit"  # the checkpoint entry with what the run records beside the model
+SCHEDULER_KEYS = ("monitor", "interval", "frequency")  # Lightning's, beside the constructor's
 
 # Epoch metrics are torchmetrics objects synced by their own compute(); see `_log_epoch`.
 warnings.filterwarnings(
