@@ -12,11 +12,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import fit, tiny
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.data import DataLoader, TensorDataset
 
 from transferkit.backbones.blocks import backbone_blocks
 from transferkit.errors import ConfigError
@@ -24,18 +23,9 @@ from transferkit.finetune import Freeze, Full, Gradual, Partial, hold_frozen_in_
 from transferkit.module import TransferModule
 
 LR = 0.1
-SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": LR, "momentum": 0.9}
 ADAMW = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": LR, "weight_decay": 0.05}
-STEPLR = {"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 1, "gamma": 0.5}
 ONECYCLE = {"_target_": "transferkit.schedulers.one_cycle", "_partial_": True}
 BLOCKS = ["stem", "stage1", "stage2", "stage3", "stage4", "stage5"]  # timm's grouping of the tiny model
-
-
-def loader(n: int = 24, size: int = 32, seed: int = 0, shuffle: bool = False) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, size, size, generator=g) * 2 + 1  # far from BN's initial statistics
-    y = torch.randint(0, 3, (n,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=shuffle)
 
 
 class Recorder(L.Callback):
@@ -61,47 +51,20 @@ class Recorder(L.Callback):
         }
 
 
-def model(optimizer: dict = SGD, scheduler: dict | None = STEPLR) -> TransferModule:
-    torch.manual_seed(0)
-    return TransferModule(TINY_MODEL, ["a", "b", "c"], weights=None, optimizer=optimizer, scheduler=scheduler)
-
-
-def fit(
+def fit_recording(
     module: TransferModule,
     strategy: L.Callback,
-    tmp_path: Path,
+    root: Path,
     epochs: int = 3,
     ckpt_path: str | None = None,
     checkpoints: bool = False,
 ) -> tuple[L.Trainer, Recorder]:
+    """Fit under `strategy` with a Recorder (and a checkpoint per epoch if asked)."""
     recorder = Recorder()
     callbacks = [strategy, recorder]
     if checkpoints:
-        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}"))
-    return run(module, callbacks, tmp_path, epochs, ckpt_path), recorder
-
-
-def run(
-    module: TransferModule,
-    callbacks: list[L.Callback],
-    root: Path,
-    epochs: int = 3,
-    ckpt_path: str | None = None,
-) -> L.Trainer:
-    """Fit on the random loaders, quietly, without logger or sanity check."""
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=root,
-        callbacks=callbacks,
-    )
-    trainer.fit(module, loader(), loader(12, seed=1), ckpt_path=ckpt_path)
-    return trainer
+        callbacks.append(ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, filename="{epoch}"))
+    return fit(module, root, callbacks, epochs=epochs, ckpt_path=ckpt_path), recorder
 
 
 def block_state(module: TransferModule) -> dict[str, dict[str, torch.Tensor]]:
@@ -128,13 +91,13 @@ def lrs(groups: list[tuple[str, float]]) -> dict[str, float]:
 
 
 def test_blocks_of_the_tiny_backbone_are_timms_stages() -> None:
-    assert [b.name for b in backbone_blocks(model().backbone)] == BLOCKS
+    assert [b.name for b in backbone_blocks(tiny().backbone)] == BLOCKS
 
 
 def test_freeze_trains_only_the_head_and_keeps_every_backbone_tensor(tmp_path: Path) -> None:
-    module = model()
+    module = tiny()
     before = block_state(module)
-    _, rec = fit(module, Freeze(), tmp_path)
+    _, rec = fit_recording(module, Freeze(), tmp_path)
     after = block_state(module)
     for epoch in range(3):
         assert not any(rec.grads[epoch].values())
@@ -146,9 +109,9 @@ def test_freeze_trains_only_the_head_and_keeps_every_backbone_tensor(tmp_path: P
 
 
 def test_partial_trains_the_last_blocks_at_the_backbone_lr(tmp_path: Path) -> None:
-    module = model()
+    module = tiny()
     before = block_state(module)
-    _, rec = fit(module, Partial(unfreeze_last=2), tmp_path)
+    _, rec = fit_recording(module, Partial(unfreeze_last=2), tmp_path)
     after = block_state(module)
     for epoch in range(3):
         assert rec.grads[epoch] == {b: b in ("stage4", "stage5") for b in BLOCKS}
@@ -169,9 +132,9 @@ def test_partial_trains_the_last_blocks_at_the_backbone_lr(tmp_path: Path) -> No
 
 
 def test_gradual_unfreezes_the_whole_backbone_at_its_epoch(tmp_path: Path) -> None:
-    module = model()
+    module = tiny()
     before = block_state(module)
-    trainer, rec = fit(module, Gradual(unfreeze_at_epoch=1), tmp_path)
+    trainer, rec = fit_recording(module, Gradual(unfreeze_at_epoch=1), tmp_path)
     after = block_state(module)
     assert not any(rec.grads[0].values()) and names(rec.groups[0]) == ["head"]
     for epoch in (1, 2):
@@ -188,8 +151,8 @@ def test_gradual_unfreezes_the_whole_backbone_at_its_epoch(tmp_path: Path) -> No
 
 
 def test_gradual_milestones_unfreeze_one_block_each_from_the_top(tmp_path: Path) -> None:
-    module = model()
-    _, rec = fit(module, Gradual(milestones=[1, 2]), tmp_path)
+    module = tiny()
+    _, rec = fit_recording(module, Gradual(milestones=[1, 2]), tmp_path)
     assert [sorted(b for b, g in rec.grads[e].items() if g) for e in range(3)] == [
         [],
         ["stage5"],
@@ -201,9 +164,9 @@ def test_gradual_milestones_unfreeze_one_block_each_from_the_top(tmp_path: Path)
 
 
 def test_full_trains_everything_with_layer_decay(tmp_path: Path) -> None:
-    module = model()
+    module = tiny()
     before = block_state(module)
-    _, rec = fit(module, Full(backbone_lr_ratio=0.5, layer_decay=0.5), tmp_path, epochs=2)
+    _, rec = fit_recording(module, Full(backbone_lr_ratio=0.5, layer_decay=0.5), tmp_path, epochs=2)
     after = block_state(module)
     for block in BLOCKS:
         assert changed(before[block], after[block], "running_mean"), block
@@ -217,9 +180,9 @@ def test_full_trains_everything_with_layer_decay(tmp_path: Path) -> None:
 
 
 def test_bn_train_policy_trains_batchnorm_inside_frozen_blocks(tmp_path: Path) -> None:
-    module = model()
+    module = tiny()
     before = block_state(module)
-    _, rec = fit(module, Freeze(bn="train"), tmp_path)
+    _, rec = fit_recording(module, Freeze(bn="train"), tmp_path)
     after = block_state(module)
     assert names(rec.groups[0]) == ["head"] + [f"backbone.{b}.bn" for b in BLOCKS]
     assert all(rec.bn_training[0].values())
@@ -233,7 +196,7 @@ def test_bn_train_policy_trains_batchnorm_inside_frozen_blocks(tmp_path: Path) -
 
 
 def test_bn_frozen_policy_holds_against_train_calls() -> None:
-    module = model()
+    module = tiny()
     strategy = Partial(unfreeze_last=1)
     strategy.freeze_before_training(module)
     module.train()
@@ -258,8 +221,8 @@ def test_dropout_among_frozen_parameters_is_held_in_eval() -> None:
 
 
 def test_weight_decay_spares_norms_and_biases(tmp_path: Path) -> None:
-    module = model(optimizer=ADAMW)
-    trainer, rec = fit(module, Partial(unfreeze_last=1), tmp_path, epochs=1)
+    module = tiny(optimizer=ADAMW)
+    trainer, rec = fit_recording(module, Partial(unfreeze_last=1), tmp_path, epochs=1)
     groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
     assert set(groups) == {"head", "head.no_decay", "backbone.stage5", "backbone.stage5.no_decay"}
     assert groups["head"]["weight_decay"] == 0.05 and groups["head.no_decay"]["weight_decay"] == 0.0
@@ -269,8 +232,8 @@ def test_weight_decay_spares_norms_and_biases(tmp_path: Path) -> None:
 
 
 def test_one_cycle_steps_per_batch_and_unfrozen_groups_follow_the_head(tmp_path: Path) -> None:
-    module = model(scheduler=ONECYCLE)
-    _, rec = fit(module, Gradual(unfreeze_at_epoch=1), tmp_path)
+    module = tiny(scheduler=ONECYCLE)
+    _, rec = fit_recording(module, Gradual(unfreeze_at_epoch=1), tmp_path)
     heads = [lrs(step)["head"] for step in rec.step_groups]
     assert len(set(heads)) == len(heads) == 9  # a new lr every batch
     assert max(heads) == pytest.approx(LR, rel=0.05)
@@ -284,11 +247,13 @@ def test_gradual_resumes_before_and_after_the_unfreeze(tmp_path: Path, resume_af
     """Stop after epoch `resume_after` (before / after the unfreeze at epoch 1), resume to 3 epochs:
     the param groups, lrs and trainable blocks match an uninterrupted run, and the optimizer's
     momentum for the backbone survives."""
-    _, straight = fit(model(), Gradual(unfreeze_at_epoch=1), tmp_path / "straight", epochs=3)
-    fit(model(), Gradual(unfreeze_at_epoch=1), tmp_path / "a", epochs=3, checkpoints=True)
+    _, straight = fit_recording(tiny(), Gradual(unfreeze_at_epoch=1), tmp_path / "straight", epochs=3)
+    fit_recording(tiny(), Gradual(unfreeze_at_epoch=1), tmp_path / "a", epochs=3, checkpoints=True)
     checkpoint = str(next((tmp_path / "a" / "ckpt").glob(f"epoch={resume_after}*.ckpt")))
-    resumed_model = model()
-    trainer, resumed = fit(resumed_model, Gradual(unfreeze_at_epoch=1), tmp_path / "b", ckpt_path=checkpoint)
+    resumed_model = tiny()
+    trainer, resumed = fit_recording(
+        resumed_model, Gradual(unfreeze_at_epoch=1), tmp_path / "b", ckpt_path=checkpoint
+    )
     for epoch in range(resume_after + 1, 3):
         assert resumed.grads[epoch] == straight.grads[epoch]
         assert names(resumed.groups[epoch]) == names(straight.groups[epoch])
@@ -328,21 +293,21 @@ def test_strategies_that_cannot_apply_to_the_run_are_config_errors(
     tmp_path: Path, strategy: L.Callback, message: str
 ) -> None:
     with pytest.raises(ConfigError, match=message):
-        fit(model(), strategy, tmp_path, epochs=3)
+        fit_recording(tiny(), strategy, tmp_path, epochs=3)
 
 
 def test_an_unfreeze_after_the_last_epoch_is_refused(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError, match="unfreezes at epoch 3, but this run stops after trainer.max_epochs=3"
     ):
-        fit(model(), Gradual(unfreeze_at_epoch=3), tmp_path, epochs=3)
+        fit_recording(tiny(), Gradual(unfreeze_at_epoch=3), tmp_path, epochs=3)
 
 
 def test_gradual_with_bn_train_trains_batchnorm_first_and_the_rest_at_the_unfreeze(tmp_path: Path) -> None:
-    module = model()
+    module = tiny()
     before = block_state(module)
 
-    _, rec = fit(module, Gradual(unfreeze_at_epoch=1, bn="train"), tmp_path, epochs=2)
+    _, rec = fit_recording(module, Gradual(unfreeze_at_epoch=1, bn="train"), tmp_path, epochs=2)
     assert not any(rec.grads[0].values()) and all(rec.grads[1].values())
     assert names(rec.groups[0]) == ["head"] + [f"backbone.{b}.bn" for b in BLOCKS]
     assert names(rec.groups[1]) == names(rec.groups[0]) + [f"backbone.{b}" for b in BLOCKS]
@@ -403,9 +368,9 @@ def test_a_mid_epoch_resume_trains_what_the_uninterrupted_run_trains(tmp_path: P
     """Saved during epoch 2 (3 steps an epoch), after every unfreeze: from the resumed step on,
     the trainable parameters, BatchNorm modes and param groups are the straight run's."""
     straight, saved = StepState(), tmp_path / "mid.ckpt"
-    run(model(), [strategy(), straight, SaveAt(7, saved)], tmp_path / "a")
+    fit(tiny(), tmp_path / "a", [strategy(), straight, SaveAt(7, saved)], epochs=3)
     resumed = StepState()
-    run(model(), [strategy(), resumed], tmp_path / "b", ckpt_path=str(saved))
+    fit(tiny(), tmp_path / "b", [strategy(), resumed], epochs=3, ckpt_path=str(saved))
     assert min(resumed.steps) == 7 and max(resumed.steps) == max(straight.steps) == 8
     for step in resumed.steps:
         assert resumed.steps[step] == straight.steps[step], f"step {step}"

@@ -8,48 +8,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import SGD, TINY_MODEL, fit, tiny
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from transferkit.checkpoints import load_model
 from transferkit.errors import ConfigError
 from transferkit.finetune import Freeze
 from transferkit.module import TransferModule
-
-SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "momentum": 0.9}
-STEPLR = {"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 1, "gamma": 0.5}
-
-
-def random_loader(n: int = 24, classes: int = 3, size: int = 32) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 3, size, size, generator=g) * 2 + 1  # far from BN's initial statistics
-    y = torch.randint(0, classes, (n,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=8)
-
-
-def fit(
-    model: L.LightningModule, tmp_path: Path, epochs: int = 2, spies: tuple[L.Callback, ...] = ()
-) -> L.Trainer:
-    """A short CPU fit with the freeze strategy (and any spy callbacks)."""
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[Freeze(), *spies],
-    )
-    trainer.fit(model, random_loader(), random_loader(12))
-    return trainer
-
-
-def tiny(**kwargs) -> TransferModule:
-    return TransferModule(
-        TINY_MODEL, ["a", "b", "c"], weights=None, optimizer=SGD, scheduler=STEPLR, **kwargs
-    )
 
 
 def test_frozen_backbone_is_bit_identical_after_real_optimizer_steps(tmp_path: Path) -> None:
@@ -57,7 +22,7 @@ def test_frozen_backbone_is_bit_identical_after_real_optimizer_steps(tmp_path: P
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.backbone.modules())
     backbone_before = copy.deepcopy(model.backbone.state_dict())  # weights and BN buffers
     head_before = copy.deepcopy(model.head.state_dict())
-    trainer = fit(model, tmp_path)
+    trainer = fit(model, tmp_path, callbacks=(Freeze(),))
     assert trainer.global_step == 6
     for name, tensor in model.backbone.state_dict().items():
         assert torch.equal(tensor, backbone_before[name]), f"{name} moved"
@@ -76,7 +41,7 @@ def test_no_backbone_module_trains_during_fit(tmp_path: Path) -> None:
             modes.append(any(m.training for m in pl_module.backbone.modules()))
 
     model = tiny()
-    fit(model, tmp_path, spies=(Spy(),))
+    fit(model, tmp_path, callbacks=(Freeze(), Spy()))
     assert modes and not any(modes)
     x = torch.randn(4, 3, 32, 32) * 3
     model.train()
@@ -87,7 +52,7 @@ def test_no_backbone_module_trains_during_fit(tmp_path: Path) -> None:
 
 def test_train_mode_never_wakes_the_frozen_backbone(tmp_path: Path) -> None:
     model = tiny()
-    fit(model, tmp_path, epochs=1)
+    fit(model, tmp_path, callbacks=(Freeze(),), epochs=1)
     model.train()
     assert model.training and model.head.training
     assert not any(m.training for m in model.backbone.modules())
@@ -105,7 +70,7 @@ def test_frozen_backbone_runs_without_autograd() -> None:
 
 
 def test_metrics_and_lr_schedule_are_logged_with_contract_names(tmp_path: Path) -> None:
-    trainer = fit(tiny(), tmp_path, epochs=2)
+    trainer = fit(tiny(), tmp_path, callbacks=(Freeze(),), epochs=2)
     logged = set(trainer.callback_metrics)
     assert {"train/loss", "train/acc", "train/f1", "val/loss", "val/acc", "val/f1", "val/acc_best"} <= logged
     assert "val/acc_top5" not in logged  # only with 5 or more classes
@@ -128,7 +93,7 @@ def test_val_acc_best_is_the_running_maximum(tmp_path: Path) -> None:
                 (float(trainer.callback_metrics["val/acc"]), float(trainer.callback_metrics["val/acc_best"]))
             )
 
-    fit(model, tmp_path, epochs=3, spies=(Record(),))  # with Lightning's 2-batch sanity check
+    fit(model, tmp_path, callbacks=(Freeze(), Record()), epochs=3, num_sanity_val_steps=2)  # sanity check on
     assert len(seen) == 4
     sanity, fitted = seen[0], seen[1:]
     for i, (_, best) in enumerate(fitted):
@@ -138,7 +103,7 @@ def test_val_acc_best_is_the_running_maximum(tmp_path: Path) -> None:
 
 def test_checkpoint_rebuilds_the_model_alone(tmp_path: Path) -> None:
     model = tiny(preprocessing={"image_size": 40, "mean": [0.1, 0.2, 0.3]})
-    trainer = fit(model, tmp_path, epochs=1)
+    trainer = fit(model, tmp_path, callbacks=(Freeze(),), epochs=1)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
     restored = load_model(path)

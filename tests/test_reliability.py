@@ -9,25 +9,23 @@ import errno
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import PIL
 import pytest
 import torch
-from conftest import ROOT, TINY_MODEL, make_image_folder, offline_env
+from conftest import ROOT, TINY_MODEL, fit, make_image_folder, offline_env, tiny
 from fsspec.implementations.local import LocalFileOpener
 from PIL import Image
-from test_module import fit, tiny
 
 from transferkit.data import scan
 from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.data.images import load_rgb
 from transferkit.errors import ConfigError, DataError, TrainingDiverged
+from transferkit.finetune import Freeze
 from transferkit.interrupts import Interrupted
 from transferkit.tasks.common import write_json
 from transferkit.tasks.train import train
@@ -288,7 +286,7 @@ def test_a_checkpoint_write_that_dies_leaves_the_previous_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Lightning writes a checkpoint to a temporary file and moves it into place at the end."""
-    trainer = fit(tiny(), tmp_path, epochs=1)
+    trainer = fit(tiny(), tmp_path, callbacks=(Freeze(),), epochs=1)
     path = tmp_path / "last.ckpt"
     trainer.save_checkpoint(path)
     before = path.read_bytes()
@@ -301,17 +299,6 @@ def test_a_checkpoint_write_that_dies_leaves_the_previous_checkpoint(
         trainer.save_checkpoint(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".ckpt"] == ["last.ckpt"]
-
-
-class SendSignal(L.Callback):
-    """Test helper, also used by config (`+callbacks.signal._target_=test_reliability.SendSignal`)."""
-
-    def __init__(self, at_step: int, signum: int = signal.SIGUSR1) -> None:
-        self.at_step, self.signum = at_step, signum
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
-        if trainer.global_step == self.at_step:
-            os.kill(os.getpid(), self.signum)
 
 
 @pytest.mark.slow
@@ -331,7 +318,7 @@ def test_same_seed_same_numbers_and_an_interrupted_run_resumes_to_them(
 
     interrupted = compose_train(
         tmp_path / "c",
-        [*common, "+callbacks.signal._target_=test_reliability.SendSignal", "+callbacks.signal.at_step=13"],
+        [*common, "+callbacks.signal._target_=conftest.SendSignal", "+callbacks.signal.at_step=13"],
     )
     with pytest.raises(Interrupted):
         train(interrupted)

@@ -15,10 +15,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import ROOT, TINY_MODEL, compose_task, offline_env
-from test_module import fit, tiny
+from conftest import ROOT, TINY_MODEL, SendSignal, compose_task, fit, offline_env, tiny
 
 from transferkit.errors import ConfigError
+from transferkit.finetune import Freeze
 from transferkit.interrupts import CheckpointOnInterrupt, Interrupted, exit_code
 from transferkit.tasks.train import resolve_checkpoint
 
@@ -67,20 +67,11 @@ def test_resume_refuses_what_is_not_there(tmp_path: Path) -> None:
         resolve_checkpoint(compose_task("train", tmp_path, [f"ckpt_path={tmp_path / 'nope.ckpt'}"]))
 
 
-class SendSignal(L.Callback):
-    def __init__(self, at_batch: int, signum: int) -> None:
-        self.at_batch, self.signum = at_batch, signum
-
-    def on_train_batch_start(self, trainer: L.Trainer, module, batch, batch_idx: int) -> None:
-        if trainer.global_step == self.at_batch:
-            os.kill(os.getpid(), self.signum)
-
-
 def test_sigusr1_saves_last_ckpt_after_the_current_batch(tmp_path: Path) -> None:
     model = tiny()
     saver = CheckpointOnInterrupt(tmp_path / "checkpoints")
     with pytest.raises(Interrupted) as raised:
-        fit(model, tmp_path, epochs=5, spies=(saver, SendSignal(4, signal.SIGUSR1)))
+        fit(model, tmp_path, callbacks=(Freeze(), saver, SendSignal(4)), epochs=5)
     assert exit_code(raised.value) == 128 + signal.SIGUSR1
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 5  # batch 4 finished, then it stopped

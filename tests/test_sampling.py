@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -157,17 +155,6 @@ def test_a_balanced_draw_is_shared_out_too() -> None:
     assert interleaved(keys) == shards(12, 1, epoch=1, weights=weights)[0]
 
 
-class SignalAtStep(L.Callback):
-    """SIGUSR1 to this process at a global step: what SLURM sends before a time limit."""
-
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
-        if trainer.global_step == self.at_step:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-
 def fingerprint(image: torch.Tensor) -> str:
     """Tells samples apart: their augmented pixels are a function of (seed, epoch, index)."""
     return hashlib.sha1(image.cpu().numpy().tobytes()).hexdigest()[:16]
@@ -286,7 +273,7 @@ def test_a_run_resumed_with_another_batch_size_trains_exactly_the_rest_of_the_ep
     logs = {name: tmp_path / f"{name}.jsonl" for name in ("full", "part", "rest")}
     batch4 = [*common, "data.batch_size=4", "data.num_workers=0"]
     train(compose_train(tmp_path / "a", [*batch4, f"+callbacks.record.path={logs['full']}"]))
-    signalled = ["+callbacks.signal._target_=test_sampling.SignalAtStep", "+callbacks.signal.at_step=12"]
+    signalled = ["+callbacks.signal._target_=conftest.SendSignal", "+callbacks.signal.at_step=12"]
     with pytest.raises(Interrupted):
         train(compose_train(tmp_path / "b", [*batch4, *signalled, f"+callbacks.record.path={logs['part']}"]))
     checkpoint = torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
