@@ -4,12 +4,14 @@ network that is never reachable (so no test can download)."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -81,6 +83,17 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def main_exits(
+    main: Callable[[DictConfig], Any], cfg: DictConfig, caplog: pytest.LogCaptureFixture
+) -> tuple[int, list[str]]:
+    """Run a task's `main` (the entry point behind `python <task>.py`) in process on a config that
+    must fail: its exit code and the error lines it logged, which the command line shows."""
+    caplog.clear()
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exited:
+        main(cfg)
+    return exited.value.code, [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def make_image_folder(

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_task, make_image_folder, run_cli
+from conftest import compose_task, main_exits, make_image_folder
 from PIL import Image
 
 from transferkit.errors import ConfigError, DataError
-from transferkit.tasks.eval import evaluate
+from transferkit.tasks.eval import evaluate, main
 from transferkit.tasks.train import train
 
 SHARED = ("loss", "acc", "f1")
@@ -143,9 +143,7 @@ def test_an_exported_model_is_not_a_checkpoint(tmp_path: Path) -> None:
         evaluate(compose_task("eval", tmp_path, [f"ckpt_path={onnx}"]))
 
 
-@pytest.mark.slow
-def test_cli_eval_bad_input_exits_2_with_one_line(tmp_path: Path) -> None:
-    """(A good run from the command line: tests/test_readme.py.)"""
-    bad = run_cli("eval.py", "ckpt_path=missing.ckpt", cwd=tmp_path)
-    assert bad.returncode == 2 and "ckpt_path=missing.ckpt does not exist" in bad.stdout + bad.stderr
-    assert "Traceback" not in bad.stdout + bad.stderr
+def test_eval_bad_input_exits_2_with_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """What `python eval.py` does (a good command-line run: tests/test_readme.py)."""
+    code, errors = main_exits(main, compose_task("eval", tmp_path, ["ckpt_path=missing.ckpt"]), caplog)
+    assert code == 2 and len(errors) == 1 and "ckpt_path=missing.ckpt does not exist" in errors[0]

@@ -9,14 +9,14 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
-from conftest import CONF, compose_task, run_cli
+from conftest import CONF, compose_task, main_exits
 
 from transferkit import exporting
 from transferkit.checkpoints import load_model
 from transferkit.errors import ConfigError, ExportError
 from transferkit.exporting import EXPORTERS, Classifier, load_exported, parity
 from transferkit.module import TransferModule
-from transferkit.tasks.export import export
+from transferkit.tasks.export import export, main
 
 
 def test_onnx_export_with_its_metadata_and_a_dynamic_batch(trained_run: dict, tmp_path: Path) -> None:
@@ -122,8 +122,10 @@ def test_every_model_config_exports_with_parity(config: str, name: str, tmp_path
         assert parity(net, load_exported(path), images) <= 1e-4, (config, format)
 
 
-@pytest.mark.slow
-def test_cli_export_of_an_unknown_format_exits_2(trained_run: dict, tmp_path: Path) -> None:
-    """(A good run from the command line: tests/test_readme.py.)"""
-    bad = run_cli("export.py", f"ckpt_path={trained_run['best_model_path']}", "format=tflite", cwd=tmp_path)
-    assert bad.returncode == 2 and "format=tflite is not supported" in bad.stdout + bad.stderr
+def test_export_of_an_unknown_format_exits_2_with_one_line(
+    trained_run: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What `python export.py` does (a good command-line run: tests/test_readme.py)."""
+    cfg = compose_task("export", tmp_path, [f"ckpt_path={trained_run['best_model_path']}", "format=tflite"])
+    code, errors = main_exits(main, cfg, caplog)
+    assert code == 2 and len(errors) == 1 and "format=tflite is not supported" in errors[0]

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_task, run_cli
+from conftest import compose_task, main_exits
 
 from transferkit.checkpoints import load_model
 from transferkit.data.images import load_rgb
 from transferkit.errors import ConfigError
 from transferkit.features import precision
 from transferkit.tasks.export import export
-from transferkit.tasks.predict import predict
+from transferkit.tasks.predict import main, predict
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -187,11 +187,12 @@ def test_predict_refuses_what_cannot_work(trained_run: dict, tmp_path: Path) -> 
             predict(compose_task("predict", tmp_path / "run_dir", overrides))
 
 
-@pytest.mark.slow
-def test_cli_predict_on_an_empty_folder_exits_2(trained_run: dict, tmp_path: Path) -> None:
-    """(A good run from the command line: tests/test_readme.py.)"""
+def test_predict_on_an_empty_folder_exits_2_with_one_line(
+    trained_run: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What `python predict.py` does (a good command-line run: tests/test_readme.py)."""
     (tmp_path / "empty").mkdir()
     ckpt = f"ckpt_path={trained_run['best_model_path']}"
-    bad = run_cli("predict.py", ckpt, f"input={tmp_path / 'empty'}", cwd=tmp_path)
-    assert bad.returncode == 2 and "is an empty folder" in bad.stdout + bad.stderr
-    assert "Traceback" not in bad.stdout + bad.stderr
+    cfg = compose_task("predict", tmp_path, [ckpt, f"input={tmp_path / 'empty'}"])
+    code, errors = main_exits(main, cfg, caplog)
+    assert code == 2 and len(errors) == 1 and "is an empty folder" in errors[0]

@@ -9,16 +9,16 @@ import errno
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import PIL
 import pytest
 import torch
-from conftest import ROOT, TINY_MODEL, fit, make_image_folder, offline_env, tiny
+from conftest import CONF, fit, make_image_folder, tiny
 from fsspec.implementations.local import LocalFileOpener
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from PIL import Image
 
 from transferkit.data import scan
@@ -347,28 +347,25 @@ def epoch_metrics(run: Path) -> dict[tuple[str, str], str]:
     }
 
 
-@pytest.mark.slow
-def test_an_earlier_run_directory_is_never_written_into(tmp_path: Path, image_folder: Path) -> None:
-    run_dir = tmp_path / "my_run"
-    args = [
-        sys.executable, str(ROOT / "train.py"), f"paths.root_dir={tmp_path}", "data=imagefolder",
-        f"data.root={image_folder}", "data.image_size=32", "data.num_workers=0", f"model.name={TINY_MODEL}",
-        "model.weights=null", "trainer=cpu", "trainer.max_epochs=1", f"hydra.run.dir={run_dir}",
-    ]  # fmt: skip
-    first = subprocess.run(args, cwd=tmp_path, env=offline_env(), capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+def test_an_earlier_run_directory_is_never_written_into(
+    compose_train, tmp_path: Path, tiny_overrides: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """`hydra.run.dir=<an earlier run>` stops before Hydra writes anything (the check is a Hydra
+    callback on run start); resuming that run with ckpt_path is allowed."""
+    train(compose_train(tmp_path, [*tiny_overrides, "trainer.max_epochs=1"]))
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir()  # what Hydra leaves in every run directory
+
+    def on_run_start(directory: Path, *overrides: str) -> None:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+            cfg = compose("train", [f"hydra.run.dir={directory}", *overrides], return_hydra_config=True)
+        (callback,) = [c for c in cfg.hydra.callbacks.values() if c._target_.endswith("KeepExistingRuns")]
+        instantiate(callback).on_run_start(cfg)
+
     kept = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    again = subprocess.run(
-        [*args, "optimizer.lr=0.5"],
-        cwd=tmp_path,
-        env=offline_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert again.returncode == 2
-    assert (
-        "already holds a run" in again.stdout + again.stderr
-        and "Traceback" not in again.stdout + again.stderr
-    )
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exited:
+        on_run_start(run_dir, "optimizer.lr=0.5")
+    assert exited.value.code == 2 and "already holds a run" in caplog.text
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == kept
+    on_run_start(run_dir, f"ckpt_path={run_dir}/checkpoints/last.ckpt")  # resuming it: no exit
+    on_run_start(tmp_path / "new")  # a new directory: no exit

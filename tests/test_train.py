@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, make_image_folder, offline_env, run_cli
+from conftest import CONF, TINY_MODEL, compose_task, main_exits, make_image_folder, run_cli
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 
 from transferkit.checkpoints import load_model
 from transferkit.errors import ConfigError, DataError, WeightsError
-from transferkit.tasks.train import train
+from transferkit.tasks.train import main, train
 
 
 def val_acc_per_epoch(metrics_csv: Path) -> list[float]:
@@ -165,59 +166,26 @@ def test_config_values_that_cannot_work_are_user_errors(
             train(cfg)
 
 
-# ---- the command line, as users run it ------------------------------------------------------
+# ---- what users see from the command line --------------------------------------------------
+# The README walk-through (tests/test_readme.py) is the real command-line run of every entry
+# point; here one bad input goes through a real `python train.py`, and every other error
+# through the same `main` in process.
 
 
-@pytest.mark.slow
-def test_cli_trains_into_the_given_run_dir(tmp_path: Path, image_folder: Path) -> None:
-    run_dir = tmp_path / "my_run"
-    proc = run_cli(
-        "train.py",
-        "data=imagefolder",
-        f"data.root={image_folder}",
-        "data.image_size=32",
-        "data.num_workers=1",
-        "model.name=timm:test_efficientnet",
-        "model.weights=null",
-        "trainer=cpu",
-        "trainer.max_epochs=1",
-        f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert json.loads((run_dir / "results.json").read_text())["epochs"] == 1
-    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "train.log").is_file()
-    assert (run_dir / "metrics.csv").is_file()
-    assert "Results" in proc.stdout and "val/acc" in proc.stdout
+def test_each_run_gets_its_own_default_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs started in the same second differ by the process's random run id."""
+    from transferkit.tasks import common
 
-
-@pytest.mark.slow
-def test_cli_default_run_dirs_are_unique(tmp_path: Path, image_folder: Path) -> None:
-    args = (
-        "data=imagefolder",
-        f"data.root={image_folder}",
-        "model.name=timm:test_efficientnet",
-        "model.weights=null",
-        "trainer=cpu",
-        "trainer.max_epochs=1",
-        "trainer.limit_train_batches=1",
-        "trainer.limit_val_batches=1",
-        "data.num_workers=0",
-        "data.image_size=32",
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(ROOT / "train.py"), f"paths.root_dir={tmp_path}", *args],
-            cwd=tmp_path,
-            env=offline_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(2)
-    ]
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
-    runs = sorted((tmp_path / "logs" / "train" / "runs").iterdir())
-    assert len(runs) == 2 and all((r / "results.json").is_file() for r in runs)
+    own = common._RUN_ID  # drawn with secrets.token_hex when the process imported the module
+    dirs = []
+    for run_id in ("aaaaaa", "bbbbbb"):
+        monkeypatch.setattr(common, "_RUN_ID", run_id)
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+            cfg = compose("train", return_hydra_config=True)
+        dirs.append(Path(cfg.hydra.run.dir))
+    assert dirs[0].name.endswith("_aaaaaa") and dirs[1].name.endswith("_bbbbbb")
+    assert dirs[0].parent == dirs[1].parent and dirs[0].parent.parts[-2:] == ("train", "runs")
+    assert re.fullmatch(r"[0-9a-f]{6}", own)
 
 
 def _bad_image_folder(tmp_path: Path) -> Path:
@@ -226,9 +194,13 @@ def _bad_image_folder(tmp_path: Path) -> Path:
     return root
 
 
-# One case per kind of failure as users meet it on the command line (exit code, one line, no
-# traceback); the other data and weights errors are checked in-process (test_data, test_backbones,
-# test_reliability).
+def _mismatched(tmp_path: Path) -> Path:
+    root = make_image_folder(tmp_path / "m", classes=("a", "b"), splits={"train": 2}, size=32)
+    return make_image_folder(root, classes=("a", "c"), splits={"val": 1}, size=32)
+
+
+# One case per kind of failure as users meet it (exit code 2, the message on one line); the other
+# data and weights errors are checked at their boundary (test_data, test_backbones, test_reliability).
 BAD_INPUTS = {
     "class mismatch": (lambda t: ["data=imagefolder", f"data.root={_mismatched(t)}"], "different classes"),
     "undecodable image": (
@@ -236,7 +208,7 @@ BAD_INPUTS = {
             "data=imagefolder",
             f"data.root={_bad_image_folder(t)}",
             "data.num_workers=1",
-            "model.name=timm:test_efficientnet",
+            f"model.name={TINY_MODEL}",
             "model.weights=null",
             "data.image_size=32",
             "trainer.max_epochs=1",
@@ -246,43 +218,45 @@ BAD_INPUTS = {
     "unknown model": (lambda t: ["model.name=resnet19"], "Did you mean: resnet18"),
     "weights offline": (lambda t: ["model=resnet18", "model.weights=DEFAULT"], "model.weights=null"),
     "root unset": (lambda t: ["data=imagefolder"], "data.root must be set"),
-    "unknown key": (lambda t: ["optimizer.lrr=0.1"], "Could not override 'optimizer.lrr'"),
-    "unknown option": (lambda t: ["model=resnet9000"], "Could not find 'model/resnet9000'"),
 }
 
 
-def _mismatched(tmp_path: Path) -> Path:
-    root = make_image_folder(tmp_path / "m", classes=("a", "b"), splits={"train": 2}, size=32)
-    return make_image_folder(root, classes=("a", "c"), splits={"val": 1}, size=32)
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_ends_with_one_clear_line_and_exit_code_2(
+    tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_args, expected = BAD_INPUTS[case]
+    cfg = compose_task("train", tmp_path, [*make_args(tmp_path), "trainer=cpu"])
+    code, errors = main_exits(main, cfg, caplog)
+    assert code == 2
+    assert [line for line in errors if expected in line] == errors and len(errors) == 1, errors
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [("optimizer.lrr=0.1", "Could not override 'optimizer.lrr'"), ("model=resnet9000", "'model/resnet9000'")],
+)
+def test_unknown_keys_and_options_are_refused_by_name(tmp_path: Path, override: str, expected: str) -> None:
+    """Hydra refuses these before the task starts (from the command line: its one-line error, exit 1)."""
+    with pytest.raises(HydraException, match=re.escape(expected)):
+        compose_task("train", tmp_path, [override])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_cli_bad_input_ends_with_one_clear_line(tmp_path: Path, case: str) -> None:
-    make_args, expected = BAD_INPUTS[case]
+def test_cli_bad_input_ends_with_one_clear_line(tmp_path: Path) -> None:
+    """The real `python train.py` of a bad input: Hydra's logging shows the one line, no traceback."""
+    make_args, expected = BAD_INPUTS["class mismatch"]
     proc = run_cli("train.py", *make_args(tmp_path), "trainer=cpu", cwd=tmp_path)
     output = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert expected in output, output[-3000:]
+    assert proc.returncode == 2, output[-3000:]
     assert "Traceback" not in output
-    error_lines = [line for line in output.splitlines() if expected in line]
-    assert len(error_lines) == 1, output[-3000:]
-    if case not in ("unknown key", "unknown option"):
-        assert proc.returncode == 2
+    assert len([line for line in output.splitlines() if expected in line]) == 1, output[-3000:]
 
 
 @pytest.mark.slow
-def test_default_experiment_reaches_90_percent_on_the_demo(tmp_path: Path) -> None:
+def test_default_experiment_reaches_90_percent_on_the_demo(compose_train, tmp_path: Path) -> None:
     """`python train.py` as shipped (demo data, shipped Lite0 weights), shortened to 3 epochs."""
-    proc = run_cli(
-        "train.py",
-        "trainer.max_epochs=3",
-        "callbacks.rich_progress_bar=null",
-        f"hydra.run.dir={tmp_path}/run",
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    results = train(compose_train(tmp_path, ["trainer.max_epochs=3", "callbacks.rich_progress_bar=null"]))
     assert results["val/acc"] >= 0.9 and len(results["class_names"]) == 5
     assert (
         torch.load(results["best_model_path"], weights_only=True)["hyper_parameters"]["weights"] == "shipped"
