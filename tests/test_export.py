@@ -52,7 +52,7 @@ def test_torchscript_export_loads_without_transferkit_classes(trained_run: dict,
     assert json.loads((tmp_path / "run" / "model.json").read_text())["format"] == "torchscript"
 
 
-def test_a_failed_parity_check_writes_nothing(
+def test_a_failed_parity_check_writes_nothing(  # the check is the same for both formats
     trained_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def drifting(path: Path):
@@ -62,7 +62,9 @@ def test_a_failed_parity_check_writes_nothing(
     monkeypatch.setattr("transferkit.tasks.export.load_exported", drifting)
     output = tmp_path / "exported"
     cfg = compose_task(
-        "export", tmp_path, [f"ckpt_path={trained_run['best_model_path']}", "format=onnx", f"output={output}"]
+        "export",
+        tmp_path,
+        [f"ckpt_path={trained_run['best_model_path']}", "format=torchscript", f"output={output}"],
     )
     with pytest.raises(ExportError, match=r"differ from PyTorch's by 1\.00e-03 .* nothing was written"):
         export(cfg)
@@ -74,7 +76,9 @@ def test_parity_uses_given_images_or_says_it_used_random_ones(trained_run: dict,
     test_dir = Path(trained_run["data_root"]) / "test"
     given = export(
         compose_task(
-            "export", tmp_path / "a", [f"ckpt_path={ckpt}", f"parity.images={test_dir}", "parity.count=3"]
+            "export",
+            tmp_path / "a",
+            [f"ckpt_path={ckpt}", "format=torchscript", f"parity.images={test_dir}", "parity.count=3"],
         )
     )
     assert given["parity_checked_on"] == f"3 images from {test_dir}"
@@ -82,7 +86,7 @@ def test_parity_uses_given_images_or_says_it_used_random_ones(trained_run: dict,
     checkpoint = torch.load(ckpt, weights_only=True)
     checkpoint["transferkit"]["data"] = None  # the training data is unknown
     torch.save(checkpoint, orphan)
-    random = export(compose_task("export", tmp_path / "b", [f"ckpt_path={orphan}"]))
+    random = export(compose_task("export", tmp_path / "b", [f"ckpt_path={orphan}", "format=torchscript"]))
     assert random["parity_checked_on"] == "random inputs" and random["parity_max_abs_diff"] <= 1e-4
 
 
