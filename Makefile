@@ -19,11 +19,15 @@ install: $(VENV)/.installed ## Create .venv and install transferkit (editable) w
 train: install ## Train the default experiment (demo data, EfficientNet-Lite0, no network)
 	$(BIN)/python train.py $(ARGS)
 
-test: install ## Run every test that guards behaviour (what CI runs)
-	$(BIN)/pytest -m "not models"
+# One pytest worker per core (at most 4: each holds torch, about 1.5 GB); PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= auto
+XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --maxprocesses 4 --dist worksteal)
 
-test-fast: install ## Run the tests not marked slow: the one to run while editing
-	$(BIN)/pytest -m "not slow and not models"
+test: install ## Run every test that guards behaviour (what CI runs)
+	$(BIN)/pytest $(XDIST) -m "not models"
+
+test-fast: install ## Run the tests not marked slow, in about a minute: the one to run while editing
+	$(BIN)/pytest $(XDIST) -m "not slow and not models"
 
 test-models: install ## Export every full-size model config in every format, with parity (minutes)
 	$(BIN)/pytest -m models

@@ -38,6 +38,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test` runs one worker per core), each worker gets its share of
+    the cores: torch's default of one thread per core in every worker would oversubscribe them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(autouse=True)
 def cpu_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """The suite must pass on both kinds of CPU CI gets; `--cpu-bf16` shows the other kind here
@@ -68,6 +76,8 @@ def offline_env() -> dict[str, str]:
     env["HF_HUB_OFFLINE"] = "1"
     env.pop("NO_PROXY", None)
     env.pop("no_proxy", None)
+    if "PYTEST_XDIST_WORKER" in env:  # the worker's share of the cores, as in process
+        env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     return env
 
 
