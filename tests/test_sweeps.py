@@ -7,6 +7,7 @@ import errno
 import json
 import multiprocessing
 import os
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,8 @@ from typing import Any
 import optuna
 import pytest
 import yaml
-from conftest import TINY_MODEL, run_cli
+from conftest import CONF, TINY_MODEL, run_cli
+from hydra import compose, initialize_config_dir
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -178,11 +180,25 @@ def test_the_board_is_still_rebuilt_where_flock_is_unavailable(
 TINY_RUN = (
     "data=imagefolder", "data.image_size=32", "data.num_workers=0", f"model.name={TINY_MODEL}",
     "model.weights=null", "trainer=cpu", "trainer.max_epochs=1", "callbacks.rich_progress_bar=null",
+    "callbacks.rich_model_summary=null", "logger=csv",
 )  # fmt: skip
 
 
+def run_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str, flags: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """`python train.py` from `tmp_path`, each process on one thread: the model is tiny, and
+    jobs that run side by side (submitit's) would otherwise spin 2 threads each on 2 cores."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # run_cli's environment is a copy of this one
+    return run_cli("train.py", *TINY_RUN, *args, cwd=tmp_path, flags=flags)
+
+
+def sweep_dirs(root: Path) -> set[Path]:
+    return set((root / "logs" / "train" / "multiruns").iterdir())
+
+
 def sweep_dir(root: Path) -> Path:
-    (found,) = (root / "logs" / "train" / "multiruns").iterdir()
+    (found,) = sweep_dirs(root)
     return found
 
 
@@ -191,13 +207,18 @@ def read_board(directory: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def read_yaml(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
 @pytest.mark.slow
 def test_a_2x2_multirun_writes_a_leaderboard_of_4_and_a_failed_job_does_not_stop_the_others(
-    tmp_path: Path, image_folder: Path
+    tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    proc = run_cli(
-        "train.py", *TINY_RUN, f"data.root={image_folder}",
-        "optimizer.lr=0.01,0.1", "data.batch_size=8,0", cwd=tmp_path, flags=("-m",),
+    """The basic launcher's one command-line run: jobs 1 and 3 fail, jobs 2 and 4 still train."""
+    proc = run_sweep(
+        tmp_path, monkeypatch, f"data.root={image_folder}", "optimizer.lr=0.01,0.1", "data.batch_size=8,0",
+        flags=("-m",),
     )  # fmt: skip
     assert proc.returncode != 0  # a job failed: the sweep says so at the end
     directory = sweep_dir(tmp_path)
@@ -205,6 +226,7 @@ def test_a_2x2_multirun_writes_a_leaderboard_of_4_and_a_failed_job_does_not_stop
     assert len(board) == 4
     assert [b["status"] for b in board] == ["ok", "ok", "failed", "failed"]
     assert all("data.batch_size=0 must be a positive integer" in b["error"] for b in board[2:])
+    assert sorted(b["job"] for b in board[2:]) == ["1", "3"]  # job 1 failed; jobs 2 and 3 still ran
     ok = board[:2]
     assert float(ok[0]["val/acc"]) >= float(ok[1]["val/acc"])
     assert {b["overrides"] for b in ok} == {
@@ -217,49 +239,55 @@ def test_a_2x2_multirun_writes_a_leaderboard_of_4_and_a_failed_job_does_not_stop
     assert (directory / "leaderboard.md").is_file()
 
 
+OPTUNA_PARAMS = {
+    "optimizer.lr", "optimizer.weight_decay", "data.batch_size", "finetune", "model.head.dropout",
+}  # fmt: skip
+
+
 @pytest.mark.slow
-def test_an_optuna_study_of_3_trials_reports_the_best_and_resumes_from_its_storage(
-    tmp_path: Path, image_folder: Path
+def test_an_optuna_study_records_a_failed_trial_reports_the_best_and_resumes_from_its_storage(
+    tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The optuna sweeper's command-line runs: a study of 3 trials whose 2nd fails (and the 3rd
+    still runs), then 1 more trial in the same study, from its storage, in a second process."""
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    search = ("hparams_search=optuna", "hydra.sweeper.n_trials=3", f"hydra.sweeper.storage={storage}")
-    proc = run_cli("train.py", *TINY_RUN, f"data.root={image_folder}", *search, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # The sampler is seeded by ${seed}: seed=7 draws data.batch_size 8, 0, 8 (0 fails: not a batch size).
+    study = (
+        f"data.root={image_folder}", "hparams_search=optuna", "seed=7", f"hydra.sweeper.storage={storage}",
+    )  # fmt: skip
+    proc = run_sweep(tmp_path, monkeypatch, *study, "hydra.sweeper.n_trials=3", "data.batch_size=choice(8,0)")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]  # a failed trial is not fatal
     directory = sweep_dir(tmp_path)
-    best = yaml.safe_load((directory / "optimization_results.yaml").read_text())
+    best = read_yaml(directory / "optimization_results.yaml")
     board = read_board(directory)
     assert len(board) == 3 and "Leaderboard" in proc.stdout
-    assert best["best_value"] == pytest.approx(max(float(b["val/acc"]) for b in board), abs=1e-4)
-    assert set(best["best_params"]) == {
-        "optimizer.lr", "optimizer.weight_decay", "data.batch_size", "finetune", "model.head.dropout",
-    }  # fmt: skip
-    again = run_cli(
-        "train.py", *TINY_RUN, f"data.root={image_folder}", search[0], "hydra.sweeper.n_trials=1", search[2],
-        cwd=tmp_path,
-    )  # fmt: skip
+    assert [b["status"] for b in board] == ["ok", "ok", "failed"]
+    assert board[2]["job"] == "1" and "data.batch_size=0" in board[2]["overrides"]  # recorded, then job 2 ran
+    assert "data.batch_size=0 must be a positive integer" in board[2]["error"]
+    assert all("data.batch_size=8" in b["overrides"] for b in board[:2])
+    assert best["best_value"] == pytest.approx(max(float(b["val/acc"]) for b in board[:2]), abs=1e-4)
+    assert set(best["best_params"]) == OPTUNA_PARAMS and best["best_params"]["data.batch_size"] == 8
+
+    # The added trial fails (data.batch_size fixed at 0): the run still exits 0, and the best it
+    # reports is the stored study's, which it could only know by loading the earlier trials.
+    again = run_sweep(tmp_path, monkeypatch, *study, "hydra.sweeper.n_trials=1", "data.batch_size=0")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    study = optuna.load_study(study_name="transferkit", storage=storage)
-    assert len(study.trials) == 4
+    (resumed,) = sweep_dirs(tmp_path) - {directory}
+    assert [(b["job"], b["status"]) for b in read_board(resumed)] == [("0", "failed")]
+    assert "data.batch_size=0" in read_board(resumed)[0]["overrides"]
+    assert read_yaml(resumed / "optimization_results.yaml") == best
+    trials = optuna.load_study(study_name="transferkit", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "FAIL"]
 
 
 @pytest.mark.slow
-def test_a_failed_optuna_trial_is_recorded_not_fatal(tmp_path: Path, image_folder: Path) -> None:
-    proc = run_cli(
-        "train.py", *TINY_RUN, f"data.root={image_folder}", "hparams_search=optuna",
-        "hydra.sweeper.n_trials=4", "data.batch_size=choice(8,0)", cwd=tmp_path,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    board = read_board(sweep_dir(tmp_path))
-    statuses = [b["status"] for b in board]
-    assert len(board) == 4 and "failed" in statuses and "ok" in statuses
-    assert all("data.batch_size=0" in b["overrides"] for b in board if b["status"] == "failed")
-
-
-@pytest.mark.slow
-def test_submitit_local_runs_2_jobs(tmp_path: Path, image_folder: Path) -> None:
-    proc = run_cli(
-        "train.py", *TINY_RUN, f"data.root={image_folder}", "hydra/launcher=submitit_local",
-        "hydra.launcher.timeout_min=5", "optimizer.lr=0.01,0.1", cwd=tmp_path, flags=("-m",),
+def test_submitit_local_runs_2_jobs(
+    tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The submitit launcher's one command-line run: each job in its own process."""
+    proc = run_sweep(
+        tmp_path, monkeypatch, f"data.root={image_folder}", "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=5", "optimizer.lr=0.01,0.1", flags=("-m",),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     directory = sweep_dir(tmp_path)
@@ -269,15 +297,14 @@ def test_submitit_local_runs_2_jobs(tmp_path: Path, image_folder: Path) -> None:
     assert (directory / ".submitit").is_dir()
 
 
-@pytest.mark.slow
-def test_the_slurm_launcher_config_composes(tmp_path: Path) -> None:
-    proc = run_cli(
-        "train.py", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4",
-        cwd=tmp_path, flags=("--cfg", "hydra", "--package", "hydra.launcher"),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    launcher = yaml.safe_load(proc.stdout)
+def test_the_slurm_launcher_config_composes() -> None:
+    """What `python train.py -m hydra/launcher=slurm ...` launches with, composed in process."""
+    overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert launcher["partition"] == "gpu" and launcher["gpus_per_node"] == 4
     assert launcher["tasks_per_node"] == "${.gpus_per_node}"  # one process per GPU
+    assert cfg.hydra.launcher.tasks_per_node == 4
     assert launcher["timeout_min"] == 240 and launcher["nodes"] == 1 and launcher["mem_gb"] == 64
