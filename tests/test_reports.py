@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 from transferkit.data.images import load_rgb
 from transferkit.errors import DataError
 from transferkit.reports import (
+    _draw_confusion_matrix,
     confusion_matrix,
     most_confident_mistakes,
     per_class_report,
@@ -93,6 +95,37 @@ def test_confusion_matrix_png_grows_with_the_number_of_classes(tmp_path: Path) -
     rows = read_csv(big_csv)
     assert len(rows) == 51 and rows[0][1:] == names
     assert [int(v) for v in rows[7][1:]] == many[6].tolist()
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["a", "b"],
+        [f"n{i}" if i % 3 else f"Very Long Class Name Number {i} (with extras)" for i in range(10)],
+        [f"class_with_a_long_name_{i:02d}" for i in range(12)],
+    ],
+    ids=["short", "long-45deg", "long-90deg"],
+)
+def test_confusion_matrix_labels_all_lie_inside_the_picture(names: list[str]) -> None:
+    """The margins are measured from the text, not found by a layout engine: no label is clipped."""
+    figure = _draw_confusion_matrix(torch.ones(len(names), len(names), dtype=torch.long), names)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    width, height = canvas.get_width_height()
+    texts = [
+        text
+        for ax in figure.axes
+        for text in (*ax.get_xticklabels(), *ax.get_yticklabels(), ax.title, ax.xaxis.label, ax.yaxis.label)
+        if text.get_text()
+    ]
+    assert len(texts) >= 2 * len(names) + 4  # tick labels, title, axis labels, colour bar label
+    clipped = []
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        if box.x0 < -0.5 or box.y0 < -0.5 or box.x1 > width + 0.5 or box.y1 > height + 0.5:
+            clipped.append(text.get_text())
+    assert not clipped
 
 
 def test_write_confusion_matrix_rejects_wrong_number_of_names(tmp_path: Path) -> None:
