@@ -29,7 +29,7 @@ test: install ## Run every test that guards behaviour (what CI runs)
 test-fast: install ## Run the tests not marked slow, in about a minute: the one to run while editing
 	$(BIN)/pytest $(XDIST) -m "not slow and not models"
 
-test-models: install ## Export every full-size model config in every format, with parity (minutes)
+test-models: install ## The minutes-long checks: every full-size model config exported with parity, inductor compile
 	$(BIN)/pytest -m models
 
 lint: install ## Check style with ruff

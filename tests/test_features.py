@@ -302,17 +302,40 @@ def test_bf16_mixed_trains_on_cpu(compose_train, tmp_path: Path, tiny_overrides:
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
 
 
-@pytest.mark.slow
-def test_compiled_backbone_trains_and_saves_a_plain_state_dict(
-    compose_train, tmp_path: Path, tiny_overrides: list[str]
-) -> None:
+def train_compiled(compose_train, root: Path, tiny_overrides: list[str]) -> None:
+    """model.compile=true trains, and its checkpoint holds the plain backbone's state dict."""
     # batches of 12 divide train (36) and val (12): one shape to compile per mode, not two
     compiled = ["model.compile=true", "finetune=partial", "data.batch_size=12", "trainer.max_epochs=1"]
-    results = train(compose_train(tmp_path, [*tiny_overrides, *compiled]))
+    results = train(compose_train(root, [*tiny_overrides, *compiled]))
     checkpoint = torch.load(results["best_model_path"], map_location="cpu", weights_only=True)
     assert not any("_orig_mod" in key or "_compiled" in key for key in checkpoint["state_dict"])
     model = load_model(results["best_model_path"])
     assert model.hparams.compile is True and 0.0 <= results["val/acc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_compiled_backbone_trains_and_saves_a_plain_state_dict(
+    compose_train, tmp_path: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our side of torch.compile (graph capture, training, the checkpoint), with the eager
+    backend: inductor's C++ code generation (a minute on 2 cores) runs in make test-models."""
+    compiled: list[torch.nn.Module] = []
+    real = torch.compile
+
+    def eager(module: torch.nn.Module, **kwargs):
+        compiled.append(module)
+        return real(module, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager)
+    train_compiled(compose_train, tmp_path, tiny_overrides)
+    assert len(compiled) == 1 and compiled[0].__class__.__name__ != "TransferModule"  # the backbone
+
+
+@pytest.mark.models
+def test_inductor_compiled_backbone_trains_and_saves_a_plain_state_dict(
+    compose_train, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    train_compiled(compose_train, tmp_path, tiny_overrides)
 
 
 def test_frozen_forward_on_cpu_runs_in_cache_sized_chunks() -> None:
