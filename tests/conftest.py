@@ -1,28 +1,22 @@
 """Shared fixtures: generated image folders, configs composed from the real conf/, and a
-network that is never reachable (so no test can download)."""
+network that is never reachable (so no test can download). Kept free of torch and Lightning
+imports, which every pytest-xdist controller would pay for; the helpers that need them are in
+helpers.py."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, open_dict
-from torch.utils.data import DataLoader, TensorDataset
-
-from transferkit.data.demo import SHAPES, draw_shape
-from transferkit.module import TransferModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -43,7 +37,16 @@ def pytest_configure(config: pytest.Config) -> None:
     the cores: torch's default of one thread per core in every worker would oversubscribe them."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
+        import torch
+
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs the shared trained run is slow: the run alone takes seconds per worker."""
+    for item in items:
+        if "trained_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
@@ -77,6 +80,8 @@ def offline_env() -> dict[str, str]:
     env.pop("NO_PROXY", None)
     env.pop("no_proxy", None)
     if "PYTEST_XDIST_WORKER" in env:  # the worker's share of the cores, as in process
+        import torch
+
         env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     return env
 
@@ -108,11 +113,13 @@ def main_exits(
 
 def make_image_folder(
     root: Path,
-    classes: tuple[str, ...] = SHAPES[:3],
+    classes: tuple[str, ...] = ("circle", "square", "triangle"),
     splits: dict[str, int] | None = None,
     size: int = 40,
 ) -> Path:
     """root/<split>/<class>/<n>.png with learnable pictures (a shape per class)."""
+    from transferkit.data.demo import SHAPES, draw_shape
+
     splits = splits or {"train": 12, "val": 4}
     for s, (split, n) in enumerate(splits.items()):
         for c, name in enumerate(classes):
@@ -178,63 +185,3 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     data = make_image_folder(root / "data", splits={"train": 12, "val": 4, "test": 4})
     overrides = tiny_run(data, epochs=3)
     return {**train(compose_task("train", root, overrides)), "data_root": str(data)}
-
-
-# ---- a LightningModule fitted without the tasks: the tiny model on random pictures ----------
-
-SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "momentum": 0.9}
-STEPLR = {"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 1, "gamma": 0.5}
-
-
-def random_loader(n: int = 24, size: int = 32, seed: int = 0, shuffle: bool = False) -> DataLoader:
-    """`n` random 3-class pictures, far from BatchNorm's initial statistics."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, size, size, generator=g) * 2 + 1
-    y = torch.randint(0, 3, (n,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=shuffle)
-
-
-def tiny(optimizer: dict = SGD, scheduler: dict | None = STEPLR, **kwargs) -> TransferModule:
-    """The tiny model for classes a, b, c, with the same initial weights every call."""
-    torch.manual_seed(0)
-    return TransferModule(
-        TINY_MODEL, ["a", "b", "c"], weights=None, optimizer=optimizer, scheduler=scheduler, **kwargs
-    )
-
-
-def fit(
-    module: L.LightningModule,
-    root: Path,
-    callbacks: tuple[L.Callback, ...] | list[L.Callback] = (),
-    epochs: int = 2,
-    ckpt_path: str | None = None,
-    **trainer_kwargs,
-) -> L.Trainer:
-    """A short, quiet CPU fit on random pictures (24 to train, 12 to validate): no logger, no
-    sanity check unless asked, checkpoints only where a ModelCheckpoint is among the callbacks."""
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=list(callbacks),
-        **{"num_sanity_val_steps": 0, **trainer_kwargs},
-    )
-    trainer.fit(module, random_loader(), random_loader(12, seed=1), ckpt_path=ckpt_path)
-    return trainer
-
-
-class SendSignal(L.Callback):
-    """Sends `signum` to this process as the training batch of `at_step` starts: what Ctrl-C, a
-    scheduler's SIGTERM or SLURM's SIGUSR1 does mid-epoch. Also a config target for the tasks
-    (`+callbacks.signal._target_=conftest.SendSignal +callbacks.signal.at_step=N`)."""
-
-    def __init__(self, at_step: int, signum: int = signal.SIGUSR1) -> None:
-        self.at_step, self.signum = at_step, signum
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
-        if trainer.global_step == self.at_step:
-            os.kill(os.getpid(), self.signum)

@@ -15,6 +15,7 @@ from transferkit.tasks.common import instantiate_group
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+SLOW_TO_BUILD = {("logger", "many"), ("logger", "mlflow")}  # importing MLflow takes seconds
 
 
 def test_design_groups_and_options_exist() -> None:
@@ -28,7 +29,13 @@ def test_design_groups_and_options_exist() -> None:
     assert "vgg16_dogs_cats" in options["experiment"] and "freeze" in options["finetune"]
 
 
-@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+@pytest.mark.parametrize(
+    "group, option",
+    [
+        pytest.param(g, o, id=f"{g}={o}", marks=[pytest.mark.slow] if (g, o) in SLOW_TO_BUILD else [])
+        for g, o in OPTIONS
+    ],
+)
 def test_every_option_composes(group: str, option: str, compose_train, tmp_path: Path) -> None:
     cfg = compose_train(tmp_path, [f"{group}={option}"])
     assert cfg.model.name and cfg.trainer._target_ == "lightning.pytorch.Trainer"

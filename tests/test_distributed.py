@@ -103,7 +103,7 @@ def test_a_ddp_run_interrupted_mid_epoch_and_resumed_trains_and_measures_what_on
         "trainer.max_epochs=3",
         "finetune.milestones=[1,2]",
     ]
-    signal = ["+callbacks.signal._target_=conftest.SendSignal", "+callbacks.signal.at_step=4"]
+    signal = ["+callbacks.signal._target_=helpers.SendSignal", "+callbacks.signal.at_step=4"]
     part = ddp_sim(tmp_path, data, *common, f"+callbacks.record.path={tmp_path / 'part.jsonl'}", *signal)
     assert part.returncode == 128 + 10, tail(part)  # SIGUSR1
     (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
@@ -150,6 +150,7 @@ def test_a_ddp_run_interrupted_mid_epoch_and_resumed_trains_and_measures_what_on
     assert {k: ddp[k] for k in measured} == pytest.approx({k: one[k] for k in measured}, rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_gpu_smoke_refuses_to_run_without_a_gpu() -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the script would run for real")

@@ -24,6 +24,7 @@ def read_rows(path: Path) -> list[list[str]]:
         return list(csv.reader(f))
 
 
+@pytest.mark.slow
 def test_eval_reproduces_the_training_metrics_and_writes_the_reports(
     trained_run: dict, tmp_path: Path
 ) -> None:
@@ -53,6 +54,7 @@ def test_eval_reproduces_the_training_metrics_and_writes_the_reports(
             assert image.format == "PNG" and min(image.size) >= 200
 
 
+@pytest.mark.slow
 def test_eval_on_val_matches_training_val(trained_run: dict, tmp_path: Path) -> None:
     results = evaluate(
         compose_task("eval", tmp_path, [f"ckpt_path={trained_run['best_model_path']}", "split=val"])
@@ -76,6 +78,7 @@ def test_eval_matches_a_run_whose_backbone_trained(
         assert results[f"val/{name}"] == pytest.approx(trained[f"val/{name}"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_eval_on_data_given_on_the_command_line(trained_run: dict, tmp_path: Path) -> None:
     """The training data moved: data.root points at its new place, with or without data=imagefolder."""
     moved = shutil.copytree(trained_run["data_root"], tmp_path / "moved")
@@ -91,6 +94,7 @@ def test_eval_on_data_given_on_the_command_line(trained_run: dict, tmp_path: Pat
         assert results["test/acc"] == pytest.approx(trained_run["test/acc"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_eval_refuses_what_cannot_work(trained_run: dict, tmp_path: Path) -> None:
     ckpt = trained_run["best_model_path"]
     other_classes = make_image_folder(

@@ -19,6 +19,7 @@ from transferkit.module import TransferModule
 from transferkit.tasks.export import export, main
 
 
+@pytest.mark.slow
 def test_onnx_export_with_its_metadata_and_a_dynamic_batch(trained_run: dict, tmp_path: Path) -> None:
     ckpt = trained_run["best_model_path"]
     results = export(compose_task("export", tmp_path, [f"ckpt_path={ckpt}", "format=onnx"]))
@@ -40,6 +41,7 @@ def test_onnx_export_with_its_metadata_and_a_dynamic_batch(trained_run: dict, tm
             torch.testing.assert_close(torch.from_numpy(logits), model(images), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_torchscript_export_loads_without_transferkit_classes(trained_run: dict, tmp_path: Path) -> None:
     ckpt = trained_run["best_model_path"]
     results = export(compose_task("export", tmp_path, [f"ckpt_path={ckpt}", "format=torchscript"]))
@@ -52,6 +54,7 @@ def test_torchscript_export_loads_without_transferkit_classes(trained_run: dict,
     assert json.loads((tmp_path / "run" / "model.json").read_text())["format"] == "torchscript"
 
 
+@pytest.mark.slow
 def test_a_failed_parity_check_writes_nothing(  # the check is the same for both formats
     trained_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -71,6 +74,7 @@ def test_a_failed_parity_check_writes_nothing(  # the check is the same for both
     assert list(output.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_parity_uses_given_images_or_says_it_used_random_ones(trained_run: dict, tmp_path: Path) -> None:
     ckpt = trained_run["best_model_path"]
     test_dir = Path(trained_run["data_root"]) / "test"

@@ -45,6 +45,7 @@ def backbone_calls(model: TransferModule) -> list[int]:
     return calls
 
 
+@pytest.mark.slow
 def test_frozen_run_caches_once_and_a_second_run_reuses_it(
     compose_train, tmp_path: Path, tiny_overrides: list[str], image_folder: Path, passes: list[int]
 ) -> None:
@@ -57,6 +58,7 @@ def test_frozen_run_caches_once_and_a_second_run_reuses_it(
     assert second["val/acc"] == first["val/acc"]
 
 
+@pytest.mark.slow
 def test_training_on_the_cache_never_runs_the_backbone(
     compose_train, tmp_path: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -125,6 +127,7 @@ def test_a_damaged_cache_is_rebuilt_not_trusted(tmp_path: Path, image_folder: Pa
     assert torch.load(path, weights_only=True)["format"] == cache_module.FORMAT_VERSION
 
 
+@pytest.mark.slow
 def test_cached_and_uncached_training_agree_without_augmentation(
     compose_train, tmp_path: Path, tiny_overrides: list[str]
 ) -> None:
@@ -136,6 +139,7 @@ def test_cached_and_uncached_training_agree_without_augmentation(
     assert cached["val/loss"] == pytest.approx(plain["val/loss"], abs=1e-2)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_a_cached_run_is_a_full_model(
     compose_train, tmp_path: Path, tiny_overrides: list[str], image_folder: Path
 ) -> None:
@@ -153,6 +157,7 @@ def test_checkpoint_of_a_cached_run_is_a_full_model(
     assert correct / total == pytest.approx(results["val/acc"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_views_cache_k_augmented_copies_and_draw_one_per_item(
     compose_train, tmp_path: Path, tiny_overrides: list[str], passes: list[int]
 ) -> None:
@@ -170,6 +175,7 @@ def test_views_cache_k_augmented_copies_and_draw_one_per_item(
     assert len(drawn) == 3  # over the epochs, every view of item 0
 
 
+@pytest.mark.slow
 def test_cached_views_are_seeded_and_train_batch_png_shows_the_view_each_image_trains_on(
     compose_train, tmp_path: Path, tiny_overrides: list[str]
 ) -> None:
@@ -204,6 +210,7 @@ def test_cached_views_are_seeded_and_train_batch_png_shows_the_view_each_image_t
         assert labels[row] == int(fed[key][1])
 
 
+@pytest.mark.slow
 def test_a_run_says_and_records_that_one_cached_view_replaces_augmentation(
     compose_train, tmp_path: Path, tiny_overrides: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -229,6 +236,7 @@ def test_a_run_says_and_records_that_one_cached_view_replaces_augmentation(
     assert torch.equal(images, expected)  # what the cache holds: the evaluation transform
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -248,6 +256,7 @@ def test_impossible_cache_settings_are_config_errors(
         train(compose_train(tmp_path, [*tiny_overrides, *overrides]))
 
 
+@pytest.mark.slow
 def test_auto_skips_the_cache_when_the_backbone_trains(
     compose_train, tmp_path: Path, tiny_overrides: list[str]
 ) -> None:
@@ -284,6 +293,7 @@ def test_convolutional_backbones_run_channels_last() -> None:
     assert vit.channels_last  # its patch embedding is a convolution too; harmless elsewhere
 
 
+@pytest.mark.slow
 def test_results_name_the_cache_file(compose_train, tmp_path: Path, tiny_overrides: list[str]) -> None:
     cfg = compose_train(tmp_path, tiny_overrides)
     results = train(cfg)
@@ -292,6 +302,7 @@ def test_results_name_the_cache_file(compose_train, tmp_path: Path, tiny_overrid
     assert Path(written["feature_cache"]).parent == tmp_path / ".cache" / "features"
 
 
+@pytest.mark.slow
 def test_bf16_mixed_trains_on_cpu(compose_train, tmp_path: Path, tiny_overrides: list[str]) -> None:
     """Lightning's bf16-mixed precision with a backbone that trains (no cache)."""
     results = train(

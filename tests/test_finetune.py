@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import fit, tiny
+from helpers import fit, tiny
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -242,6 +242,7 @@ def test_one_cycle_steps_per_batch_and_unfrozen_groups_follow_the_head(tmp_path:
         assert all(values[f"backbone.{b}"] == pytest.approx(values["head"] * 0.1) for b in BLOCKS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resume_after", [0, 1])
 def test_gradual_resumes_before_and_after_the_unfreeze(tmp_path: Path, resume_after: int) -> None:
     """Stop after epoch `resume_after` (before / after the unfreeze at epoch 1), resume to 3 epochs:
@@ -352,6 +353,7 @@ def id_names(module: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in module.named_parameters()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "strategy",
     [

@@ -8,7 +8,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import SGD, TINY_MODEL, fit, tiny
+from conftest import TINY_MODEL
+from helpers import SGD, fit, tiny
 from torch import nn
 
 from transferkit.checkpoints import load_model

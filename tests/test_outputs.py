@@ -42,6 +42,7 @@ def test_every_run_draws_its_curves_confusion_matrix_and_a_training_batch(
     assert sum(counts[i][i] for i in range(3)) / 12 == pytest.approx(results["val/acc"])
 
 
+@pytest.mark.slow
 def test_csv_logger_gets_the_config_parameter_counts_and_final_metrics(
     compose_train, tmp_path: Path, tiny_overrides: list[str]
 ) -> None:
@@ -101,6 +102,7 @@ def count_images(root: Path) -> dict[str, dict[str, int]]:
     }
 
 
+@pytest.mark.slow
 def test_split_folder_is_stratified_seeded_and_copies_or_links(tmp_path: Path) -> None:
     split = load_script("split_folder").split_folder
     source = make_image_folder(tmp_path / "src", classes=("a", "b"), splits={"all": 10}) / "all"

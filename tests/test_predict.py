@@ -90,6 +90,7 @@ def test_predict_a_folder_with_bad_files(trained_run: dict, tmp_path: Path, mess
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
 
 
+@pytest.mark.slow
 def test_predict_one_image_a_list_file_and_tta(trained_run: dict, tmp_path: Path) -> None:
     ckpt = trained_run["best_model_path"]
     val = shutil.copytree(Path(trained_run["data_root"]) / "val", tmp_path / "val")
@@ -137,6 +138,7 @@ def test_predict_gives_the_checkpoint_s_numbers_on_a_cpu_with_native_bf16(
     assert float(row["confidence"]) == pytest.approx(float(expected.max()), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_predict_on_the_exported_onnx_gives_the_checkpoint_s_labels(
     trained_run: dict, tmp_path: Path, messy_folder: Path
 ) -> None:
@@ -164,6 +166,7 @@ def test_predict_on_the_exported_onnx_gives_the_checkpoint_s_labels(
             assert float(ra["confidence"]) == pytest.approx(float(rb["confidence"]), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_predict_refuses_what_cannot_work(trained_run: dict, tmp_path: Path) -> None:
     ckpt = trained_run["best_model_path"]
     empty = tmp_path / "empty"

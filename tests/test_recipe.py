@@ -23,6 +23,7 @@ def lr_columns(run: Path) -> dict[str, list[float]]:
     return {c: [float(r[c]) for r in rows if r.get(c)] for c in sorted(columns)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "groups"),
     [
@@ -52,6 +53,7 @@ def test_each_strategy_trains_its_groups_and_logs_their_lr(
     assert results["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_gradual_through_the_task_adds_the_backbone_at_its_epoch(
     compose_train, tmp_path: Path, tiny_overrides: list[str]
 ) -> None:
@@ -62,6 +64,7 @@ def test_gradual_through_the_task_adds_the_backbone_at_its_epoch(
     assert columns["lr-SGD/backbone.stage5"][0] == pytest.approx(columns["lr-SGD/head"][1] * 0.1)
 
 
+@pytest.mark.slow
 def test_onecycle_steps_every_batch(compose_train, tmp_path: Path, tiny_overrides: list[str]) -> None:
     cfg = compose_train(
         tmp_path,
@@ -79,6 +82,7 @@ def test_onecycle_steps_every_batch(compose_train, tmp_path: Path, tiny_override
     assert head[-1] < head[0]
 
 
+@pytest.mark.slow
 def test_plateau_watches_its_monitor_and_unfrozen_blocks_follow_it(
     compose_train, tmp_path: Path, tiny_overrides: list[str]
 ) -> None:
@@ -95,6 +99,7 @@ def test_plateau_watches_its_monitor_and_unfrozen_blocks_follow_it(
     assert columns["lr-SGD/backbone.stage5"] == pytest.approx([0.005, 0.0005])
 
 
+@pytest.mark.slow
 def test_class_weights_follow_the_training_counts(compose_train, tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "d", splits={"train": 4, "val": 2}, size=32)
     for extra in range(4):  # circle: 8 images, square and triangle: 4
@@ -122,6 +127,7 @@ def test_class_weights_follow_the_training_counts(compose_train, tmp_path: Path)
     assert model.criterion.weight is None  # val and test losses stay unweighted
 
 
+@pytest.mark.slow
 def test_mixup_with_full_fine_tuning_trains(compose_train, tmp_path: Path, tiny_overrides: list[str]) -> None:
     cfg = compose_train(
         tmp_path, [*tiny_overrides, "finetune=full", "data.mixup_alpha=0.4", "data.cutmix_alpha=1.0"]
@@ -130,6 +136,7 @@ def test_mixup_with_full_fine_tuning_trains(compose_train, tmp_path: Path, tiny_
     assert 0.0 <= results["val/acc"] <= 1.0 and results["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_tune_lr_trains_at_the_suggestion_and_keeps_the_plot(
     compose_train, tmp_path: Path, tiny_overrides: list[str]
 ) -> None:
@@ -151,6 +158,7 @@ def test_tune_lr_trains_at_the_suggestion_and_keeps_the_plot(
     assert not any(Path(cfg.paths.output_dir).glob(".lr_find*.ckpt"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "message"),
     [

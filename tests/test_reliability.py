@@ -15,8 +15,9 @@ import numpy as np
 import PIL
 import pytest
 import torch
-from conftest import CONF, fit, make_image_folder, tiny
+from conftest import CONF, make_image_folder
 from fsspec.implementations.local import LocalFileOpener
+from helpers import fit, tiny
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
@@ -81,6 +82,7 @@ def test_the_error_lists_the_first_20_and_counts_the_rest(image_folder: Path) ->
         _ = ImageFolderDataModule(image_folder).splits
 
 
+@pytest.mark.slow
 def test_skip_leaves_bad_files_out_names_them_and_writes_bad_images_txt(
     compose_train,
     tmp_path: Path,
@@ -236,6 +238,7 @@ REFUSED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(REFUSED), ids=list(REFUSED))
 def test_values_that_cannot_work_are_refused_before_any_work(
     compose_train, tmp_path: Path, tiny_overrides: list[str], monkeypatch: pytest.MonkeyPatch, case: str
@@ -253,6 +256,7 @@ def test_values_that_cannot_work_are_refused_before_any_work(
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_diverging_loss_stops_with_the_epoch_step_and_advice(
     compose_train, tmp_path: Path, tiny_overrides: list[str]
 ) -> None:
@@ -318,7 +322,7 @@ def test_same_seed_same_numbers_and_an_interrupted_run_resumes_to_them(
 
     interrupted = compose_train(
         tmp_path / "c",
-        [*common, "+callbacks.signal._target_=conftest.SendSignal", "+callbacks.signal.at_step=13"],
+        [*common, "+callbacks.signal._target_=helpers.SendSignal", "+callbacks.signal.at_step=13"],
     )
     with pytest.raises(Interrupted):
         train(interrupted)
@@ -347,6 +351,7 @@ def epoch_metrics(run: Path) -> dict[tuple[str, str], str]:
     }
 
 
+@pytest.mark.slow
 def test_an_earlier_run_directory_is_never_written_into(
     compose_train, tmp_path: Path, tiny_overrides: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:

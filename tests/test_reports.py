@@ -83,6 +83,7 @@ def test_write_confusion_matrix_csv_and_png(tmp_path: Path) -> None:
         assert 300 <= image.width <= 1500 and 300 <= image.height <= 1500
 
 
+@pytest.mark.slow
 def test_confusion_matrix_png_grows_with_the_number_of_classes(tmp_path: Path) -> None:
     small_png = write_confusion_matrix(torch.tensor(EXPECTED), NAMES, tmp_path / "small")[1]
     generator = torch.Generator().manual_seed(0)
@@ -279,6 +280,7 @@ def test_misclassified_grid_draws_the_most_confident_ones(tmp_path: Path) -> Non
         assert 200 <= image.width <= 2000
 
 
+@pytest.mark.slow
 def test_misclassified_grid_counts_at_most_the_mistakes(tmp_path: Path) -> None:
     paths = make_images(tmp_path / "images", 3)
     labels, probs = _mistakes(3)

@@ -15,7 +15,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import ROOT, TINY_MODEL, SendSignal, compose_task, fit, offline_env, tiny
+from conftest import ROOT, TINY_MODEL, compose_task, offline_env
+from helpers import SendSignal, fit, tiny
 
 from transferkit.errors import ConfigError
 from transferkit.finetune import Freeze
@@ -128,6 +129,7 @@ def epoch_rows(run: Path, metric: str) -> list[int]:
         return [int(row["epoch"]) for row in csv.DictReader(f) if row.get(metric)]
 
 
+@pytest.mark.slow
 def test_last_ckpt_is_the_final_epoch_whatever_the_metric_did_and_a_resume_adds_no_duplicate_rows(
     compose_train, tmp_path: Path, tiny_overrides: list[str]
 ) -> None:
@@ -161,6 +163,7 @@ class OracleLabels(L.Callback):
         targets.copy_(logits.argmax(1))
 
 
+@pytest.mark.slow
 def test_val_acc_best_survives_a_resume(compose_train, tmp_path: Path, tiny_overrides: list[str]) -> None:
     """The first run validates perfectly (oracle labels), the resumed epoch at chance: the best
     so far is still the first run's."""
@@ -175,6 +178,7 @@ def test_val_acc_best_survives_a_resume(compose_train, tmp_path: Path, tiny_over
     assert float(rows[2]["val/acc_best"]) == 1.0
 
 
+@pytest.mark.slow
 def test_seed_null_draws_a_seed_that_eval_and_a_resume_read_again(compose_train, tmp_path: Path) -> None:
     """No val/ folder: val is split off train/ by the seed. seed=null draws one; the checkpoint
     records it, so eval's split and a resumed run's are the training run's."""
@@ -197,6 +201,7 @@ def test_seed_null_draws_a_seed_that_eval_and_a_resume_read_again(compose_train,
     assert resumed["seed"] == seed and resumed["epochs"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "named"),
     [

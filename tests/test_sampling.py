@@ -273,7 +273,7 @@ def test_a_run_resumed_with_another_batch_size_trains_exactly_the_rest_of_the_ep
     logs = {name: tmp_path / f"{name}.jsonl" for name in ("full", "part", "rest")}
     batch4 = [*common, "data.batch_size=4", "data.num_workers=0"]
     train(compose_train(tmp_path / "a", [*batch4, f"+callbacks.record.path={logs['full']}"]))
-    signalled = ["+callbacks.signal._target_=conftest.SendSignal", "+callbacks.signal.at_step=12"]
+    signalled = ["+callbacks.signal._target_=helpers.SendSignal", "+callbacks.signal.at_step=12"]
     with pytest.raises(Interrupted):
         train(compose_train(tmp_path / "b", [*batch4, *signalled, f"+callbacks.record.path={logs['part']}"]))
     checkpoint = torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", weights_only=True)

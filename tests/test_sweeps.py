@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import optuna
 import pytest
 import yaml
 from conftest import CONF, TINY_MODEL, run_cli
@@ -131,6 +130,7 @@ def _finish_job(config: DictConfig, errors: Any) -> None:
     Leaderboard().on_job_end(config, JobReturn(status=JobStatus.COMPLETED))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "scan_s", [0, 0, 0, 0.05], ids=["together-1", "together-2", "together-3", "slow-scan"]
 )
@@ -276,6 +276,8 @@ def test_an_optuna_study_records_a_failed_trial_reports_the_best_and_resumes_fro
     assert [(b["job"], b["status"]) for b in read_board(resumed)] == [("0", "failed")]
     assert "data.batch_size=0" in read_board(resumed)[0]["overrides"]
     assert read_yaml(resumed / "optimization_results.yaml") == best
+    import optuna  # here: importing it costs every pytest worker a second at collection
+
     trials = optuna.load_study(study_name="transferkit", storage=storage).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "FAIL"]
 

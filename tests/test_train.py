@@ -40,6 +40,7 @@ def pretrained_overrides(tmp_path: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_train_learns_and_leaves_the_run_directory(
     compose_train, tmp_path: Path, pretrained_overrides
 ) -> None:
@@ -69,6 +70,7 @@ def test_train_learns_and_leaves_the_run_directory(
     assert restored.preprocessing.mean == (0.5, 0.5, 0.5)  # Lite0's own normalisation
 
 
+@pytest.mark.slow
 def test_no_val_folder_splits_train_and_num_classes_follows_the_data(compose_train, tmp_path: Path) -> None:
     root = make_image_folder(
         tmp_path / "d", classes=("a", "b", "c", "d", "e", "f"), splits={"train": 5}, size=32
@@ -94,6 +96,7 @@ def test_no_val_folder_splits_train_and_num_classes_follows_the_data(compose_tra
     assert model.head[-1].out_features == 6
 
 
+@pytest.mark.slow
 def test_callbacks_none_leaves_lightning_s_defaults(compose_train, tmp_path: Path, tiny_overrides) -> None:
     overrides = [o for o in tiny_overrides if not o.startswith("callbacks.")]
     results = train(compose_train(tmp_path, [*overrides, "callbacks=none", "trainer.max_epochs=1"]))
@@ -116,6 +119,7 @@ def test_task_errors_are_user_errors(compose_train, tmp_path: Path, tiny_overrid
         train(compose_train(tmp_path, [*tiny_overrides, "model.name=resnet18", "model.weights=DEFAULT"]))
 
 
+@pytest.mark.slow
 def test_eval_only_uses_the_checkpoint_s_model_and_preprocessing(
     compose_train, tmp_path: Path, tiny_overrides, image_folder: Path
 ) -> None:
@@ -142,6 +146,7 @@ def test_eval_only_uses_the_checkpoint_s_model_and_preprocessing(
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, message",
     [
