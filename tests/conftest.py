@@ -152,17 +152,18 @@ def compose_train() -> Callable[..., DictConfig]:
     return functools.partial(compose_task, "train")
 
 
-def tiny_run(data_root: Path, epochs: int = 2) -> list[str]:
-    """Overrides for a train run that takes seconds: tiny backbone, small images, no workers."""
+def tiny_run(data_root: Path | None, epochs: int = 2, trainer: str = "cpu") -> list[str]:
+    """Overrides for a train run that takes seconds: tiny backbone, small images, no workers, no
+    rich output (the one list every in-process and command-line run starts from)."""
     return [
         "data=imagefolder",
-        f"data.root={data_root}",
+        *([f"data.root={data_root}"] if data_root is not None else []),
         "data.image_size=32",
         "data.batch_size=8",
         "data.num_workers=0",
         f"model.name={TINY_MODEL}",
         "model.weights=null",
-        "trainer=cpu",
+        f"trainer={trainer}",
         f"trainer.max_epochs={epochs}",
         "callbacks.rich_progress_bar=null",
         "callbacks.rich_model_summary=null",

@@ -59,11 +59,8 @@ def ddp_sim(
     finetune: tuple[str, ...] = ("finetune=gradual", "finetune.unfreeze_at_epoch=1"),
 ):
     return run_cli(
-        "train.py", "data=imagefolder", f"data.root={image_folder}", "data.image_size=32",
-        "data.num_workers=0", f"model.name={TINY_MODEL}", "model.weights=null", "trainer=ddp_sim",
-        "trainer.max_epochs=2", *finetune, "callbacks.rich_progress_bar=null", *extra,
-        cwd=tmp_path, timeout=300,
-    )  # fmt: skip
+        "train.py", *tiny_run(image_folder, trainer="ddp_sim"), *finetune, *extra, cwd=tmp_path, timeout=300
+    )
 
 
 @pytest.mark.slow

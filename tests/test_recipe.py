@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_folder
+from conftest import make_image_folder, tiny_run
 
 from transferkit.checkpoints import load_model
 from transferkit.errors import ConfigError
@@ -107,18 +107,7 @@ def test_class_weights_follow_the_training_counts(compose_train, tmp_path: Path)
         (root / "train" / "circle" / f"extra{extra}.png").write_bytes(src.read_bytes())
     cfg = compose_train(
         tmp_path,
-        [
-            "data=imagefolder",
-            f"data.root={root}",
-            "data.image_size=32",
-            "data.num_workers=0",
-            "data.balance=weights",
-            "model.name=timm:test_efficientnet",
-            "model.weights=null",
-            "trainer=cpu",
-            "trainer.max_epochs=1",
-            "callbacks.rich_progress_bar=null",
-        ],
+        [*tiny_run(root, epochs=1), "data.balance=weights"],
     )
     results = train(cfg)
     model = load_model(results["best_model_path"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import ROOT, TINY_MODEL, compose_task, offline_env
+from conftest import ROOT, compose_task, offline_env, tiny_run
 from helpers import SendSignal, fit, tiny
 
 from transferkit.errors import ConfigError
@@ -91,12 +91,7 @@ def test_a_sigterm_ends_the_command_with_a_resume_hint_and_the_run_resumes_in_it
     """A real `python train.py` in a given hydra.run.dir gets SIGTERM from outside (SIGUSR1 and
     Ctrl-C: in process above); resuming from its last.ckpt continues that directory to the end."""
     run = tmp_path / "my_run"
-    overrides = [
-        "data=imagefolder", f"data.root={image_folder}", "data.image_size=32", "data.num_workers=0",
-        "data.batch_size=4", f"model.name={TINY_MODEL}", "model.weights=null", "trainer=cpu",
-        "trainer.max_epochs=3", "features.cache=false", "callbacks.rich_progress_bar=null",
-        "callbacks.rich_model_summary=null",
-    ]  # fmt: skip
+    overrides = [*tiny_run(image_folder, epochs=3), "data.batch_size=4", "features.cache=false"]
     args = [sys.executable, str(ROOT / "train.py"), f"paths.root_dir={tmp_path}", *overrides]
     proc = subprocess.Popen(
         [*args, f"hydra.run.dir={run}"],

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import CONF, TINY_MODEL, run_cli
+from conftest import CONF, run_cli, tiny_run
 from hydra import compose, initialize_config_dir
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
@@ -177,11 +177,10 @@ def test_the_board_is_still_rebuilt_where_flock_is_unavailable(
     assert sweeps.rebuild(tmp_path / "absent", "max") == []
 
 
-TINY_RUN = (
-    "data=imagefolder", "data.image_size=32", "data.num_workers=0", f"model.name={TINY_MODEL}",
-    "model.weights=null", "trainer=cpu", "trainer.max_epochs=1", "callbacks.rich_progress_bar=null",
-    "callbacks.rich_model_summary=null", "logger=csv",
-)  # fmt: skip
+TINY_RUN = (  # the sweeps set the learning rate and batch size themselves
+    *(o for o in tiny_run(None, epochs=1) if not o.startswith(("optimizer.lr=", "data.batch_size="))),
+    "logger=csv",
+)
 
 
 def run_sweep(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, TINY_MODEL, compose_task, main_exits, make_image_folder, run_cli
+from conftest import CONF, compose_task, main_exits, make_image_folder, run_cli, tiny_run
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
@@ -77,18 +77,7 @@ def test_no_val_folder_splits_train_and_num_classes_follows_the_data(compose_tra
     )
     cfg = compose_train(
         tmp_path,
-        [
-            "data=imagefolder",
-            f"data.root={root}",
-            "data.val_fraction=0.4",
-            "data.num_workers=0",
-            "data.image_size=32",
-            "model.name=timm:test_efficientnet",
-            "model.weights=null",
-            "trainer=cpu",
-            "trainer.max_epochs=1",
-            "callbacks.rich_progress_bar=null",
-        ],
+        [*tiny_run(root, epochs=1), "data.val_fraction=0.4"],
     )
     results = train(cfg)
     assert "test/acc" not in results and "val/acc_top5" in results
@@ -209,15 +198,7 @@ def _mismatched(tmp_path: Path) -> Path:
 BAD_INPUTS = {
     "class mismatch": (lambda t: ["data=imagefolder", f"data.root={_mismatched(t)}"], "different classes"),
     "undecodable image": (
-        lambda t: [
-            "data=imagefolder",
-            f"data.root={_bad_image_folder(t)}",
-            "data.num_workers=1",
-            f"model.name={TINY_MODEL}",
-            "model.weights=null",
-            "data.image_size=32",
-            "trainer.max_epochs=1",
-        ],
+        lambda t: [*tiny_run(_bad_image_folder(t), epochs=1), "data.num_workers=1"],
         "corrupt.jpg",
     ),
     "unknown model": (lambda t: ["model.name=resnet19"], "Did you mean: resnet18"),
