@@ -39,7 +39,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if workers > 1:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -66,6 +66,8 @@ def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPat
     for var in ("NO_PROXY", "no_proxy"):  # nothing may bypass the dead proxy
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for var in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # Lightning's seed_everything leaves them set
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch_home"))
     import huggingface_hub.constants
 
@@ -82,7 +84,7 @@ def offline_env() -> dict[str, str]:
     if "PYTEST_XDIST_WORKER" in env:  # the worker's share of the cores, as in process
         import torch
 
-        env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+        env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     return env
 
 
@@ -104,11 +106,17 @@ def main_exits(
     main: Callable[[DictConfig], Any], cfg: DictConfig, caplog: pytest.LogCaptureFixture
 ) -> tuple[int, list[str]]:
     """Run a task's `main` (the entry point behind `python <task>.py`) in process on a config that
-    must fail: its exit code and the error lines it logged, which the command line shows."""
+    must fail: its exit code and the lines of every error it logged, which the command line shows
+    (a record logged with a traceback adds a "Traceback" line)."""
     caplog.clear()
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exited:
         main(cfg)
-    return exited.value.code, [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    lines = []
+    for record in caplog.records:
+        if record.levelno >= logging.ERROR:
+            lines += record.getMessage().splitlines()
+            lines += ["Traceback (logged with exc_info)"] if record.exc_info else []
+    return exited.value.code, lines
 
 
 def make_image_folder(
@@ -185,4 +193,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("trained")
     data = make_image_folder(root / "data", splits={"train": 12, "val": 4, "test": 4})
     overrides = tiny_run(data, epochs=3)
-    return {**train(compose_task("train", root, overrides)), "data_root": str(data)}
+    results = train(compose_task("train", root, overrides))
+    for var in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # not left to the test that asked for the run
+        os.environ.pop(var, None)
+    return {**results, "data_root": str(data)}

@@ -230,13 +230,18 @@ def test_unknown_keys_and_options_are_refused_by_name(tmp_path: Path, override: 
 
 @pytest.mark.slow
 def test_cli_bad_input_ends_with_one_clear_line(tmp_path: Path) -> None:
-    """The real `python train.py` of a bad input: Hydra's logging shows the one line, no traceback."""
-    make_args, expected = BAD_INPUTS["class mismatch"]
+    """The real `python train.py` of a bad input (with a DataLoader worker): Hydra's logging shows
+    the one line, no traceback. Its run directory is named by this process's own random id."""
+    from transferkit.tasks import common
+
+    make_args, expected = BAD_INPUTS["undecodable image"]
     proc = run_cli("train.py", *make_args(tmp_path), "trainer=cpu", cwd=tmp_path)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output[-3000:]
     assert "Traceback" not in output
     assert len([line for line in output.splitlines() if expected in line]) == 1, output[-3000:]
+    (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    assert re.search(r"_[0-9a-f]{6}$", run_dir.name) and not run_dir.name.endswith(common._RUN_ID)
 
 
 @pytest.mark.slow
