@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import timm
 from timm.data import resolve_data_config
 
-from transferkit.backbones import TIMM_PREFIX, Backbone, unknown_model
+from transferkit.backbones.build import TIMM_PREFIX, Backbone, unknown_model
 from transferkit.backbones.weights import (
     OFFLINE_FIX,
     fetch,
