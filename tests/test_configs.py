@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import lightning as L
@@ -10,11 +11,13 @@ from conftest import CONF
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from transferkit.tasks.common import instantiate_group
+from transferkit.config import instantiate_group
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+TRAINER_ARGUMENTS = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
 SLOW_TO_BUILD = {("logger", "many"), ("logger", "mlflow")}  # importing MLflow takes seconds
 
 
@@ -37,8 +40,11 @@ def test_design_groups_and_options_exist() -> None:
     ],
 )
 def test_every_option_composes(group: str, option: str, compose_train, tmp_path: Path) -> None:
+    """Every option composes; what it sets under trainer reaches Lightning's Trainer by name (true
+    on any Lightning release that keeps these arguments, however many a release adds)."""
     cfg = compose_train(tmp_path, [f"{group}={option}"])
     assert cfg.model.name and cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    assert set(cfg.trainer) - {"_target_"} <= TRAINER_ARGUMENTS, set(cfg.trainer) - TRAINER_ARGUMENTS
     if group in ("callbacks", "logger"):
         objects = instantiate_group(cfg[group])
         assert all(isinstance(o, (L.Callback, L.pytorch.loggers.Logger)) for o in objects)
@@ -76,19 +82,43 @@ def test_seed_experiment_holds_the_recipe(compose_train, tmp_path: Path) -> None
     assert cfg.trainer.max_epochs == 10 and cfg.finetune._target_.endswith("Freeze")
 
 
-def test_every_trainer_argument_is_a_key(compose_train, tmp_path: Path) -> None:
-    import inspect
+MODEL_OPTIONS = [o for g, o in OPTIONS if g == "model"]
 
-    arguments = set(inspect.signature(L.Trainer.__init__).parameters) - {
-        "self",
-        "callbacks",
-        "logger",
-        "plugins",
+
+@pytest.mark.parametrize("option", MODEL_OPTIONS)
+def test_every_model_option_is_the_base_with_its_own_backbone_and_weights(
+    option: str, compose_train, tmp_path: Path
+) -> None:
+    """A model option says only what differs (name, weights); the rest comes from
+    model/base/transfer_module.yaml, with the values every option had before it existed."""
+    own = OmegaConf.load(CONF / "model" / f"{option}.yaml")
+    assert set(own) == {"defaults", "name", "weights"}
+    model = OmegaConf.to_container(compose_train(tmp_path, [f"model={option}"]).model)
+    assert model == {
+        "_target_": "transferkit.module.TransferModule",
+        "name": own.name,
+        "weights": own.weights,
+        "head": {"hidden_dim": None, "dropout": 0.0},
+        "label_smoothing": 0.0,
+        "compile": False,
     }
-    assert arguments <= set(compose_train(tmp_path).trainer)
+    assert list(model)[:3] == ["_target_", "name", "weights"]  # .hydra/config.yaml reads as before
+
+
+def test_trainer_keys_and_plus_keys_reach_the_trainer(compose_train, tmp_path: Path) -> None:
+    """trainer.<arg>= for the arguments trainer/default.yaml lists, +trainer.<arg>= for any other."""
     cfg = compose_train(tmp_path, ["trainer.gradient_clip_val=0.5", "trainer.accumulate_grad_batches=2"])
     trainer = instantiate(cfg.trainer)
     assert (trainer.gradient_clip_val, trainer.accumulate_grad_batches) == (0.5, 2)
+    assert "max_steps" not in cfg.trainer  # not listed: Lightning's default, reachable with a `+`
+    cfg = compose_train(tmp_path, ["+trainer.max_steps=7", "+trainer.val_check_interval=0.5"])
+    trainer = instantiate(cfg.trainer)
+    assert (trainer.max_steps, trainer.val_check_interval) == (7, 0.5)
+    with (
+        initialize_config_dir(version_base="1.3", config_dir=str(CONF)),
+        pytest.raises(ConfigCompositionException, match="max_steps"),
+    ):
+        compose("train", overrides=["trainer.max_steps=7"])  # Hydra asks for the `+`
 
 
 def test_cpu_trainer_builds(compose_train, tmp_path: Path) -> None:
