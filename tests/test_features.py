@@ -181,9 +181,9 @@ def test_cached_views_are_seeded_and_train_batch_png_shows_the_view_each_image_t
 ) -> None:
     """Two builds under one key are identical, and the picture's images are the cached ones:
     through the backbone they give the features epoch 0 trains on."""
-    from transferkit.features import use_feature_cache
+    from transferkit.features import FrozenFeatures
     from transferkit.finetune import Freeze
-    from transferkit.tasks.train import training_batch
+    from transferkit.tasks.train_outputs import training_batch
 
     overrides = [*tiny_overrides, "features.views=2", f"features.dir={tmp_path}/cache"]
     results = train(compose_train(tmp_path, overrides))
@@ -196,7 +196,7 @@ def test_cached_views_are_seeded_and_train_batch_png_shows_the_view_each_image_t
     trainer = L.Trainer(accelerator="cpu", logger=False)
     freeze = Freeze()
     freeze.freeze_before_training(model)
-    use_feature_cache(model, datamodule, trainer, freeze, views=2, dir=tmp_path / "cache", seed=42)
+    FrozenFeatures(views=2, dir=tmp_path / "cache").use(model, datamodule, trainer, freeze, seed=42)
     rebuilt = torch.load(results["feature_cache"], weights_only=True)["splits"]["train"]["features"]
     assert torch.equal(first, rebuilt)
 
@@ -214,7 +214,7 @@ def test_cached_views_are_seeded_and_train_batch_png_shows_the_view_each_image_t
 def test_a_run_says_and_records_that_one_cached_view_replaces_augmentation(
     compose_train, tmp_path: Path, tiny_overrides: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    from transferkit.tasks.train import training_batch
+    from transferkit.tasks.train_outputs import training_batch
 
     with caplog.at_level("INFO", logger="transferkit"):
         cached = train(compose_train(tmp_path / "a", tiny_overrides))  # data.augment=basic, views=1

@@ -28,7 +28,7 @@ from transferkit.data.images import load_rgb
 from transferkit.errors import ConfigError, DataError, TrainingDiverged
 from transferkit.finetune import Freeze
 from transferkit.interrupts import Interrupted
-from transferkit.tasks.common import write_json
+from transferkit.run_dirs import write_json
 from transferkit.tasks.train import train
 
 

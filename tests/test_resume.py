@@ -180,8 +180,8 @@ def test_seed_null_draws_a_seed_that_eval_and_a_resume_read_again(compose_train,
     from conftest import make_image_folder, tiny_run
 
     from transferkit.checkpoints import load_model
+    from transferkit.config import recorded_datamodule
     from transferkit.data.folders import find_splits
-    from transferkit.tasks.eval import eval_datamodule
     from transferkit.tasks.train import train
 
     data = make_image_folder(tmp_path / "data", splits={"train": 10})
@@ -191,7 +191,7 @@ def test_seed_null_draws_a_seed_that_eval_and_a_resume_read_again(compose_train,
     model = load_model(first["best_model_path"])
     assert model.data_config["seed"] == model.run_record["seed"] == seed
     drawn = find_splits(data, 0.2, seed).val
-    assert [eval_datamodule(None, model.data_config).splits.val for _ in range(2)] == [drawn, drawn]
+    assert [recorded_datamodule(None, model.data_config).splits.val for _ in range(2)] == [drawn, drawn]
     os.environ.pop("PL_GLOBAL_SEED", None)  # the resume must read the seed from the checkpoint
     resumed = train(compose_train(tmp_path, [*tiny_run(data, epochs=2), "seed=null", "ckpt_path=last"]))
     assert resumed["seed"] == seed and resumed["epochs"] == 2

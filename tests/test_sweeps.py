@@ -22,8 +22,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from transferkit import sweeps
+from transferkit.run_dirs import write_json
 from transferkit.sweeps import Leaderboard, rank, swept, write_leaderboard
-from transferkit.tasks.common import write_json
 
 
 def row(job: int, value: float | None, status: str = "ok", **metrics: float) -> dict:

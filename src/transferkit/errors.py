@@ -35,3 +35,9 @@ class ExportError(UserError):
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite (usually a learning rate too high for the data)."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line, or its type's name when it has no message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,16 +1,23 @@
-"""A run never writes into an earlier run's directory, unless it is resuming that run."""
+"""Run directories: a run never writes into an earlier run's directory unless it is resuming that
+run, a resume continues in its own directory, and results files are written whole."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import secrets
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-log = logging.getLogger("transferkit")
+from transferkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def holds_a_run(directory: Path) -> bool:
@@ -24,7 +31,7 @@ class KeepExistingRuns(Callback):
         if config.hydra.output_subdir is None:  # a DDP worker joining the run its launcher made
             return
         run_dir = Path(config.hydra.run.dir)
-        resuming = config.get("ckpt_path") is not None and config.get("train", False)
+        resuming = config.get("ckpt_path") is not None and config.get("task_name") == "train"
         if holds_a_run(run_dir) and not resuming:
             log.error(
                 "hydra.run.dir=%s already holds a run; choose a new directory (or leave hydra.run.dir "
@@ -32,3 +39,66 @@ class KeepExistingRuns(Callback):
                 run_dir,
             )
             sys.exit(2)
+
+
+def resolve_checkpoint(cfg: DictConfig) -> None:
+    """Make `ckpt_path` a file, and continue a run in its own directory.
+
+    `last` is checkpoints/last.ckpt of this run directory (with hydra.run.dir=<run>), else of the
+    newest run under logs/<task>/runs. Training from a checkpoint inside a run directory writes
+    there (checkpoints, metrics, results.json), so a resumed run stays one run.
+    """
+    ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path:
+        return
+    if ckpt_path == "last":
+        own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        runs = Path(cfg.paths.log_dir) / cfg.task_name / "runs"
+        found = [own] if own.is_file() else sorted(runs.glob("*/checkpoints/last.ckpt"), key=os.path.getmtime)
+        if not found:
+            raise ConfigError(f"ckpt_path=last: no run in {runs} has checkpoints/last.ckpt; give a path.")
+        ckpt_path = str(found[-1])
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path} does not exist.")
+    run_dir = path.resolve().parent.parent
+    with open_dict(cfg):
+        cfg.ckpt_path = str(path)
+        if path.parent.name == "checkpoints" and (run_dir / ".hydra").is_dir():
+            if run_dir != Path(cfg.paths.output_dir).resolve():
+                move_into_run(Path(cfg.paths.output_dir), run_dir)
+            cfg.paths.output_dir = str(run_dir)
+
+
+def move_into_run(new_dir: Path, run_dir: Path) -> None:
+    """Fold the directory Hydra made for this invocation into the resumed run: its config goes
+    to .hydra/resumed_<name>/, its log is appended to the run's log."""
+    log.info("Resuming %s: its checkpoints, metrics and results are updated in place.", run_dir)
+    if (new_dir / ".hydra").is_dir():
+        shutil.move(str(new_dir / ".hydra"), run_dir / ".hydra" / f"resumed_{new_dir.name}")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == new_dir:
+            handler.close()
+            old_log = Path(handler.baseFilename)
+            handler.baseFilename = str(run_dir / old_log.name)
+            handler.mode = "a"
+            with open(handler.baseFilename, "a") as f:
+                f.write(old_log.read_text())
+            old_log.unlink()
+    if new_dir.is_dir() and not any(new_dir.iterdir()):
+        new_dir.rmdir()
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write atomically: a reader never sees half a file. Each write has its own temporary file, so
+    processes writing one path at once (parallel sweep jobs) never rename each other's; it is
+    created like a plain file (the umask's permissions, not mkstemp's 0600: others may read runs)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        with tmp.open("x") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from rich import get_console
 from rich.table import Table
 
-from transferkit.tasks.common import write_json
+from transferkit.run_dirs import write_json
 
 try:
     import fcntl

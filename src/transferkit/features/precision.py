@@ -20,6 +20,11 @@ log = logging.getLogger("transferkit")
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    """The setting's name for a dtype (bf16, fp16, fp32), as configs and results write it."""
+    return next(name for name, d in PRECISIONS.items() if d == dtype)
+
+
 @cache
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and later)."""

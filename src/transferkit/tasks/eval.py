@@ -3,48 +3,26 @@ its most confident mistakes."""
 
 from __future__ import annotations
 
-import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from transferkit import reports
 from transferkit.checkpoints import load_model
+from transferkit.config import recorded_datamodule
+from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.errors import ConfigError, DataError
-from transferkit.features.precision import PRECISIONS, checkpoint_precision
-from transferkit.inference import TorchPredictor, best_device, predict_files
-from transferkit.module import classification_metrics
-from transferkit.tasks.common import (
-    build,
-    check_same_classes,
-    plain,
-    print_results,
-    user_errors_exit,
-    write_json,
-)
+from transferkit.features.precision import checkpoint_precision, precision_name
+from transferkit.inference import Predictions, TorchPredictor, best_device, predict_files
+from transferkit.module import TransferModule, classification_metrics
+from transferkit.tasks.wrapper import exit_on_user_error, task_wrapper
 
-log = logging.getLogger("transferkit")
 SPLITS = ("train", "val", "test")
 
 
-def eval_datamodule(data: DictConfig | None, recorded: dict[str, Any] | None) -> Any:
-    """The data config given (one with a `_target_`), else the checkpoint's own data with the
-    keys given here (data.root=...) laid over it."""
-    given = plain(data) or {}
-    if "_target_" in given:
-        return build(data)
-    if not recorded:
-        raise ConfigError(
-            "The checkpoint does not record its data; name it: data=imagefolder data.root=PATH."
-        )
-    merged = {**recorded, **{k: v for k, v in given.items() if v is not None}}
-    return build(OmegaConf.create(merged))
-
-
-def choose_split(split: str | None, datamodule: Any) -> str:
+def choose_split(split: str | None, datamodule: ImageFolderDataModule) -> str:
     if split is None:
         return "test" if datamodule.has_test else "val"
     if split not in SPLITS or (split == "test" and not datamodule.has_test):
@@ -53,22 +31,15 @@ def choose_split(split: str | None, datamodule: Any) -> str:
     return split
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Write results.json and the reports to the run directory; return the results."""
-    started = time.perf_counter()
-    model = load_model(cfg.ckpt_path)
-    datamodule = eval_datamodule(cfg.get("data"), model.data_config)
-    datamodule.prepare_data()
-    check_same_classes(model, datamodule.class_names)
-    split = choose_split(cfg.get("split"), datamodule)
-    items = getattr(datamodule.splits, split)
-    device = best_device(cfg.device)
-    dtype = checkpoint_precision(cfg.get("precision"), model.frozen_dtype, device)
-    predictor = TorchPredictor(model, device, dtype)
-    workers = datamodule.num_workers if cfg.get("num_workers") is None else int(cfg.num_workers)
-    predictions = predict_files(
-        predictor, [p for p, _ in items], int(cfg.batch_size), workers, description=f"Evaluating {split}"
-    )
+def check_same_classes(model: TransferModule, data_classes: list[str]) -> None:
+    if model.class_names != list(data_classes):
+        raise DataError(
+            f"The checkpoint was trained on classes {model.class_names}, the data has {list(data_classes)}; "
+            "evaluate it on data with the same class folders."
+        )
+
+
+def refuse_unreadable(predictions: Predictions, split: str) -> None:
     failed = [(p, e) for p, e in zip(predictions.paths, predictions.errors, strict=True) if e is not None]
     if failed:
         listed = "; ".join(f"{p} ({e})" for p, e in failed[:20])
@@ -76,19 +47,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"{len(failed)} image(s) of {split} cannot be read: {listed}. Remove or replace them."
         )
 
-    labels = torch.tensor([label for _, label in items])
-    logits = predictions.logits
-    metrics = classification_metrics(len(model.class_names), f"{split}/")
-    values = {f"{split}/loss": model.criterion(logits, labels), **metrics(logits, labels)}
-    results: dict[str, Any] = {k: float(v) for k, v in values.items()}
 
+def write_reports(
+    model: TransferModule, predictions: Predictions, labels: torch.Tensor, split: str, cfg: DictConfig
+) -> int:
+    """confusion_matrix.*, per_class.csv (also printed) and misclassified.png in the run
+    directory; returns how many mistakes the grid shows."""
     output_dir = Path(cfg.paths.output_dir)
-    matrix = reports.confusion_matrix(labels, logits.argmax(1), len(model.class_names))
+    matrix = reports.confusion_matrix(labels, predictions.logits.argmax(1), len(model.class_names))
     reports.write_confusion_matrix(matrix, model.class_names, output_dir)
     rows = reports.per_class_report(matrix, model.class_names)
     reports.write_per_class_report(rows, output_dir / "per_class.csv")
     reports.print_per_class_report(rows, title=f"Per-class report ({split})")
-    shown = reports.write_misclassified_grid(
+    return reports.write_misclassified_grid(
         predictions.paths,
         labels,
         predictions.probs,
@@ -96,6 +67,35 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         output_dir / "misclassified.png",
         count=int(cfg.misclassified),
     )
+
+
+@task_wrapper("Evaluation ({cfg.paths.output_dir})")
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Measure the checkpoint on the split and write the reports to the run directory."""
+    model = load_model(cfg.ckpt_path)
+    datamodule = recorded_datamodule(cfg.get("data"), model.data_config)
+    datamodule.prepare_data()
+    check_same_classes(model, datamodule.class_names)
+    split = choose_split(cfg.get("split"), datamodule)
+    items = getattr(datamodule.splits, split)
+    device = best_device(cfg.device)
+    dtype = checkpoint_precision(cfg.get("precision"), model.frozen_dtype, device)
+    workers = datamodule.num_workers if cfg.get("num_workers") is None else int(cfg.num_workers)
+    predictions = predict_files(
+        TorchPredictor(model, device, dtype),
+        [p for p, _ in items],
+        int(cfg.batch_size),
+        workers,
+        description=f"Evaluating {split}",
+    )
+    refuse_unreadable(predictions, split)
+
+    labels = torch.tensor([label for _, label in items])
+    logits = predictions.logits
+    metrics = classification_metrics(len(model.class_names), f"{split}/")
+    values = {f"{split}/loss": model.criterion(logits, labels), **metrics(logits, labels)}
+    results: dict[str, Any] = {k: float(v) for k, v in values.items()}
+    shown = write_reports(model, predictions, labels, split, cfg)
     results.update(
         checkpoint=str(Path(cfg.ckpt_path).resolve()),
         split=split,
@@ -103,16 +103,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         images=len(items),
         misclassified=int((logits.argmax(1) != labels).sum()),
         misclassified_shown=shown,
-        precision=next(name for name, d in PRECISIONS.items() if d == dtype),
+        precision=precision_name(dtype),
         device=str(device),
         class_names=model.class_names,
-        wall_s=round(time.perf_counter() - started, 2),
     )
-    write_json(output_dir / "results.json", results)
-    print_results(f"Evaluation ({output_dir})", results)
     return results
 
 
-@user_errors_exit
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)

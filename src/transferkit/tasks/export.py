@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,27 +13,37 @@ from omegaconf import DictConfig
 
 from transferkit import __version__
 from transferkit.checkpoints import load_model
+from transferkit.config import recorded_datamodule
 from transferkit.data.images import load_rgb
-from transferkit.errors import ConfigError, ExportError
+from transferkit.errors import ConfigError, DataError, ExportError, first_line
 from transferkit.exporting import EXPORTERS, FORMATS, Classifier, load_exported, parity
 from transferkit.inference import collect_inputs
 from transferkit.module import TransferModule
-from transferkit.tasks.common import print_results, user_errors_exit, write_json
+from transferkit.run_dirs import write_json
+from transferkit.tasks.wrapper import exit_on_user_error, task_wrapper
 
-log = logging.getLogger("transferkit")
+log = logging.getLogger(__name__)
+
+
+def val_images(model: TransferModule) -> tuple[list[Path], str]:
+    """The val split of the data the checkpoint records (val/, or the part of train/ it held out),
+    as eval would find it; none when the data is not recorded or no longer there."""
+    if not model.data_config:
+        return [], "random inputs"
+    try:
+        datamodule = recorded_datamodule(None, model.data_config)
+        val = datamodule.folders.val
+    except DataError as error:
+        log.warning("The training data is not where it was (%s).", first_line(error))
+        return [], "random inputs"
+    return [path for path, _ in val], f"the val split of {datamodule.root}"
 
 
 def parity_images(model: TransferModule, source: str | None, count: int) -> tuple[torch.Tensor, str]:
     """Up to `count` real images, preprocessed as the model expects, and where they came from:
     `source` (a folder, image or list), else the training data's val split. Random inputs only
     when there are no images to be had, and the report says so."""
-    if source is not None:
-        paths = collect_inputs(source)
-    else:
-        root = Path((model.data_config or {}).get("root", ""))
-        val = root / "val" if (root / "val").is_dir() else root / "train"
-        paths = collect_inputs(val) if (model.data_config and val.is_dir()) else []
-        source = str(val)
+    paths, source = (collect_inputs(source), source) if source is not None else val_images(model)
     transform = model.preprocessing.transforms(train=False)
     images = []
     for path in paths:
@@ -51,9 +60,9 @@ def parity_images(model: TransferModule, source: str | None, count: int) -> tupl
     return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(0)), "random inputs"
 
 
+@task_wrapper("Exported ({cfg.format}, parity checked)")
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Export, check parity, then move the files into `output`; nothing is left behind on failure."""
-    started = time.perf_counter()
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format} is not supported; use one of: {', '.join(FORMATS)}.")
     count, atol = int(cfg.parity.count), float(cfg.parity.atol)
@@ -70,8 +79,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         try:
             EXPORTERS[cfg.format](net, images[:2], staged)
         except Exception as error:  # noqa: BLE001 - the exporters raise many kinds
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ExportError(f"{cfg.format} export of {model.hparams.name} failed: {first}") from error
+            raise ExportError(
+                f"{cfg.format} export of {model.hparams.name} failed: {first_line(error)}"
+            ) from error
         difference = parity(net, load_exported(staged), images)
         if not difference <= atol:
             raise ExportError(
@@ -98,18 +108,14 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     }
     write_json(output / "model.json", meta)
     log.info("Parity: max |logit difference| %.2e <= %g on %s.", difference, atol, source)
-    results = {
+    return {
         "model": str((output / name).resolve()),
         "metadata": str((output / "model.json").resolve()),
         "parity_max_abs_diff": difference,
         "parity_checked_on": source,
-        "wall_s": round(time.perf_counter() - started, 2),
     }
-    write_json(Path(cfg.paths.output_dir) / "results.json", results)
-    print_results(f"Exported ({cfg.format}, parity checked)", results)
-    return results
 
 
-@user_errors_exit
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     export(cfg)

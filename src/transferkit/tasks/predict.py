@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,9 @@ from omegaconf import DictConfig
 from transferkit.data.datamodule import default_num_workers
 from transferkit.errors import ConfigError
 from transferkit.inference import Predictions, collect_inputs, load_predictor, predict_files
-from transferkit.tasks.common import print_results, user_errors_exit, write_json
+from transferkit.tasks.wrapper import exit_on_user_error, task_wrapper
 
-log = logging.getLogger("transferkit")
+log = logging.getLogger(__name__)
 
 
 def csv_header(top_k: int) -> list[str]:
@@ -41,9 +40,9 @@ def write_predictions(path: Path, predictions: Predictions, class_names: list[st
             writer.writerow([str(file), ranked[0], ranked[1], *ranked, ""])
 
 
+@task_wrapper("Predictions")
 def predict(cfg: DictConfig) -> dict[str, Any]:
-    """Write the CSV named by `output` and a summary results.json in the run directory."""
-    started = time.perf_counter()
+    """Write the CSV named by `output`; returns the summary (results.json in the run directory)."""
     top_k = int(cfg.top_k)
     if top_k < 1:
         raise ConfigError(f"top_k={top_k} must be 1 or more.")
@@ -67,7 +66,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             "%d file(s) could not be read (their rows say why): %s", len(failed), ", ".join(failed[:20])
         )
     counts = Counter(predictor.class_names[i] for i in labels)
-    results: dict[str, Any] = {
+    return {
         "output": str(output.resolve()),
         "model": str(Path(cfg.ckpt_path).resolve()),
         "files": len(paths),
@@ -76,13 +75,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         "labels": dict(sorted(counts.items())),
         "tta": bool(cfg.tta),
         "device": str(predictor.device),
-        "wall_s": round(time.perf_counter() - started, 2),
     }
-    write_json(Path(cfg.paths.output_dir) / "results.json", results)
-    print_results("Predictions", {**results, "labels": [f"{k}: {v}" for k, v in results["labels"].items()]})
-    return results
 
 
-@user_errors_exit
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     predict(cfg)

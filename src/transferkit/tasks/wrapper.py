@@ -1,0 +1,77 @@
+"""One skeleton for every task (lightning-hydra-template's `task_wrapper`): time it, write its
+results to the run directory, print them, and end a user error with one line and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig
+
+from transferkit.console import print_results
+from transferkit.errors import UserError
+from transferkit.interrupts import Interrupted, exit_code
+from transferkit.run_dirs import write_json
+
+log = logging.getLogger(__name__)
+Task = Callable[[DictConfig], dict[str, Any]]
+
+
+def task_wrapper(title: str) -> Callable[[Task], Task]:
+    """The task returns its results; they gain `wall_s`, go to `<run dir>/results.json` and are
+    printed as a table headed `title` (formatted with `cfg=`, after the task: a resumed run has
+    moved its run directory by then)."""
+
+    def wrap(task: Task) -> Task:
+        @functools.wraps(task)
+        def run(cfg: DictConfig) -> dict[str, Any]:
+            started = time.perf_counter()
+            results = task(cfg)
+            results["wall_s"] = round(time.perf_counter() - started, 2)
+            if rank_zero_only.rank == 0:
+                write_json(Path(cfg.paths.output_dir) / "results.json", results)
+                print_results(title.format(cfg=cfg), results)
+            return results
+
+        return run
+
+    return wrap
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def exit_on_user_error(main: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """A user error ends the process with its one-line message and exit code 2, not a traceback;
+    in a multirun it fails the job (Hydra records it) and the sweep goes on."""
+
+    @functools.wraps(main)
+    def boundary(cfg: DictConfig) -> Any:
+        try:
+            return main(cfg)
+        except (Interrupted, SIGTERMException) as error:  # last.ckpt is saved and the log says how to resume
+            sys.exit(exit_code(error))
+        except UserError as error:
+            log.error("%s", error)
+            if in_multirun():
+                raise
+            sys.exit(error.exit_code)
+        except Exception as error:
+            # A spawned DDP process re-raises our error as text; keep its last line.
+            last = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+            if not last.startswith("transferkit.errors."):
+                raise
+            log.error("%s", last.split(": ", 1)[-1])
+            sys.exit(UserError.exit_code)
+
+    return boundary
