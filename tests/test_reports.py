@@ -14,7 +14,6 @@ from PIL import Image
 from transferkit.data.images import load_rgb
 from transferkit.errors import DataError
 from transferkit.reports import (
-    _draw_confusion_matrix,
     confusion_matrix,
     most_confident_mistakes,
     per_class_report,
@@ -23,6 +22,7 @@ from transferkit.reports import (
     write_misclassified_grid,
     write_per_class_report,
 )
+from transferkit.reports.confusion import _draw_confusion_matrix
 
 NAMES = ["cat", "dog", "fox"]
 # 10 samples, hand-counted below.

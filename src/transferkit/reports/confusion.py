@@ -1,36 +1,23 @@
-"""Evaluation reports written next to a run: confusion matrix, per-class metrics and the most
-confident mistakes. Pure functions over tensors and lists, so they can be tested without a model."""
+"""The confusion matrix of an evaluation, as numbers and as a heatmap whose labels always fit."""
 
 from __future__ import annotations
 
 import csv
 import functools
 import math
-import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import rich
 import torch
 from matplotlib import cbook, rcParams
 from matplotlib.backends.backend_agg import RendererAgg
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
-from rich.table import Table
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from transferkit.data.images import load_rgb
-from transferkit.errors import DataError
-
-REPORT_COLUMNS = ("class", "precision", "recall", "f1", "support")
 MAX_ANNOTATED_CLASSES = 20  # above this, numbers in the heatmap cells are unreadable
-GRID_COLUMNS = 4
-
-
-# --- confusion matrix ---------------------------------------------------------------------------
 
 
 def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -41,7 +28,7 @@ def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int
     return matrix.long()
 
 
-def _check_names(matrix: torch.Tensor, class_names: Sequence[str]) -> None:
+def check_names(matrix: torch.Tensor, class_names: Sequence[str]) -> None:
     """A name per row and column, or the report would silently mislabel classes."""
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"A confusion matrix must be square, got shape {tuple(matrix.shape)}.")
@@ -183,7 +170,7 @@ def write_confusion_matrix(
 ) -> tuple[Path, Path]:
     """Write `confusion_matrix.csv` (for tools) and `confusion_matrix.png` (for people) into
     `directory`. Returns (csv_path, png_path)."""
-    _check_names(matrix, class_names)
+    check_names(matrix, class_names)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     csv_path = directory / "confusion_matrix.csv"
@@ -196,180 +183,3 @@ def write_confusion_matrix(
     png_path = directory / "confusion_matrix.png"
     _draw_confusion_matrix(matrix, class_names).savefig(png_path, dpi=100)
     return csv_path, png_path
-
-
-# --- per-class metrics --------------------------------------------------------------------------
-
-
-def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    """0/0 is 0, as sklearn's zero_division=0: a class never predicted has no precision to speak of."""
-    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
-
-
-def per_class_report(matrix: torch.Tensor, class_names: list[str]) -> list[dict[str, Any]]:
-    """Precision, recall, f1 and support per class, then "macro avg" and "weighted avg" rows.
-
-    The macro average skips classes that are neither in the labels nor in the predictions
-    (as sklearn's classification_report and torchmetrics do): a class missing from a small test
-    split says nothing about the model and must not drag the average to zero."""
-    _check_names(matrix, class_names)
-    counts = matrix.double().cpu().numpy()
-    true_positives = np.diag(counts).copy()
-    predicted = counts.sum(axis=0)
-    support = counts.sum(axis=1)
-    precision = _safe_divide(true_positives, predicted)
-    recall = _safe_divide(true_positives, support)
-    f1 = _safe_divide(2 * true_positives, predicted + support)  # = 2pr/(p+r), and 0 when both are 0
-    rows = [
-        {"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-        for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)
-    ]
-    seen = (predicted + support) > 0
-    total = int(support.sum())
-    rows.append(_summary_row("macro avg", precision, recall, f1, seen.astype(float), total))
-    rows.append(_summary_row("weighted avg", precision, recall, f1, support, total))
-    return rows
-
-
-def _summary_row(
-    name: str, precision: np.ndarray, recall: np.ndarray, f1: np.ndarray, weights: np.ndarray, total: int
-) -> dict[str, Any]:
-    """A weighted mean of each metric; no weight at all (empty evaluation) gives zeros."""
-    weight_sum = float(weights.sum())
-
-    def mean(values: np.ndarray) -> float:
-        return float((values * weights).sum() / weight_sum) if weight_sum > 0 else 0.0
-
-    return {
-        "class": name,
-        "precision": mean(precision),
-        "recall": mean(recall),
-        "f1": mean(f1),
-        "support": total,
-    }
-
-
-def write_per_class_report(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """The report as CSV, floats to 4 decimals so diffs between runs stay readable."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(REPORT_COLUMNS)
-        for row in rows:
-            writer.writerow(
-                [row["class"], *(f"{row[key]:.4f}" for key in REPORT_COLUMNS[1:4]), int(row["support"])]
-            )
-    return path
-
-
-def print_per_class_report(rows: list[dict[str, Any]], title: str = "Per-class report") -> None:
-    """The report as a table on the console, the averages set apart below the classes."""
-    table = Table(title=title)
-    table.add_column("class", style="bold")
-    for column in REPORT_COLUMNS[1:]:
-        table.add_column(column, justify="right")
-    for row in rows:
-        if row["class"] == "macro avg":
-            table.add_section()
-        table.add_row(
-            str(row["class"]), *(f"{row[key]:.4f}" for key in REPORT_COLUMNS[1:4]), str(row["support"])
-        )
-    rich.get_console().print(table)
-
-
-# --- misclassified images -----------------------------------------------------------------------
-
-
-def most_confident_mistakes(labels: torch.Tensor, probs: torch.Tensor, count: int) -> list[int]:
-    """Indices of up to `count` misclassified samples, most confident prediction first: the ones
-    most worth a look (a wrong label in the data, or a systematic confusion). Ties keep data order."""
-    if probs.ndim != 2 or labels.shape != probs.shape[:1]:
-        raise ValueError(
-            f"Need probs (N, C) and labels (N,), got {tuple(probs.shape)} and {tuple(labels.shape)}."
-        )
-    confidence, preds = probs.detach().cpu().max(dim=1)
-    wrong = torch.nonzero(preds != labels.detach().cpu(), as_tuple=True)[0]
-    order = torch.sort(confidence[wrong], descending=True, stable=True).indices
-    return wrong[order][: max(count, 0)].tolist()
-
-
-def _shorten(text: str, width: int) -> str:
-    """Keep both ends of a long file name: the start tells the source, the end the number."""
-    if len(text) <= width:
-        return text
-    half = (width - 1) // 2
-    return f"{text[:half]}…{text[-(width - 1 - half) :]}"
-
-
-def _draw_cell(ax: Any, path: Path, title: str, thumb: int) -> None:
-    """One grid cell: the thumbnail, or the read error where the image should be."""
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=7)
-    try:
-        image = load_rgb(path)
-    except DataError as error:
-        ax.text(
-            0.5,
-            0.5,
-            textwrap.fill(str(error), 30),
-            ha="center",
-            va="center",
-            fontsize=5,
-            color="darkred",
-            wrap=True,
-            transform=ax.transAxes,
-        )
-        return
-    image.thumbnail((thumb, thumb))
-    ax.imshow(np.asarray(image))
-
-
-def _empty_grid(path: Path) -> None:
-    """The file always exists, so a reader (or a test) never wonders whether the step ran."""
-    figure = Figure(figsize=(4.0, 1.5))
-    figure.text(0.5, 0.5, "No misclassified images", ha="center", va="center", fontsize=14)
-    figure.savefig(path, dpi=100)
-
-
-def write_misclassified_grid(
-    paths: list[str | Path],
-    labels: torch.Tensor,
-    probs: torch.Tensor,
-    class_names: list[str],
-    path: str | Path,
-    count: int = 16,
-    thumb: int = 128,
-) -> int:
-    """A PNG grid of the `count` most confidently wrong images, each titled with its true class,
-    the predicted class with its probability, and its file name. An unreadable file becomes a
-    cell with its error rather than a crash. Returns how many cells were drawn (0: no mistakes)."""
-    if len(paths) != len(labels):
-        raise ValueError(f"{len(paths)} paths but {len(labels)} labels.")
-    if probs.shape[-1] != len(class_names):
-        raise ValueError(
-            f"probs have {probs.shape[-1]} classes but there are {len(class_names)} class names."
-        )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    chosen = most_confident_mistakes(labels, probs, count)
-    if not chosen:
-        _empty_grid(path)
-        return 0
-    columns = min(GRID_COLUMNS, len(chosen))
-    rows = math.ceil(len(chosen) / columns)
-    cell = max(thumb / 100.0, 1.6) + 0.3  # inches at dpi 100: the thumbnail at full size, titles fit
-    figure = Figure(figsize=(columns * cell, rows * (cell + 0.5)), layout="constrained")
-    axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    confidence, preds = probs.detach().cpu().max(dim=1)
-    for ax, index in zip(axes, chosen, strict=False):
-        true_name = class_names[int(labels[index])]
-        pred_name = class_names[int(preds[index])]
-        file = Path(paths[index])
-        name = _shorten(f"{file.parent.name}/{file.name}", 28)  # in class folders, names repeat
-        title = f"true: {true_name}\npred: {pred_name} ({float(confidence[index]):.2f})\n{name}"
-        _draw_cell(ax, Path(paths[index]), title, thumb)
-    for ax in axes[len(chosen) :]:
-        ax.set_axis_off()
-    figure.savefig(path, dpi=100)
-    return len(chosen)
