@@ -15,7 +15,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-log = logging.getLogger("transferkit")
+log = logging.getLogger(__name__)
 
 
 class Interrupted(Exception):

@@ -25,7 +25,7 @@ from transferkit.data.sampling import EpochSampler, balance_mode, balanced_class
 from transferkit.errors import ConfigError, DataError
 from transferkit.preprocessing import Preprocessing, augment_policy
 
-log = logging.getLogger("transferkit")
+log = logging.getLogger(__name__)
 # A run resumed mid-epoch skips what it trained (EpochSampler's skip, counted in `state_dict`):
 # Lightning's warning that the loader "is not resumable" is false for these loaders.
 warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable")

@@ -26,7 +26,7 @@ from transferkit.data.images import ImageListDataset
 from transferkit.data.sampling import epoch_seed
 from transferkit.features.precision import frozen_forward
 
-log = logging.getLogger("transferkit")
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3  # 3: augmented views seeded by (seed, view, image)
 # Training views in half precision (half the disk and memory; bf16 results are exact in it in

@@ -15,7 +15,7 @@ import torch
 
 from transferkit.errors import ConfigError
 
-log = logging.getLogger("transferkit")
+log = logging.getLogger(__name__)
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

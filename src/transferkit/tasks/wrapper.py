@@ -37,14 +37,18 @@ def task_wrapper(title: str) -> Callable[[Task], Task]:
             started = time.perf_counter()
             results = task(cfg)
             results["wall_s"] = round(time.perf_counter() - started, 2)
-            if rank_zero_only.rank == 0:
-                write_json(Path(cfg.paths.output_dir) / "results.json", results)
-                print_results(title.format(cfg=cfg), results)
+            save_results(Path(cfg.paths.output_dir), title.format(cfg=cfg), results)
             return results
 
         return run
 
     return wrap
+
+
+@rank_zero_only
+def save_results(output_dir: Path, title: str, results: dict[str, Any]) -> None:
+    write_json(output_dir / "results.json", results)
+    print_results(title, results)
 
 
 def in_multirun() -> bool:
