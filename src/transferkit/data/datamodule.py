@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from collections import Counter
@@ -21,6 +20,7 @@ from torchvision.transforms import v2 as T
 from transferkit.data import scan
 from transferkit.data.folders import Splits, find_splits, skip_files
 from transferkit.data.images import ImageListDataset
+from transferkit.data.position import EpochPosition
 from transferkit.data.sampling import EpochSampler, balance_mode, balanced_class_weights, balanced_weights
 from transferkit.errors import ConfigError, DataError
 from transferkit.preprocessing import Preprocessing, augment_policy
@@ -102,6 +102,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.bad_images: dict[Path, str] = {}  # skipped with on_bad_image=skip
         self.datasets: dict[str, ImageListDataset] = {}
         self.feature_sets: dict[str, Dataset] | None = None
+        self.position = EpochPosition()
 
     @cached_property
     def folders(self) -> Splits:
@@ -239,70 +240,18 @@ class ImageFolderDataModule(L.LightningDataModule):
         weights = balanced_weights(labels) if self.balance == "sampler" else None
         world, rank = self._replicas()
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        skip = self._resumed_samples(len(labels))
+        skip = self.position.resumed_samples(self.trainer, len(labels), self.batch_size, world)
         sampler = EpochSampler(len(labels), self.seed, weights, skip, world, rank, epoch)
         return self._loader("train", sampler=sampler)
 
-    # The epoch in progress when the train loader was made, and where it started: (epoch,
-    # samples trained before, batches Lightning counts as done). From a checkpoint: `_trained`.
-    _epoch_start: tuple[int, int, int] = (-1, 0, 0)
-    _trained: dict[str, int] | None = None
-
-    def _resumed_samples(self, n: int) -> int:
-        """Samples of the current epoch's order (all ranks together) that a run resumed
-        mid-epoch has already trained on: as recorded in the checkpoint, so the batch size or
-        number of processes may differ now.
-
-        Lightning counts the batches done before the interruption itself; when their size has
-        changed, that count is re-expressed in batches of the current size, so the epoch still
-        ends, validates and steps its schedulers where it should.
-        """
-        trainer = self.trainer
-        self._epoch_start = (-1, 0, 0)
-        if trainer is None or not trainer.fit_loop.restarting:
-            return 0
-        progress = trainer.fit_loop.epoch_loop.batch_progress
-        done, epoch, (world, _) = progress.current.processed, trainer.current_epoch, self._replicas()
-        trained = self._trained
-        if trained is not None and trained.get("epoch") == epoch:
-            samples = int(trained["samples_trained"])
-        else:  # a checkpoint that did not record it: assume nothing changed
-            samples = done * self.batch_size * world
-        per_rank = math.ceil(n / world)
-        counted = math.ceil(per_rank / self.batch_size) - math.ceil(
-            math.ceil(max(n - samples, 0) / world) / self.batch_size
-        )
-        if counted != done:
-            log.info(
-                "Resuming epoch %d after %d trained samples: %d batches of %d done, %d to go.",
-                epoch,
-                samples,
-                counted,
-                self.batch_size,
-                math.ceil(per_rank / self.batch_size) - counted,
-            )
-            for tracker in (progress.current, progress.total):
-                for count in ("ready", "started", "processed", "completed"):
-                    setattr(tracker, count, getattr(tracker, count) + counted - done)
-        self._epoch_start = (epoch, samples, counted)
-        return samples
-
     def state_dict(self) -> dict[str, int]:
-        """Saved in every checkpoint: the samples of the epoch in progress trained so far (all
-        ranks), which a resume skips whatever its batch size or number of processes."""
-        trainer = self.trainer
-        if trainer is None:
+        """Saved in every checkpoint: how far the epoch in progress got (see `EpochPosition`)."""
+        if self.trainer is None:
             return {}
-        epoch = trainer.current_epoch
-        start_epoch, samples, counted = self._epoch_start
-        if start_epoch != epoch:
-            samples, counted = 0, 0
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        world = self._replicas()[0]
-        return {"epoch": epoch, "samples_trained": samples + (done - counted) * self.batch_size * world}
+        return self.position.state_dict(self.trainer, self.batch_size, self._replicas()[0])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._trained = dict(state_dict)
+        self.position.load_state_dict(state_dict)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
