@@ -1,8 +1,11 @@
-"""The README's cookbook, run as written: every ```bash tested block, in order, on generated
-photos. Each entry point gets the tiniest settings for the keys its command does not set (a tiny
-backbone, 32 px images, one epoch, the csv logger, no workers), so a command shows what it is
-there to show in the least time: each `python` is a new interpreter, and its imports (torch,
-Lightning, timm, Hydra) are most of its cost."""
+"""The README's cookbook, run as written: every ```bash tested block of README.md, in order, then
+those of each docs/*.md page (alphabetical, in order within a page), as one script in one project
+directory on generated photos, so a page's block may use what the README walk-through made. Each
+entry point gets the tiniest settings for the keys its command does not set (a tiny backbone,
+32 px images, one epoch, the csv logger, no workers), so a command shows what it is there to show
+in the least time: each `python` is a new interpreter, and its imports (torch, Lightning, timm,
+Hydra) are most of its cost. Also the links: the README links every docs page, and every link
+between the pages leads to a file and a heading that exist."""
 
 from __future__ import annotations
 
@@ -55,12 +58,26 @@ def shim_text() -> str:
     return SHIM % (cases, sys.executable)
 
 
-def readme_blocks(readme: str) -> list[str]:
-    return re.findall(r"^```bash tested\n(.*?)^```", readme, flags=re.S | re.M)
+DOCS = ROOT / "docs"
+
+
+def bash_blocks(markdown: str) -> list[str]:
+    return re.findall(r"^```bash tested\n(.*?)^```", markdown, flags=re.S | re.M)
+
+
+def cookbook_script() -> str:
+    """The README's tested blocks, then each docs page's, each announced on stderr (a failure's
+    output says which block it was in)."""
+    pages = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+    lines = ["set -euo pipefail"]
+    for page in pages:
+        for i, block in enumerate(bash_blocks(page.read_text()), 1):
+            lines += [f"echo '>>> {page.relative_to(ROOT)}, tested block {i}' >&2", block]
+    return "\n".join(lines)
 
 
 def test_the_readme_has_tested_blocks_for_the_walkthrough() -> None:
-    blocks = "\n".join(readme_blocks((ROOT / "README.md").read_text()))
+    blocks = "\n".join(bash_blocks((ROOT / "README.md").read_text()))
     for command in (
         "split_folder.py",
         "train.py",
@@ -71,6 +88,50 @@ def test_the_readme_has_tested_blocks_for_the_walkthrough() -> None:
         "-m",
     ):
         assert command in blocks
+
+
+def outside_code(markdown: str) -> str:
+    return re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M)
+
+
+def anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to dashes, -1, -2, ...
+    for repeats."""
+    found: set[str] = set()
+    repeats: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6} +(.+?) *$", outside_code(markdown), flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        n = repeats.get(slug, 0)
+        found.add(f"{slug}-{n}" if n else slug)
+        repeats[slug] = n + 1
+    return found
+
+
+def links(markdown: str) -> list[str]:
+    """Relative links (no scheme): `page.md`, `page.md#anchor`, `#anchor`."""
+    found = re.findall(r"\]\(([^)\s]+)\)", outside_code(markdown))
+    return [link for link in found if not re.match(r"[a-z]+:", link)]
+
+
+def test_the_readme_links_every_docs_page_and_each_exists() -> None:
+    readme = (ROOT / "README.md").read_text()
+    linked = {link.split("#")[0] for link in links(readme) if link.startswith("docs/")}
+    pages = {f"docs/{page.name}" for page in DOCS.glob("*.md")}
+    assert linked - pages == set(), "the README links pages that do not exist"
+    assert pages - linked == set(), "docs pages the README does not link"
+
+
+def test_every_link_between_the_pages_leads_to_a_file_and_heading() -> None:
+    broken = []
+    for page in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+        for link in links(page.read_text()):
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path).resolve() if path else page
+            if not target.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {link} (no such file)")
+            elif anchor and target.suffix == ".md" and anchor not in anchors(target.read_text()):
+                broken.append(f"{page.relative_to(ROOT)}: {link} (no such heading)")
+    assert not broken, "\n".join(broken)
 
 
 @pytest.mark.slow
@@ -88,7 +149,7 @@ def test_the_cookbook_runs_as_written(tmp_path: Path) -> None:
     shim = bin_dir / "python"
     shim.write_text(shim_text())
     shim.chmod(0o755)
-    script = "set -euo pipefail\n" + "\n".join(readme_blocks((ROOT / "README.md").read_text()))
+    script = cookbook_script()
     env = {**offline_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "WANDB_SILENT": "true"}
     proc = subprocess.run(
         ["bash", "-c", script], cwd=project, env=env, capture_output=True, text=True, timeout=900
@@ -117,7 +178,7 @@ def test_the_cookbook_runs_as_written(tmp_path: Path) -> None:
     with open(project / "preds.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 24 and all(r["label"] in ("circle", "square", "triangle") for r in rows)
-    with open(project / "preds_onnx.csv", newline="") as f:
+    with open(project / "preds_onnx.csv", newline="") as f:  # docs/after-training.md's block
         assert [r["label"] for r in csv.DictReader(f)] == [r["label"] for r in rows]
     assert (project / "exported" / "model.onnx").is_file()
     assert "# Leaderboard: 2 jobs" in proc.stdout
