@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -14,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from transferkit.config import instantiate_group
+from transferkit.errors import ConfigError
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
@@ -133,3 +136,44 @@ def test_unknown_options_and_keys_are_refused(override: str) -> None:
         pytest.raises(ConfigCompositionException),
     ):
         compose("train", overrides=[override])
+
+
+@pytest.mark.parametrize("logger, package", [("mlflow", "mlflow"), ("wandb", "wandb")])
+def test_a_logger_whose_package_is_missing_names_its_extra(
+    logger: str, package: str, compose_train, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = compose_train(tmp_path, [f"logger={logger}"])
+    monkeypatch.setitem(sys.modules, package, None)  # what `import mlflow` meets when it is not installed
+    with pytest.raises(
+        ConfigError,
+        match=rf'logger={logger}.* needs the {package} package: pip install "transferkit\[{logger}\]"',
+    ):
+        instantiate_group(cfg.logger)
+
+
+@pytest.mark.slow
+def test_the_package_imports_without_its_extras() -> None:
+    """A plain `pip install transferkit` (no extras): every module imports; the extras' packages
+    are imported only by the features that use them."""
+    extras = [
+        "mlflow",
+        "wandb",
+        "onnx",
+        "onnxscript",
+        "onnxruntime",
+        "optuna",
+        "submitit",
+        "sqlalchemy",
+        "alembic",
+    ]
+    code = f"""
+import importlib, pkgutil, sys
+for name in {extras!r}:
+    sys.modules[name] = None
+import transferkit
+for module in pkgutil.walk_packages(transferkit.__path__, "transferkit."):
+    importlib.import_module(module.name)
+print("imported", transferkit.__version__)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "imported" in proc.stdout, proc.stderr[-3000:]

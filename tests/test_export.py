@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import onnxruntime as ort
@@ -137,3 +138,25 @@ def test_export_of_an_unknown_format_exits_2_with_one_line(
     cfg = compose_task("export", tmp_path, [f"ckpt_path={trained_run['best_model_path']}", "format=tflite"])
     code, errors = main_exits(main, cfg, caplog)
     assert code == 2 and len(errors) == 1 and "format=tflite is not supported" in errors[0]
+
+
+@pytest.mark.parametrize("package", ["onnx", "onnxscript", "onnxruntime"])
+def test_onnx_export_without_the_onnx_extra_names_it(
+    package: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, package, None)  # what `import onnx` meets when it is not installed
+    message = rf'export.py format=onnx needs the {package} package: pip install "transferkit\[onnx\]"'
+    with pytest.raises(ConfigError, match=message):
+        exporting.export_onnx(torch.nn.Linear(3, 2), torch.randn(2, 3), tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+    exporting.require_exporter("torchscript")  # TorchScript needs nothing more than torch
+
+
+def test_the_parity_check_without_onnxruntime_names_the_onnx_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(
+        ConfigError, match=r'needs the onnxruntime package: pip install "transferkit\[onnx\]"'
+    ):
+        load_exported(tmp_path / "model.onnx")

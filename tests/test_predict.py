@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from transferkit.checkpoints import load_model
 from transferkit.data.images import load_rgb
 from transferkit.errors import ConfigError
 from transferkit.features import precision
+from transferkit.inference import load_predictor
 from transferkit.tasks.export import export
 from transferkit.tasks.predict import main, predict
 
@@ -199,3 +201,16 @@ def test_predict_on_an_empty_folder_exits_2_with_one_line(
     cfg = compose_task("predict", tmp_path, [ckpt, f"input={tmp_path / 'empty'}"])
     code, errors = main_exits(main, cfg, caplog)
     assert code == 2 and len(errors) == 1 and "is an empty folder" in errors[0]
+
+
+def test_predict_on_a_model_onnx_without_onnxruntime_names_the_onnx_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exported = tmp_path / "model.onnx"
+    exported.write_bytes(b"\0")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what its import meets when not installed
+    with pytest.raises(ConfigError) as error:
+        load_predictor(exported)
+    assert str(error.value).startswith(
+        f'ckpt_path={exported} (an ONNX model) needs the onnxruntime package: pip install "transferkit[onnx]"'
+    )

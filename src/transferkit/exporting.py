@@ -1,5 +1,6 @@
 """A trained model as a file that runs without transferkit: ONNX (dynamic batch size) or
-TorchScript, checked against PyTorch before it is called a success."""
+TorchScript, checked against PyTorch before it is called a success. ONNX needs the `onnx` extra
+(onnx, onnxscript, onnxruntime), imported when it is used."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from transferkit.extras import require
 from transferkit.module import TransferModule
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
@@ -30,8 +32,17 @@ class Classifier(nn.Module):
         return self.head(self.backbone(images))
 
 
+def require_exporter(format: str) -> None:
+    """Imports the packages `format` needs (all of them, before any work: onnxruntime is only used
+    by the parity check after the export), or raises a ConfigError naming their extra."""
+    if format == "onnx":  # torch.onnx's exporter needs onnx and onnxscript
+        for package in ("onnx", "onnxscript", "onnxruntime"):
+            require(package, extra="onnx", feature="export.py format=onnx")
+
+
 def export_onnx(net: nn.Module, example: torch.Tensor, path: Path) -> None:
     """With torch.onnx's dynamo exporter; the batch dimension is dynamic."""
+    require_exporter("onnx")
     size = sum(p.numel() * p.element_size() for p in net.parameters())
     batch = torch.export.Dim("batch", min=1)
     for name in ("onnx_ir", "onnxscript", "torch.onnx"):  # they log every optimisation pass
@@ -66,8 +77,7 @@ EXPORTERS: dict[str, Callable[[nn.Module, torch.Tensor, Path], None]] = {
 def load_exported(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     """The exported file as a function of images: onnxruntime for ONNX, torch.jit for TorchScript."""
     if path.suffix == ".onnx":
-        import onnxruntime as ort
-
+        ort = require("onnxruntime", extra="onnx", feature="export.py format=onnx")
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return lambda images: torch.from_numpy(session.run(None, {name: images.numpy()})[0])

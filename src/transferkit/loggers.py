@@ -1,4 +1,5 @@
-"""Lightning's loggers, set up for local, offline-first use and for resumed runs."""
+"""Lightning's loggers, set up for local, offline-first use and for resumed runs. MLflow and W&B
+are extras (`transferkit[mlflow]`, `transferkit[wandb]`), imported when their logger is built."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import MLFlowLogger as LightningMLFlowLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from transferkit.extras import require
 
 
 class CSVLogger(LightningCSVLogger):
@@ -45,6 +48,7 @@ class MLFlowLogger(LightningMLFlowLogger):
     Browse with `mlflow ui --backend-store-uri sqlite:///<store_dir>/mlflow.db`."""
 
     def __init__(self, store_dir: str | os.PathLike, **kwargs: Any) -> None:
+        require("mlflow", extra="mlflow", feature="logger=mlflow (and logger=many)")
         store = Path(store_dir).resolve()
         store.mkdir(parents=True, exist_ok=True)
         super().__init__(
@@ -69,6 +73,7 @@ class WandbLogger(LightningWandbLogger):
     logged in; `offline: true/false` forces either."""
 
     def __init__(self, offline: bool | str = "auto", **kwargs: Any) -> None:
+        require("wandb", extra="wandb", feature="logger=wandb")
         super().__init__(offline=(not wandb_logged_in()) if offline == "auto" else bool(offline), **kwargs)
 
     def close(self) -> None:

@@ -1,5 +1,6 @@
 """A trained classifier behind one call, `logits(images)`: a checkpoint run by PyTorch, or an
-exported `model.onnx` run by onnxruntime. Both carry their class names and preprocessing."""
+exported `model.onnx` run by onnxruntime (the `onnx` extra). Both carry their class names and
+preprocessing."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from transferkit.checkpoints import load_model
 from transferkit.errors import ConfigError
+from transferkit.extras import require
 from transferkit.features.precision import checkpoint_precision
 from transferkit.module import TransferModule
 from transferkit.preprocessing import Preprocessing
@@ -50,8 +52,7 @@ class OnnxPredictor:
     """An exported model.onnx, with the model.json export.py writes beside it."""
 
     def __init__(self, path: Path) -> None:
-        import onnxruntime as ort
-
+        ort = require("onnxruntime", extra="onnx", feature=f"ckpt_path={path} (an ONNX model)")
         meta_path = path.with_name("model.json")
         if not meta_path.is_file():
             raise ConfigError(f"{path} has no model.json beside it; export the model with export.py.")
