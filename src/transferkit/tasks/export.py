@@ -16,7 +16,7 @@ from transferkit.checkpoints import load_model
 from transferkit.config import recorded_datamodule
 from transferkit.data.images import load_rgb
 from transferkit.errors import ConfigError, DataError, ExportError, first_line
-from transferkit.exporting import EXPORTERS, FORMATS, Classifier, load_exported, parity
+from transferkit.exporting import EXPORTERS, FORMATS, Classifier, load_exported, parity, require_exporter
 from transferkit.inference import collect_inputs
 from transferkit.module import TransferModule
 from transferkit.run_dirs import write_json
@@ -68,6 +68,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     count, atol = int(cfg.parity.count), float(cfg.parity.atol)
     if count < 1:
         raise ConfigError(f"parity.count={count} must be 1 or more.")
+    require_exporter(cfg.format)
     model = load_model(cfg.ckpt_path)
     net = Classifier(model).eval().requires_grad_(False)
     images, source = parity_images(model, cfg.parity.get("images"), count)
