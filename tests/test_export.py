@@ -140,6 +140,17 @@ def test_export_of_an_unknown_format_exits_2_with_one_line(
     assert code == 2 and len(errors) == 1 and "format=tflite is not supported" in errors[0]
 
 
+def test_export_py_without_the_onnx_extra_says_so_before_any_work(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused before the checkpoint is read (this one does not even exist): one line, exit 2."""
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    cfg = compose_task("export", tmp_path, [f"ckpt_path={tmp_path}/missing.ckpt", "format=onnx"])
+    code, errors = main_exits(main, cfg, caplog)
+    assert code == 2 and len(errors) == 1, errors
+    assert 'export.py format=onnx needs the onnxscript package: pip install "transferkit[onnx]"' in errors[0]
+
+
 @pytest.mark.parametrize("package", ["onnx", "onnxscript", "onnxruntime"])
 def test_onnx_export_without_the_onnx_extra_names_it(
     package: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
