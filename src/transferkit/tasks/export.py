@@ -60,9 +60,51 @@ def parity_images(model: TransferModule, source: str | None, count: int) -> tupl
     return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(0)), "random inputs"
 
 
+def export_checked(
+    model: TransferModule, format: str, images: torch.Tensor, source: str, atol: float, output: Path
+) -> float:
+    """Export into a staging folder, check parity there, then move the files into `output`;
+    nothing is left behind on failure. Returns the largest logit difference."""
+    name = FORMATS[format]
+    net = Classifier(model).eval().requires_grad_(False)
+    with tempfile.TemporaryDirectory(dir=output, prefix=".export-") as staging:
+        staged = Path(staging) / name
+        try:
+            EXPORTERS[format](net, images[:2], staged)
+        except Exception as error:  # noqa: BLE001 - the exporters raise many kinds
+            raise ExportError(
+                f"{format} export of {model.hparams.name} failed: {first_line(error)}"
+            ) from error
+        difference = parity(net, load_exported(staged), images)
+        if not difference <= atol:
+            raise ExportError(
+                f"The {format} model's logits differ from PyTorch's by {difference:.2e} "
+                f"(> parity.atol={atol:g}) on {source}; nothing was written."
+            )
+        for file in Path(staging).iterdir():  # model.onnx and, for models over 2 GB, its weights
+            shutil.move(str(file), output / file.name)
+    return difference
+
+
+def metadata(model: TransferModule, cfg: DictConfig, image_size: tuple[int, int], parity: dict) -> dict:
+    """model.json: what a runtime needs to feed the exported model and read its output."""
+    return {
+        "format": cfg.format,
+        "file": FORMATS[cfg.format],
+        "class_names": model.class_names,
+        "preprocessing": model.preprocessing.to_dict(),
+        "input": {"name": "images", "shape": ["batch", 3, *image_size], "dtype": "float32"},
+        "output": {"name": "logits", "shape": ["batch", len(model.class_names)]},
+        "model": model.hparams.name,
+        "checkpoint": str(Path(cfg.ckpt_path).resolve()),
+        "parity": parity,
+        "versions": {"transferkit": __version__, "torch": torch.__version__},
+    }
+
+
 @task_wrapper("Exported ({cfg.format}, parity checked)")
 def export(cfg: DictConfig) -> dict[str, Any]:
-    """Export, check parity, then move the files into `output`; nothing is left behind on failure."""
+    """The checkpoint as model.onnx or model.pt plus model.json in `output`, parity checked."""
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format} is not supported; use one of: {', '.join(FORMATS)}.")
     count, atol = int(cfg.parity.count), float(cfg.parity.atol)
@@ -70,47 +112,15 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"parity.count={count} must be 1 or more.")
     require_exporter(cfg.format)
     model = load_model(cfg.ckpt_path)
-    net = Classifier(model).eval().requires_grad_(False)
     images, source = parity_images(model, cfg.parity.get("images"), count)
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
-    name = FORMATS[cfg.format]
-    with tempfile.TemporaryDirectory(dir=output, prefix=".export-") as staging:
-        staged = Path(staging) / name
-        try:
-            EXPORTERS[cfg.format](net, images[:2], staged)
-        except Exception as error:  # noqa: BLE001 - the exporters raise many kinds
-            raise ExportError(
-                f"{cfg.format} export of {model.hparams.name} failed: {first_line(error)}"
-            ) from error
-        difference = parity(net, load_exported(staged), images)
-        if not difference <= atol:
-            raise ExportError(
-                f"The {cfg.format} model's logits differ from PyTorch's by {difference:.2e} "
-                f"(> parity.atol={atol:g}) on {source}; nothing was written."
-            )
-        for file in Path(staging).iterdir():  # model.onnx and, for models over 2 GB, its weights
-            shutil.move(str(file), output / file.name)
-    meta = {
-        "format": cfg.format,
-        "file": name,
-        "class_names": model.class_names,
-        "preprocessing": model.preprocessing.to_dict(),
-        "input": {
-            "name": "images",
-            "shape": ["batch", 3, images.shape[2], images.shape[3]],
-            "dtype": "float32",
-        },
-        "output": {"name": "logits", "shape": ["batch", len(model.class_names)]},
-        "model": model.hparams.name,
-        "checkpoint": str(Path(cfg.ckpt_path).resolve()),
-        "parity": {"max_abs_diff": difference, "atol": atol, "checked_on": source},
-        "versions": {"transferkit": __version__, "torch": torch.__version__},
-    }
-    write_json(output / "model.json", meta)
+    difference = export_checked(model, cfg.format, images, source, atol, output)
+    checked = {"max_abs_diff": difference, "atol": atol, "checked_on": source}
+    write_json(output / "model.json", metadata(model, cfg, tuple(images.shape[2:]), checked))
     log.info("Parity: max |logit difference| %.2e <= %g on %s.", difference, atol, source)
     return {
-        "model": str((output / name).resolve()),
+        "model": str((output / FORMATS[cfg.format]).resolve()),
         "metadata": str((output / "model.json").resolve()),
         "parity_max_abs_diff": difference,
         "parity_checked_on": source,
