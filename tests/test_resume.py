@@ -79,6 +79,42 @@ def test_sigusr1_saves_last_ckpt_after_the_current_batch(tmp_path: Path) -> None
     assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)  # the handler is put back
 
 
+class RngAtStart(L.Callback):
+    """The torch generator's state as training starts (after any resume)."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self.state = torch.get_rng_state()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_curves_and_generators_at_its_top_level_still_resumes_them(tmp_path: Path) -> None:
+    """Checkpoints written before the module's state callbacks kept the curves and the random
+    generators' states at their top level: a resume from one goes on with both, as from a new one."""
+    trainer = fit(tiny(), tmp_path / "a", callbacks=(Freeze(),), epochs=1)
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    old = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    old["history"], old["rng_states"] = (
+        old["callbacks"].pop("EpochHistory"),
+        old["callbacks"].pop("RandomState"),
+    )
+    torch.save(old, tmp_path / "old.ckpt")
+    resumed = {}
+    for name, seed in (("new", 1), ("old", 2)):
+        torch.manual_seed(seed)  # whatever the generators were, the checkpoint's go on
+        model, starts = tiny(), RngAtStart()
+        fit(
+            model,
+            tmp_path / name,
+            callbacks=(Freeze(), starts),
+            epochs=2,
+            ckpt_path=str(tmp_path / f"{name}.ckpt"),
+        )
+        resumed[name] = (model.history, starts.state)
+        assert [len(model.history[stage]) for stage in ("train", "val")] == [2, 2]
+    assert resumed["old"][0] == resumed["new"][0]
+    assert torch.equal(resumed["old"][1], resumed["new"][1])
+
+
 def val_epochs(run: Path) -> list[int]:
     with open(run / "metrics.csv", newline="") as f:
         return [int(r["epoch"]) for r in csv.DictReader(f) if r.get("val/acc")]
@@ -145,7 +181,8 @@ def test_last_ckpt_is_the_final_epoch_whatever_the_metric_did_and_a_resume_adds_
     assert epoch_rows(run, "val/acc") == epoch_rows(run, "train/loss") == [0, 1, 2, 3, 4, 5]
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 5
-    assert [len(last["history"][stage]) for stage in ("train", "val")] == [6, 6]  # the curves lack no epoch
+    history = last["callbacks"]["EpochHistory"]
+    assert [len(history[stage]) for stage in ("train", "val")] == [6, 6]  # the curves lack no epoch
 
 
 class OracleLabels(L.Callback):

@@ -47,13 +47,22 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def load_model(path: str | Path) -> TransferModule:
     """The model rebuilt from the checkpoint alone (nothing is downloaded), in eval mode, with
-    the run's record restored: `data_config`, and `frozen_dtype` set to the precision validation
-    ran the backbone in (fp32 for checkpoints that predate the record)."""
+    the run's record restored: `data_config`, `run_record`, and `frozen_dtype` set to the
+    precision validation ran the backbone in (fp32 for checkpoints that predate the record)."""
     checkpoint = read_checkpoint(path)
     hparams = {**checkpoint["hyper_parameters"], "weights": None}  # the weights are in the state dict
     if hparams.get("preprocessing") is not None:  # saved before crop modes: evaluated with a centre crop
         hparams["preprocessing"] = {"crop_mode": "center", **hparams["preprocessing"]}
-    model = TransferModule(**hparams)
+    record = checkpoint.get(RECORD_KEY) or {}
+    model = TransferModule(
+        **hparams,
+        data_config=record.get("data"),
+        seed=record.get("seed"),
+        finetune=record.get("finetune"),
+        frozen_dtype=PRECISIONS[record.get("precision", "fp32")],
+    )
+    if "augment" in record:  # known as the fit started
+        model.run_record["augment"] = record["augment"]
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
@@ -61,10 +70,6 @@ def load_model(path: str | Path) -> TransferModule:
             f"ckpt_path={path}: its weights do not fit the model its hyper-parameters describe "
             f"({str(error).splitlines()[0]}). {_MADE_BY}"
         ) from None
-    record = checkpoint.get(RECORD_KEY) or {}
-    model.data_config = record.get("data")
-    model.run_record = {k: v for k, v in record.items() if k not in ("data", "precision")}
-    model.frozen_dtype = PRECISIONS[record.get("precision", "fp32")]
     return model.eval()
 
 

@@ -16,6 +16,8 @@ from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from transferkit.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
+    import torch
+
     from transferkit.data.datamodule import ImageFolderDataModule
     from transferkit.module import TransferModule
 
@@ -57,9 +59,12 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [build(node) for node in cfg.values() if node is not None and "_target_" in node]
 
 
-def build_model(cfg: DictConfig, datamodule: ImageFolderDataModule) -> TransferModule:
+def build_model(
+    cfg: DictConfig, datamodule: ImageFolderDataModule, frozen_dtype: torch.dtype
+) -> TransferModule:
     """The LightningModule from the model, optimizer and scheduler groups, for the data's
-    classes, with the data's preprocessing overrides and class weights."""
+    classes, with the data's preprocessing overrides and class weights, and what the run records
+    beside it: the data, seed and fine-tuning, and the frozen backbone's dtype on this device."""
     return build(
         cfg.model,
         class_names=list(datamodule.class_names),
@@ -67,6 +72,10 @@ def build_model(cfg: DictConfig, datamodule: ImageFolderDataModule) -> TransferM
         optimizer=plain(cfg.get("optimizer")),
         scheduler=plain(cfg.get("scheduler")),
         preprocessing=datamodule.preprocessing_overrides,
+        data_config=recorded_data_config(cfg.data, datamodule),
+        seed=cfg.seed,
+        finetune=plain(cfg.finetune),
+        frozen_dtype=frozen_dtype,
         _recursive_=False,
         _convert_="all",
     )

@@ -8,15 +8,16 @@ Backbone block i of n (0 at the input) trains at
 
     head lr x backbone_lr_ratio x layer_decay ** (n - 1 - i)
 
-and follows the same schedule as the head. Lightning's `BaseFinetuning` records the param
-groups in the checkpoint, so a run resumed before or after an unfreeze continues as it was.
+and follows the same schedule as the head. The strategy owns this lr plan (`lr_plan`: each
+parameter's param group and lr scale); the module builds its optimizer's first groups from it
+and the strategy adds the rest as blocks unfreeze. Lightning's `BaseFinetuning` records the
+param groups in the checkpoint, so a run resumed before or after an unfreeze continues as it was.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import warnings
 from collections.abc import Sequence
 
 import lightning as L
@@ -27,12 +28,10 @@ from torch.optim import Optimizer
 
 from transferkit.backbones.blocks import Block, backbone_blocks
 from transferkit.errors import ConfigError
+from transferkit.optim import param_groups, weight_decay
 from transferkit.schedulers import follow_schedule
 
 log = logging.getLogger("transferkit")
-
-# Frozen parts are in eval mode on purpose (see hold_frozen_in_eval); Lightning warns of it.
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
 BN_POLICIES = ("frozen", "train")
 
@@ -84,6 +83,7 @@ class BlockFinetuning(BaseFinetuning):
         self.layer_decay = layer_decay
         self.blocks: list[Block] = []
         self.starts: list[int | None] = []
+        self.lr_plan: dict[str, tuple[str, float]] = {}  # module parameter name -> (group, lr scale)
 
     def start_epochs(self, num_blocks: int) -> list[int | None]:
         """The epoch at which each block (input side first) starts training; None: never."""
@@ -131,13 +131,14 @@ class BlockFinetuning(BaseFinetuning):
             param = params[name]
             param.requires_grad = train or (train_norms and id(param) in norm_params)
             group = f"backbone.{block.name}" + ("" if train else ".bn")
-            pl_module.lr_plan[f"backbone.{name}"] = (group, self.lr_scale(index))
+            self.lr_plan[f"backbone.{name}"] = (group, self.lr_scale(index))
         for norm in norms:
             norm.track_running_stats = train_norms  # as Lightning's freeze/make_trainable do
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         self.blocks = backbone_blocks(pl_module.backbone)
         self.starts = self.start_epochs(len(self.blocks))
+        self.lr_plan = {}
         for index, start in enumerate(self.starts):
             self._set_block(pl_module, index, train=start == 0)
         pl_module.train(pl_module.training)  # re-apply the eval hold to the frozen parts
@@ -156,9 +157,9 @@ class BlockFinetuning(BaseFinetuning):
         pl_module.train(pl_module.training)
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         wanted = {f"backbone.{n}" for i in due for n in self.blocks[i].params}
-        new_groups = pl_module.param_groups(
-            lambda name, p: name in wanted and id(p) not in in_optimizer, optimizer.param_groups[0]["lr"]
-        )
+        new = [(n, p) for n, p in pl_module.named_parameters() if n in wanted and id(p) not in in_optimizer]
+        decay = weight_decay(pl_module.hparams.get("optimizer"))
+        new_groups = param_groups(new, self.lr_plan, decay, head_lr=optimizer.param_groups[0]["lr"])
         if not new_groups:
             return
         head = optimizer.param_groups[0]

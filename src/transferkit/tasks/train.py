@@ -11,11 +11,11 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from transferkit.config import build, build_model, instantiate_group, plain, recorded_data_config
+from transferkit.config import build, build_model, instantiate_group
 from transferkit.console import print_config_tree
 from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.errors import ConfigError
-from transferkit.features import FrozenFeatures, training_augment
+from transferkit.features import FrozenFeatures
 from transferkit.features.cache import weights_fingerprint
 from transferkit.finetune import BlockFinetuning
 from transferkit.module import TransferModule
@@ -87,7 +87,6 @@ def set_up(cfg: DictConfig) -> TrainingRun:
     _ = datamodule.splits  # every image checked, now that the config is known to work
     write_bad_images(datamodule, Path(cfg.paths.output_dir))
     feature_cache = features.use(model, datamodule, trainer, finetune, seed=cfg.seed)
-    model.run_record["augment"] = training_augment(datamodule)
     return TrainingRun(cfg, datamodule, finetune, trainer, model, feature_cache)
 
 
@@ -100,11 +99,8 @@ def prepare_model(
 ) -> TransferModule:
     """The model for this data and device, frozen as the strategy starts it; refused if it
     cannot take the image size or would not continue the run it resumes."""
-    model = build_model(cfg, datamodule)
+    model = build_model(cfg, datamodule, features.dtype(trainer.strategy.root_device))
     model.check_input_size()
-    model.data_config = recorded_data_config(cfg.data, datamodule)
-    model.run_record.update(seed=cfg.seed, finetune=plain(cfg.finetune))
-    model.frozen_dtype = features.dtype(trainer.strategy.root_device)
     check_resume(cfg, model)
     finetune.freeze_before_training(model)  # what trains decides whether features can be cached
     finetune.check(trainer)
