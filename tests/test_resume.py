@@ -46,7 +46,7 @@ def test_ckpt_path_last_is_the_newest_run_and_the_run_continues_in_its_directory
     assert cfg.callbacks.model_checkpoint.dirpath == str(newest.resolve() / "checkpoints")  # follows
 
 
-def test_ckpt_path_last_prefers_the_given_run_dir_and_train_false_does_not_move(tmp_path: Path) -> None:
+def test_ckpt_path_last_prefers_the_given_run_dir(tmp_path: Path) -> None:
     runs = tmp_path / "logs" / "train" / "runs"
     fake_run(runs, "newer", 9_000)
     cfg = compose_task("train", tmp_path, ["ckpt_path=last"])
@@ -55,10 +55,7 @@ def test_ckpt_path_last_prefers_the_given_run_dir_and_train_false_does_not_move(
     (own / "checkpoints" / "last.ckpt").rename(tmp_path / "run" / "checkpoints" / "last.ckpt")
     resolve_checkpoint(cfg)
     assert cfg.ckpt_path == str(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    other = fake_run(tmp_path / "elsewhere", "r", 1_000) / "checkpoints" / "last.ckpt"
-    evaluate_only = compose_task("train", tmp_path, [f"ckpt_path={other}", "train=false"])
-    resolve_checkpoint(evaluate_only)
-    assert evaluate_only.paths.output_dir == str(tmp_path / "run")
+    assert cfg.paths.output_dir == str((tmp_path / "run").resolve())
 
 
 def test_resume_refuses_what_is_not_there(tmp_path: Path) -> None:

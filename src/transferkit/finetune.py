@@ -31,7 +31,7 @@ from transferkit.errors import ConfigError
 from transferkit.optim import param_groups, weight_decay
 from transferkit.schedulers import follow_schedule
 
-log = logging.getLogger("transferkit")
+log = logging.getLogger(__name__)
 
 BN_POLICIES = ("frozen", "train")
 

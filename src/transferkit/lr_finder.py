@@ -13,7 +13,7 @@ from lightning.pytorch.tuner import Tuner
 
 from transferkit.errors import ConfigError
 
-log = logging.getLogger("transferkit")
+log = logging.getLogger(__name__)
 
 
 def tune_lr(

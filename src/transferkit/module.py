@@ -12,7 +12,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from transferkit.backbones import build_backbone
-from transferkit.errors import ConfigError, TrainingDiverged, first_line
+from transferkit.errors import ConfigError, TrainingDiverged
 from transferkit.features import training_augment
 from transferkit.features.precision import frozen_forward, precision_name
 from transferkit.finetune import BlockFinetuning, hold_frozen_in_eval
@@ -87,21 +87,6 @@ class TransferModule(L.LightningModule):
         self._history = EpochHistory()
         self._state_callbacks = (self._history, RandomState(), RunningMetrics())  # configure_callbacks
         check_settings(optimizer, scheduler, self.metric_names)
-
-    def check_input_size(self) -> None:
-        """Refuse an image size the backbone cannot take (a ViT's fixed size, a CNN's minimum)."""
-        size = self.preprocessing.image_size
-        training = self.backbone.training
-        try:
-            with torch.no_grad():
-                self.backbone.eval()(torch.zeros(1, 3, size, size))
-        except (RuntimeError, AssertionError, ValueError) as error:
-            raise ConfigError(
-                f"data.image_size={size} does not fit model.name={self.hparams.name} ({first_line(error)}); "
-                "use data.image_size=null for the size its weights expect."
-            ) from None
-        finally:
-            self.backbone.train(training)
 
     @property
     def class_names(self) -> list[str]:

@@ -38,7 +38,7 @@ try:
 except ImportError:  # Windows: no flock; the board is rebuilt unlocked, and again at the sweep's end
     fcntl = None  # type: ignore[assignment]
 
-log = logging.getLogger("transferkit")
+log = logging.getLogger(__name__)
 ROW_FILE = "job.json"
 LOCK_FILE = ".leaderboard.lock"
 

@@ -7,9 +7,10 @@ import difflib
 from dataclasses import dataclass
 from functools import cache
 
+import torch
 from torch import nn
 
-from transferkit.errors import ConfigError
+from transferkit.errors import ConfigError, first_line
 from transferkit.preprocessing import Preprocessing
 
 TIMM_PREFIX = "timm:"
@@ -50,3 +51,18 @@ def build_backbone(name: str, weights: str | bool | None = None) -> Backbone:
     from transferkit.backbones.torchvision_models import build_torchvision_backbone
 
     return build_torchvision_backbone(name, weights)
+
+
+def check_input_size(model: nn.Module, size: int, name: str) -> None:
+    """Refuse an image size the backbone cannot take (a ViT's fixed size, a CNN's minimum)."""
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise ConfigError(
+            f"data.image_size={size} does not fit model.name={name} ({first_line(error)}); "
+            "use data.image_size=null for the size its weights expect."
+        ) from None
+    finally:
+        model.train(training)

@@ -26,7 +26,7 @@ from transferkit.backbones.weights import (
 from transferkit.errors import WeightsError
 from transferkit.preprocessing import CROP_MODES, Preprocessing
 
-log = logging.getLogger("transferkit")
+log = logging.getLogger(__name__)
 
 
 def _reachable(url: str | None, timeout: float = 3.0) -> bool:

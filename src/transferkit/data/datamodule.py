@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from functools import cached_property
@@ -26,9 +25,6 @@ from transferkit.errors import ConfigError, DataError
 from transferkit.preprocessing import Preprocessing, augment_policy
 
 log = logging.getLogger(__name__)
-# A run resumed mid-epoch skips what it trained (EpochSampler's skip, counted in `state_dict`):
-# Lightning's warning that the loader "is not resumable" is false for these loaders.
-warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable")
 BAD_IMAGE_POLICIES = ("error", "skip")
 
 

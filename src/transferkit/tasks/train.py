@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
+from transferkit.backbones.build import check_input_size
 from transferkit.config import build, build_model, instantiate_group
 from transferkit.console import print_config_tree
 from transferkit.data.datamodule import ImageFolderDataModule
@@ -54,13 +58,28 @@ class TrainingRun:
         return Path(self.cfg.paths.output_dir)
 
 
+@contextmanager
+def known_warnings_silenced() -> Iterator[None]:
+    """Lightning's warnings that are false for this module and data: frozen parts are in eval mode
+    on purpose (`hold_frozen_in_eval`), epoch metrics are torchmetrics objects that sync themselves,
+    and a run resumed mid-epoch skips what it trained (`data.position`), though Lightning says the
+    loader "is not resumable"."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable")
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+        sync_dist = r".*recommended to use `self.log\('(train|val|test)/.*sync_dist"
+        warnings.filterwarnings("ignore", message=sync_dist)
+        yield
+
+
 @task_wrapper("Results ({cfg.paths.output_dir})")
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then measure the best checkpoint on val (and test when the data has it); returns
     what results.json holds."""
     run = set_up(cfg)
-    best = fit(run)
-    results = measure(run, best)
+    with known_warnings_silenced():
+        best = fit(run)
+        results = measure(run, best)
     log_final(run.trainer, results)
     write_plots(run.model, run.output_dir)
     return results
@@ -100,7 +119,7 @@ def prepare_model(
     """The model for this data and device, frozen as the strategy starts it; refused if it
     cannot take the image size or would not continue the run it resumes."""
     model = build_model(cfg, datamodule, features.dtype(trainer.strategy.root_device))
-    model.check_input_size()
+    check_input_size(model.backbone, model.preprocessing.image_size, model.hparams.name)
     check_resume(cfg, model)
     finetune.freeze_before_training(model)  # what trains decides whether features can be cached
     finetune.check(trainer)
