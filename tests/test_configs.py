@@ -177,3 +177,11 @@ print("imported", transferkit.__version__)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "imported" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_a_group_node_without_a_target_is_refused_by_name() -> None:
+    """A run config saved before `features:` became a group has no _target_ there."""
+    from transferkit.config import build
+
+    with pytest.raises(ConfigError, match=r"features: this config builds nothing .* features=default"):
+        build(OmegaConf.create({"features": {"cache": "auto"}}).features)

@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import onnxruntime as ort
 import pytest
 import torch
 import yaml
-from conftest import CONF, compose_task, main_exits
+from conftest import CONF, compose_task, main_exits, make_image_folder
 
 from transferkit import exporting
 from transferkit.checkpoints import load_model
+from transferkit.data.folders import find_splits
 from transferkit.errors import ConfigError, ExportError
 from transferkit.exporting import EXPORTERS, Classifier, load_exported, parity
 from transferkit.module import TransferModule
-from transferkit.tasks.export import export, main
+from transferkit.tasks.export import export, main, val_images
 
 
 @pytest.mark.slow
@@ -171,3 +173,19 @@ def test_the_parity_check_without_onnxruntime_names_the_onnx_extra(
         ConfigError, match=r'needs the onnxruntime package: pip install "transferkit\[onnx\]"'
     ):
         load_exported(tmp_path / "model.onnx")
+
+
+def test_parity_images_are_the_recorded_val_split_even_one_held_out_of_train(tmp_path: Path) -> None:
+    """As eval finds them (val_fraction of train/, by the seed), not all of train/; data that can
+    no longer be built as recorded falls back to random inputs."""
+    root = make_image_folder(tmp_path / "d", splits={"train": 10}, size=32)
+    data = {
+        "_target_": "transferkit.data.ImageFolderDataModule",
+        "root": str(root),
+        "val_fraction": 0.2,
+        "seed": 3,
+    }
+    paths, source = val_images(SimpleNamespace(data_config=data))
+    held_out = [path for path, _ in find_splits(root, 0.2, 3).val]
+    assert paths == held_out and 0 < len(held_out) < 30 and source == f"the val split of {root}"
+    assert val_images(SimpleNamespace(data_config={**data, "no_such_key": 1})) == ([], "random inputs")

@@ -141,12 +141,12 @@ def test_config_values_that_cannot_work_are_user_errors(
 
 def test_each_run_gets_its_own_default_directory(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two runs started in the same second differ by the process's random run id."""
-    from transferkit import config as common
+    from transferkit import run_dirs
 
-    own = common._RUN_ID  # drawn with secrets.token_hex when the process imported the module
+    own = run_dirs._RUN_ID  # drawn with secrets.token_hex when the process imported the module
     dirs = []
     for run_id in ("aaaaaa", "bbbbbb"):
-        monkeypatch.setattr(common, "_RUN_ID", run_id)
+        monkeypatch.setattr(run_dirs, "_RUN_ID", run_id)
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
             cfg = compose("train", return_hydra_config=True)
         dirs.append(Path(cfg.hydra.run.dir))
@@ -205,7 +205,7 @@ def test_unknown_keys_and_options_are_refused_by_name(tmp_path: Path, override: 
 def test_cli_bad_input_ends_with_one_clear_line(tmp_path: Path) -> None:
     """The real `python train.py` of a bad input (with a DataLoader worker): Hydra's logging shows
     the one line, no traceback. Its run directory is named by this process's own random id."""
-    from transferkit import config as common
+    from transferkit import run_dirs
 
     make_args, expected = BAD_INPUTS["undecodable image"]
     proc = run_cli("train.py", *make_args(tmp_path), "trainer=cpu", cwd=tmp_path)
@@ -214,7 +214,7 @@ def test_cli_bad_input_ends_with_one_clear_line(tmp_path: Path) -> None:
     assert "Traceback" not in output
     assert len([line for line in output.splitlines() if expected in line]) == 1, output[-3000:]
     (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
-    assert re.search(r"_[0-9a-f]{6}$", run_dir.name) and not run_dir.name.endswith(common._RUN_ID)
+    assert re.search(r"_[0-9a-f]{6}$", run_dir.name) and not run_dir.name.endswith(run_dirs._RUN_ID)
 
 
 @pytest.mark.slow

@@ -1,10 +1,8 @@
-"""Objects from config: Hydra's resolvers, `instantiate` with user errors kept as themselves,
+"""Objects from config: `instantiate` with user errors kept as themselves,
 config groups of named objects, and the model and data a checkpoint records."""
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,17 +19,16 @@ if TYPE_CHECKING:
     from transferkit.data.datamodule import ImageFolderDataModule
     from transferkit.module import TransferModule
 
-# One random suffix per process: run directories started in the same second never collide.
-_RUN_ID = secrets.token_hex(3)
-if not OmegaConf.has_resolver("run_id"):
-    OmegaConf.register_new_resolver("run_id", lambda: _RUN_ID)
-if not OmegaConf.has_resolver("cwd"):  # cached: every later read gives the directory the run started in
-    OmegaConf.register_new_resolver("cwd", os.getcwd, use_cache=True)
-
 
 def build(cfg: DictConfig, **kwargs: Any) -> Any:
     """`hydra.utils.instantiate`, but a user error raised while building comes out as itself
-    (Hydra wraps every exception in InstantiationException)."""
+    (Hydra wraps every exception in InstantiationException). A group node without `_target_` (a
+    run config saved before the group built objects) is refused by name."""
+    if isinstance(cfg, DictConfig) and "_target_" not in cfg:
+        name = cfg._key() or "config"
+        raise ConfigError(
+            f"{name}: this config builds nothing (no _target_); choose an option, e.g. {name}=default."
+        )
     try:
         return instantiate(cfg, **kwargs)
     except MissingMandatoryValue as error:

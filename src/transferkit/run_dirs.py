@@ -13,11 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transferkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# The resolvers run directories are named with (conf/hydra/default.yaml, conf/paths/default.yaml);
+# every task imports this module. One random suffix per process: runs started in the same second
+# never collide.
+_RUN_ID = secrets.token_hex(3)
+if not OmegaConf.has_resolver("run_id"):
+    OmegaConf.register_new_resolver("run_id", lambda: _RUN_ID)
+if not OmegaConf.has_resolver("cwd"):  # cached: every later read gives the directory the run started in
+    OmegaConf.register_new_resolver("cwd", os.getcwd, use_cache=True)
 
 
 def holds_a_run(directory: Path) -> bool:
@@ -31,7 +40,8 @@ class KeepExistingRuns(Callback):
         if config.hydra.output_subdir is None:  # a DDP worker joining the run its launcher made
             return
         run_dir = Path(config.hydra.run.dir)
-        resuming = config.get("ckpt_path") is not None and config.get("task_name") == "train"
+        training = config.hydra.job.config_name == "train" and config.get("train", True) is not False
+        resuming = config.get("ckpt_path") is not None and training
         if holds_a_run(run_dir) and not resuming:
             log.error(
                 "hydra.run.dir=%s already holds a run; choose a new directory (or leave hydra.run.dir "

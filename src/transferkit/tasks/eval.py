@@ -16,7 +16,8 @@ from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.errors import ConfigError, DataError
 from transferkit.features.precision import checkpoint_precision, precision_name
 from transferkit.inference import Predictions, TorchPredictor, best_device, predict_files
-from transferkit.module import TransferModule, classification_metrics
+from transferkit.metrics import classification_metrics
+from transferkit.module import TransferModule
 from transferkit.tasks.wrapper import exit_on_user_error, task_wrapper
 
 SPLITS = ("train", "val", "test")

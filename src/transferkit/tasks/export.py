@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from transferkit import __version__
 from transferkit.checkpoints import load_model
 from transferkit.config import recorded_datamodule
 from transferkit.data.images import load_rgb
-from transferkit.errors import ConfigError, DataError, ExportError, first_line
+from transferkit.errors import ConfigError, ExportError, UserError, first_line
 from transferkit.exporting import EXPORTERS, FORMATS, Classifier, load_exported, parity, require_exporter
 from transferkit.inference import collect_inputs
 from transferkit.module import TransferModule
@@ -33,8 +34,8 @@ def val_images(model: TransferModule) -> tuple[list[Path], str]:
     try:
         datamodule = recorded_datamodule(None, model.data_config)
         val = datamodule.folders.val
-    except DataError as error:
-        log.warning("The training data is not where it was (%s).", first_line(error))
+    except (UserError, InstantiationException) as error:
+        log.warning("The training data cannot be read as recorded (%s).", first_line(error))
         return [], "random inputs"
     return [path for path, _ in val], f"the val split of {datamodule.root}"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,10 +77,12 @@ def known_warnings_silenced() -> Iterator[None]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then measure the best checkpoint on val (and test when the data has it); returns
     what results.json holds."""
+    started = time.perf_counter()
     run = set_up(cfg)
     with known_warnings_silenced():
         best = fit(run)
         results = measure(run, best)
+    results["wall_s"] = round(time.perf_counter() - started, 2)  # for the loggers' final/* too
     log_final(run.trainer, results)
     write_plots(run.model, run.output_dir)
     return results

@@ -27,16 +27,16 @@ Task = Callable[[DictConfig], dict[str, Any]]
 
 
 def task_wrapper(title: str) -> Callable[[Task], Task]:
-    """The task returns its results; they gain `wall_s`, go to `<run dir>/results.json` and are
-    printed as a table headed `title` (formatted with `cfg=`, after the task: a resumed run has
-    moved its run directory by then)."""
+    """The task returns its results; they gain `wall_s` (unless the task timed itself), go to
+    `<run dir>/results.json` and are printed as a table headed `title` (formatted with `cfg=`,
+    after the task: a resumed run has moved its run directory by then)."""
 
     def wrap(task: Task) -> Task:
         @functools.wraps(task)
         def run(cfg: DictConfig) -> dict[str, Any]:
             started = time.perf_counter()
             results = task(cfg)
-            results["wall_s"] = round(time.perf_counter() - started, 2)
+            results.setdefault("wall_s", round(time.perf_counter() - started, 2))
             save_results(Path(cfg.paths.output_dir), title.format(cfg=cfg), results)
             return results
 
