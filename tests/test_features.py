@@ -240,8 +240,8 @@ def test_a_run_says_and_records_that_one_cached_view_replaces_augmentation(
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["features.cache=true", "finetune=partial"], "the backbone trains in this run"),
-        (["features.cache=true", "finetune.bn=train"], "the backbone trains in this run"),
+        (["features.cache=true", "finetune=full"], "every block of the backbone trains in this run"),
+        (["features.cache=true", "finetune.bn=train"], "finetune.bn=train trains BatchNorm in every block"),
         (["features.cache=true", "data.mixup_alpha=0.2"], "MixUp/CutMix mix images"),
         (["features.views=2", "data.augment=false"], "data.augment is off"),
         (["features.views=0"], "features.views=0"),
@@ -260,7 +260,7 @@ def test_impossible_cache_settings_are_config_errors(
 def test_auto_skips_the_cache_when_the_backbone_trains(
     compose_train, tmp_path: Path, tiny_overrides: list[str]
 ) -> None:
-    results = train(compose_train(tmp_path, [*tiny_overrides, "finetune=partial"]))
+    results = train(compose_train(tmp_path, [*tiny_overrides, "finetune=full"]))
     assert results["feature_cache"] is None and not (tmp_path / ".cache" / "features").exists()
 
 
@@ -306,7 +306,10 @@ def test_results_name_the_cache_file(compose_train, tmp_path: Path, tiny_overrid
 def test_bf16_mixed_trains_on_cpu(compose_train, tmp_path: Path, tiny_overrides: list[str]) -> None:
     """Lightning's bf16-mixed precision with a backbone that trains (no cache)."""
     results = train(
-        compose_train(tmp_path, [*tiny_overrides, "trainer.precision=bf16-mixed", "finetune=partial"])
+        compose_train(
+            tmp_path,
+            [*tiny_overrides, "trainer.precision=bf16-mixed", "finetune=partial", "features.cache=false"],
+        )
     )
     assert results["feature_cache"] is None and 0.0 <= results["val/acc"] <= 1.0
     model = load_model(results["best_model_path"])
@@ -316,7 +319,10 @@ def test_bf16_mixed_trains_on_cpu(compose_train, tmp_path: Path, tiny_overrides:
 def train_compiled(compose_train, root: Path, tiny_overrides: list[str]) -> None:
     """model.compile=true trains, and its checkpoint holds the plain backbone's state dict."""
     # batches of 12 divide train (36) and val (12): one shape to compile per mode, not two
-    compiled = ["model.compile=true", "finetune=partial", "data.batch_size=12", "trainer.max_epochs=1"]
+    compiled = [
+        "model.compile=true", "finetune=partial", "features.cache=false", "data.batch_size=12",
+        "trainer.max_epochs=1",
+    ]  # fmt: skip
     results = train(compose_train(root, [*tiny_overrides, *compiled]))
     checkpoint = torch.load(results["best_model_path"], map_location="cpu", weights_only=True)
     assert not any("_orig_mod" in key or "_compiled" in key for key in checkpoint["state_dict"])

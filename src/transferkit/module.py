@@ -3,6 +3,7 @@ optimizer is `transferkit.optim`'s; the state a resume goes on with, its callbac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -139,22 +140,37 @@ class TransferModule(L.LightningModule):
             self.__dict__["_compiled"] = torch.compile(self.backbone)
         return self.__dict__["_compiled"](images)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Backbone features; a frozen backbone runs without autograd, in `frozen_dtype`, and
-        hands the head fp32."""
-        if self.channels_last:
+    def features(
+        self, images: torch.Tensor, run: Callable[[torch.Tensor], Any] | None = None
+    ) -> torch.Tensor:
+        """Backbone features (or `run`'s: the top of a split backbone, on its prefix's
+        activations); a frozen backbone runs without autograd, in `frozen_dtype`, and hands the
+        head fp32."""
+        run = run or self._run_backbone
+        if self.channels_last and images.ndim == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.backbone_frozen:
-            return frozen_forward(self._run_backbone, images, self.frozen_dtype)
-        return self._run_backbone(images)
+            return frozen_forward(run, images, self.frozen_dtype)
+        return run(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
 
+    def use_prefix(self, split: Callable[[torch.Tensor], Any] | None) -> None:
+        """Train and evaluate on cached activations of the backbone's frozen prefix: `split` runs
+        the top on them (None: on images or features). Kept out of the module tree, so the state
+        dict is unchanged; `forward` always takes images."""
+        self.__dict__["_prefix_split"] = split
+
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        """`targets` are class indices, or class probabilities (B, C) after MixUp/CutMix."""
+        """`inputs` are images, cached features (N, D), or cached prefix activations after
+        `use_prefix`; `targets` class indices, or class probabilities (B, C) after MixUp/CutMix."""
         inputs, targets = batch
-        logits = self.head(inputs) if inputs.ndim == 2 else self(inputs)  # cached features or images
+        split = self.__dict__.get("_prefix_split")
+        if split is not None:
+            logits = self.head(self.features(inputs, split))
+        else:
+            logits = self.head(inputs) if inputs.ndim == 2 else self(inputs)
         loss = (self.train_criterion if stage == "train" else self.criterion)(logits, targets)
         if stage == "train" and not torch.isfinite(loss):
             lr = (self.hparams.optimizer or {}).get("lr")

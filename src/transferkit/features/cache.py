@@ -1,9 +1,14 @@
 """Backbone features computed once and kept on disk, so a frozen backbone costs one forward pass.
 
-The cache file is named by a key of everything that changes the features: the backbone's
-weights (a hash of its tensors), the preprocessing and transforms, every image's path, size and
-modification time, the number of views, the precision and, for augmented views, the seed. A
-file whose key, format or shapes do not check out is rebuilt, never trusted.
+The same holds for a frozen prefix of the backbone (the blocks below the lowest one that trains,
+see `features.prefix`): its activations at the boundary are cached, and only the top runs each
+epoch.
+
+The cache file is named by a key of everything that changes the features: the backbone's (or
+the prefix's) weights (a hash of its tensors), the preprocessing and transforms, every image's
+path, size and modification time, the number of views, the precision, for augmented views the
+seed, and for a prefix the boundary (block and node) and the prefix's code. A file whose key,
+format or shapes do not check out is rebuilt, never trusted.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ STORAGE_DTYPES = {"train": torch.float16, "val": torch.float32, "test": torch.fl
 
 
 class FeatureSet(Dataset):
-    """Cached features of one split: (views, N, D) features and N labels.
+    """Cached features of one split: (views, N, D) features, or (views, N, ...) activations of a
+    prefix, and N labels.
 
     With several views (augmented copies of each training image), each draw picks one, as a
     function of (seed, epoch, index) for the `epoch * N + index` keys EpochSampler yields, so
@@ -88,8 +94,12 @@ def cache_key(
     views: int,
     dtype: torch.dtype,
     seed: int | None,
+    boundary: dict[str, Any] | None = None,
+    eval_dtype: torch.dtype | None = None,
 ) -> str:
-    payload = {
+    """The key of a cache; without `boundary` (the whole backbone's features) as it has always
+    been, so existing caches stay valid."""
+    payload: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "weights": weights_fingerprint(backbone),
         "transforms": transforms,
@@ -98,6 +108,8 @@ def cache_key(
         "precision": str(dtype),
         "seed": seed if views > 1 else None,
     }
+    if boundary is not None:
+        payload.update(boundary=boundary, eval_precision=str(eval_dtype))
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -113,7 +125,7 @@ def load(path: Path, key: str, splits: dict[str, list[tuple[Path, int]]]) -> dic
         for split, items in splits.items():
             features, labels = data["splits"][split]["features"], data["splits"][split]["labels"]
             if (
-                features.ndim != 3
+                features.ndim < 3
                 or features.shape[1] != len(items)
                 or labels.tolist() != [i[1] for i in items]
             ):
@@ -143,6 +155,14 @@ def _save(path: Path, key: str, sets: dict[str, FeatureSet]) -> None:
             os.unlink(tmp)
 
 
+def _stored(values: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
+    """`values` as `storage`, or as fp32 where they would overflow it (activations of a
+    randomly initialised prefix can exceed fp16's 65504)."""
+    if storage.is_floating_point and values.abs().max() > torch.finfo(storage).max:
+        storage = torch.float32
+    return values.to(storage).cpu().contiguous()
+
+
 @torch.no_grad()
 def extract(
     backbone: nn.Module,
@@ -154,16 +174,22 @@ def extract(
     channels_last: bool = False,
     storage: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(N, D) features of the loader's images, in loader order, stored as `storage`."""
+    """(N, ...) features of the loader's images, in loader order, stored as `storage`."""
     chunks = []
     task = progress.add_task(description, total=len(loader.dataset))
     for images, _ in loader:
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        chunks.append(frozen_forward(backbone, images, dtype).to(storage).cpu())
+        chunks.append(_stored(frozen_forward(backbone, images, dtype), storage))
         progress.advance(task, len(images))
-    return torch.cat(chunks)
+    return torch.cat(_widened(chunks))
+
+
+def _widened(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """All in the widest dtype among them (a chunk kept in fp32 by `_stored` widens the rest)."""
+    widest = max((t.dtype for t in tensors), key=lambda d: torch.finfo(d).bits)
+    return [t.to(widest) for t in tensors]
 
 
 def build_or_load(
@@ -179,18 +205,23 @@ def build_or_load(
     batch_size: int,
     num_workers: int,
     channels_last: bool = False,
+    boundary: dict[str, Any] | None = None,
+    eval_dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, FeatureSet], Path, bool]:
     """The feature sets of every split, from the cache or computed now; returns (sets, path,
     whether it was reused). Train uses `views` augmented passes when views > 1, else the
-    deterministic evaluation transform, like val and test."""
+    deterministic evaluation transform, like val and test. `backbone` is the whole backbone, or
+    a prefix of it cut at `boundary` (see `cache_key`); val and test run in `eval_dtype` when
+    given, else in `dtype` like train."""
     transforms = {"eval": repr(eval_transform), "train": repr(train_transform) if views > 1 else None}
-    key = cache_key(backbone, splits, transforms, views, dtype, seed)
-    path = Path(directory) / f"{key[:32]}.pt"
+    key = cache_key(backbone, splits, transforms, views, dtype, seed, boundary, eval_dtype)
+    path = cache_path(directory, key)
     sets = load(path, key, splits)
     if sets is not None:
         log.info("Feature cache reused: %s", path)
         return sets, path, True
     original_device = next(backbone.parameters()).device
+    modes = {m: m.training for m in backbone.modules()}  # a prefix shares the model's modules
     backbone.eval().to(device)
     sets = {}
     try:
@@ -199,31 +230,40 @@ def build_or_load(
                 passes = views if split == "train" and views > 1 else 1
                 dataset = ImageListDataset(items, train_transform, seed) if passes > 1 else None
                 features = torch.stack(
-                    [
-                        extract(
-                            backbone,
-                            DataLoader(
-                                dataset or ImageListDataset(items, eval_transform),
-                                batch_size=batch_size,
-                                # view v of image i is augmented as key v * N + i: seeded by
-                                # (seed, v, i), so a rebuild under the same key is the same
-                                sampler=range(v * len(items), (v + 1) * len(items)) if dataset else None,
-                                num_workers=num_workers,
-                                pin_memory=device.type == "cuda",
-                            ),
-                            device,
-                            dtype,
-                            progress,
-                            f"Caching {split} features" + (f" (view {v + 1}/{passes})" if passes > 1 else ""),
-                            channels_last,
-                            STORAGE_DTYPES[split],
-                        )
-                        for v in range(passes)
-                    ]
+                    _widened(
+                        [
+                            extract(
+                                backbone,
+                                DataLoader(
+                                    dataset or ImageListDataset(items, eval_transform),
+                                    batch_size=batch_size,
+                                    # view v of image i is augmented as key v * N + i: seeded by
+                                    # (seed, v, i), so a rebuild under the same key is the same
+                                    sampler=range(v * len(items), (v + 1) * len(items)) if dataset else None,
+                                    num_workers=num_workers,
+                                    pin_memory=device.type == "cuda",
+                                ),
+                                device,
+                                dtype if split == "train" or eval_dtype is None else eval_dtype,
+                                progress,
+                                f"Caching {split} {'activations' if boundary else 'features'}"
+                                + (f" (view {v + 1}/{passes})" if passes > 1 else ""),
+                                channels_last,
+                                STORAGE_DTYPES[split],
+                            )
+                            for v in range(passes)
+                        ]
+                    )
                 )
                 sets[split] = FeatureSet(features, torch.tensor([label for _, label in items]))
     finally:
         backbone.to(original_device)
+        for module, mode in modes.items():
+            module.training = mode
     _save(path, key, sets)
     log.info("Feature cache written: %s", path)
     return sets, path, False
+
+
+def cache_path(directory: str | Path, key: str) -> Path:
+    return Path(directory) / f"{key[:32]}.pt"

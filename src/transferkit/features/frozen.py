@@ -1,8 +1,12 @@
 """The `features` config group: how a frozen backbone's forward pass runs (its precision) and
-whether its features are computed once and cached.
+whether what its frozen part computes is computed once and cached.
 
-`cache: auto` (the default) caches whenever the backbone never trains in the run
-(finetune=freeze with finetune.bn=frozen), no batch mixing is on and the run is on one device.
+`cache: auto` (the default) caches whenever part of the backbone stays frozen for the whole
+run (with finetune.bn=frozen), no batch mixing is on, the run is on one device and the cache
+fits `max_gb`. When the whole backbone is frozen (finetune=freeze) the cache holds its features
+and only the head trains; when only top blocks train (finetune=partial, or gradual with
+milestones) it holds the activations below the lowest block that ever trains, and each epoch
+runs the trainable top on them (`features.prefix`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import torch
 
 from transferkit.errors import ConfigError
 from transferkit.features.cache import build_or_load
-from transferkit.features.precision import PRECISIONS, resolve_precision
+from transferkit.features.precision import PRECISIONS, frozen_forward, resolve_precision
+from transferkit.features.prefix import NoPrefixSplit, PrefixSplit, eval_mode, split_backbone
+from transferkit.features.size import GB, cache_bytes, default_limit, readable
 
 if TYPE_CHECKING:
     from transferkit.data.datamodule import ImageFolderDataModule
@@ -27,10 +33,24 @@ log = logging.getLogger(__name__)
 CACHE_MODES = ("auto", True, False)
 
 
+class NoCache(Exception):
+    """Why this run cannot train on a cache (a clause)."""
+
+
+def frozen_blocks(finetune: BlockFinetuning) -> int:
+    """How many blocks, from the input side, stay fixed for the whole run (known once the
+    strategy has frozen the model): those below the lowest block that ever trains; none with
+    finetune.bn=train, where BatchNorm trains in frozen blocks too."""
+    if finetune.bn != "frozen":
+        return 0
+    return next((i for i, start in enumerate(finetune.starts) if start is not None), len(finetune.starts))
+
+
 class FrozenFeatures:
     """`cache`: auto, true (refuse a run that cannot use it) or false. `views`: cached views per
     training image (1: the evaluation transform; K > 1: K augmented views, one drawn per epoch).
-    `precision`: auto (bf16 where the hardware has it natively, else fp32), bf16, fp16 or fp32."""
+    `precision`: auto (bf16 where the hardware has it natively, else fp32), bf16, fp16 or fp32.
+    `max_gb`: the largest cache to build (None: a quarter of the free memory or disk)."""
 
     def __init__(
         self,
@@ -38,6 +58,7 @@ class FrozenFeatures:
         views: int = 1,
         precision: str = "auto",
         dir: str | Path = ".cache/features",
+        max_gb: float | None = None,
     ) -> None:
         if cache not in CACHE_MODES:
             raise ConfigError(f"features.cache={cache!r} must be auto, true or false.")
@@ -47,23 +68,78 @@ class FrozenFeatures:
             raise ConfigError(
                 f"features.precision={precision!r} is not one of: auto, {', '.join(PRECISIONS)}."
             )
+        if max_gb is not None and not float(max_gb) > 0:
+            raise ConfigError(
+                f"features.max_gb={max_gb} must be a positive number of GB (null: a quarter of the "
+                "free memory or disk)."
+            )
         self.cache, self.views, self.precision, self.dir = cache, int(views), precision, Path(dir)
+        self.max_gb = None if max_gb is None else float(max_gb)
 
     def dtype(self, device: torch.device) -> torch.dtype:
         """The dtype the frozen backbone runs in on `device`."""
         return resolve_precision(self.precision, device)
 
-    def why_not(
-        self, finetune: BlockFinetuning, datamodule: ImageFolderDataModule, trainer: L.Trainer
-    ) -> str | None:
-        """Why this run cannot train on cached features, or None if it can."""
-        if not finetune.backbone_always_frozen:
-            return "the backbone trains in this run (use finetune=freeze with finetune.bn=frozen)"
+    def source(
+        self,
+        model: TransferModule,
+        datamodule: ImageFolderDataModule,
+        trainer: L.Trainer,
+        finetune: BlockFinetuning,
+    ) -> PrefixSplit | None:
+        """What the cache would hold: the whole backbone's features (None) or the activations of
+        its frozen prefix (the split). Raises NoCache with the reason when there is nothing to cache."""
+        frozen = frozen_blocks(finetune)
+        if frozen == 0 and finetune.bn != "frozen":
+            raise NoCache("finetune.bn=train trains BatchNorm in every block, so none stays fixed")
+        if frozen == 0:
+            raise NoCache(
+                "every block of the backbone trains in this run (finetune=full, or gradual without "
+                "milestones), so no frozen part is left to cache"
+            )
         if datamodule.batch_mix is not None:
-            return "MixUp/CutMix mix images, not features (set data.mixup_alpha=0 data.cutmix_alpha=0)"
+            raise NoCache(
+                "MixUp/CutMix mix images, not features (set data.mixup_alpha=0 data.cutmix_alpha=0)"
+            )
         if trainer.world_size > 1:
-            return "it is built by one process (use one device)"
-        return None
+            raise NoCache("it is built by one process (use one device)")
+        if frozen == len(finetune.blocks):
+            return None
+        try:
+            return split_backbone(model.backbone, finetune.blocks, frozen, model.preprocessing.image_size)
+        except NoPrefixSplit as error:
+            raise NoCache(
+                f"the backbone cannot be cut below block {finetune.blocks[frozen].name}: {error}"
+            ) from None
+
+    def check_size(self, model: TransferModule, split: PrefixSplit | None, images: dict[str, int]) -> None:
+        """Log the cache's size, estimated before it is built; raise NoCache past the limit."""
+        if split is None:
+            size = model.preprocessing.image_size
+            with eval_mode(model.backbone):
+                width = frozen_forward(model.backbone, torch.zeros(1, 3, size, size), torch.float32)
+            shape = tuple(width.shape[1:])
+            what = "the backbone's features"
+        else:
+            shape = split.activation_shape
+            what = f"the activations below block {split.block} ({split.node})"
+        estimate = cache_bytes(int(torch.Size(shape).numel()), images, self.views)
+        limit, meaning = (
+            (self.max_gb * GB, f"features.max_gb={self.max_gb:g}") if self.max_gb else default_limit(self.dir)
+        )
+        counts = " + ".join(
+            f"{n} {name}" + (f" x {self.views} views" if name == "train" and self.views > 1 else "")
+            for name, n in images.items()
+        )
+        log.info(
+            "Feature cache: %s, %s per image, for %s images: about %s (limit %s, %s).",
+            what, "x".join(map(str, shape)), counts, readable(estimate), readable(limit), meaning,
+        )  # fmt: skip
+        if estimate > limit:
+            raise NoCache(
+                f"the cache would take about {readable(estimate)}, more than the limit of {readable(limit)} "
+                f"({meaning}; set features.max_gb to allow more, or features.views=1 for less)"
+            )
 
     def use(
         self,
@@ -73,8 +149,10 @@ class FrozenFeatures:
         finetune: BlockFinetuning,
         seed: int | None = None,
     ) -> Path | None:
-        """Point `datamodule` at cached features when the run allows it; returns the cache file.
-        The features are computed in `model.frozen_dtype`, the precision the frozen forward uses."""
+        """Point `datamodule` at cached features (or prefix activations, which `model` then runs
+        through the trainable top) when the run allows it; returns the cache file. Features are
+        computed in `model.frozen_dtype`, the precision the frozen forward uses; a prefix's val
+        and test activations in fp32, as the uncached run validates."""
         if self.views > 1 and datamodule.augment is None:
             raise ConfigError(
                 f"features.views={self.views} caches augmented views, but data.augment is off; "
@@ -82,17 +160,20 @@ class FrozenFeatures:
             )
         if self.cache is False:
             return None
-        reason = self.why_not(finetune, datamodule, trainer)
-        if reason is not None:
-            if self.cache is True:
-                raise ConfigError(f"features.cache=true cannot be used: {reason}.")
-            return None
         splits = {"train": datamodule.splits.train, "val": datamodule.splits.val}
         if datamodule.splits.test is not None:
             splits["test"] = datamodule.splits.test
+        try:
+            split = self.source(model, datamodule, trainer, finetune)
+            self.check_size(model, split, {name: len(items) for name, items in splits.items()})
+        except NoCache as reason:
+            if self.cache is True:
+                raise ConfigError(f"features.cache=true cannot be used: {reason}.") from None
+            log.info("Training without a feature cache: %s.", reason)
+            return None
         preprocessing = datamodule.preprocessing
         sets, path, _ = build_or_load(
-            model.backbone,
+            model.backbone if split is None else split.prefix(),
             splits,
             train_transform=preprocessing.transforms(train=True, augment=datamodule.augment),
             eval_transform=preprocessing.transforms(train=False),
@@ -104,14 +185,18 @@ class FrozenFeatures:
             batch_size=datamodule.batch_size,
             num_workers=datamodule.num_workers,
             channels_last=model.channels_last,
+            boundary=None if split is None else split.boundary,
+            eval_dtype=None if split is None else torch.float32,
         )
         sets["train"].seed = seed  # which view each epoch draws
         datamodule.use_features(sets)
+        model.use_prefix(split)
         if self.views == 1 and datamodule.augment is not None:
             log.info(
-                "data.augment=%s is not applied: features are cached with 1 view (the evaluation "
+                "data.augment=%s is not applied: %s are cached with 1 view (the evaluation "
                 "transform); use features.views=N to cache N augmented views, or features.cache=false.",
                 datamodule.augment,
+                "features" if split is None else "activations",
             )
         return path
 
