@@ -18,6 +18,10 @@ network is needed). In one run it times:
   (d)  the floor: one inference pass of the backbone over train + val (decode included), in the
        fastest precision the device runs natively, channels_last, under torch.inference_mode(),
        through transferkit's frozen_forward (on a CPU it runs big batches in cache-sized chunks);
+  (p)  fine-tuning the top: finetune=partial (the last block trains) at data.augment=false for
+       --partial-epochs epochs, uncached against the prefix cache (the activations below the
+       last block, built once), for Lite0 (its shipped weights) and ResNet-50 (weights=null:
+       random weights time the same); an epoch (train + val) of each, and their val accuracy;
 and the decode throughput alone (DataLoader with the evaluation transforms, no model).
 
 (a), (b) and (c) are timed from building the model to the trained model: (b) and (c) time the
@@ -25,7 +29,7 @@ whole train(cfg) call (config, model, Lightning, checkpoints, the final validati
 checkpoint). (d) excludes building the model and one warm-up batch: it is the steady state.
 
 It prints a markdown table and the machine, says whether the targets hold, and writes the same
-to --out/benchmark.md. Nothing here is used by the package.
+to --out/benchmark.md. --only-partial runs the (p) rows alone. Nothing here is used by the package.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
@@ -75,6 +80,10 @@ SEED = 42
 TUTORIAL_BATCH = 4
 TUTORIAL_WORKERS = 4
 FLOOR_BATCH = 32  # conf/data/imagefolder.yaml's data.batch_size, which transferkit's loaders use
+PARTIAL_MODELS = {  # (p): name -> model overrides
+    "Lite0": ["model=efficientnet_lite0"],
+    "ResNet-50": ["model=resnet50", "model.weights=null"],
+}
 
 
 # --------------------------------------------------------------------------- the data
@@ -284,6 +293,84 @@ def transferkit_run(key: str, name: str, out: Path, overrides: list[str], n_imag
     return Row(key, name, wall, epochs * n_images, float(results["val/acc"]), epochs)
 
 
+class EpochClock(L.Callback):
+    """The wall time of each training epoch, its validation included (the (p) rows' unit)."""
+
+    epochs: list[float] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        EpochClock.epochs.append(time.perf_counter() - self.started)
+
+
+@dataclass
+class PartialRow:
+    model: str
+    cached: bool
+    wall_s: float  # the whole train(cfg) call: building the cache included
+    epoch_s: float  # the median epoch, train + val
+    val_acc: float
+    other_cpu: float | None = None
+
+
+def partial_run(model: str, cached: bool, out: Path, root: Path, args: Any, cache_dir: Path) -> PartialRow:
+    """(p): finetune=partial at augment=false, with or without the prefix cache."""
+    overrides = [
+        *transferkit_overrides(root, args.partial_epochs, pick_device(args.device), cached, cache_dir, False),
+        *PARTIAL_MODELS[model],
+        "finetune=partial",
+        "+callbacks.epoch_clock._target_=__main__.EpochClock",
+    ]
+    EpochClock.epochs = []
+    run = f"p-{model}-{'cached' if cached else 'uncached'}"
+    cfg = compose_train(out, run, overrides)
+    started = time.perf_counter()
+    results: dict[str, Any] = train(cfg)
+    wall = time.perf_counter() - started
+    epoch = float(np.median(EpochClock.epochs))
+    print(f"{run}: {wall:.1f} s, epoch {epoch:.1f} s, val/acc {results['val/acc']:.4f}")
+    return PartialRow(model, cached, wall, epoch, float(results["val/acc"]))
+
+
+def partial_table(rows: list[PartialRow]) -> str:
+    lines = [
+        "| model | epoch s, uncached | epoch s, prefix cache | ratio | val acc, uncached | val acc, cached "
+        "| wall s, uncached | wall s, cached (build included) | other CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for model in PARTIAL_MODELS:
+        plain, cached = (next(r for r in rows if r.model == model and r.cached is c) for c in (False, True))
+        other = max((r.other_cpu for r in (plain, cached) if r.other_cpu is not None), default=None)
+        lines.append(
+            f"| {model} | {plain.epoch_s:.1f} | {cached.epoch_s:.1f} | {cached.epoch_s / plain.epoch_s:.2f}x "
+            f"| {plain.val_acc:.4f} | {cached.val_acc:.4f} | {plain.wall_s:.1f} | {cached.wall_s:.1f} "
+            f"| {'?' if other is None else f'{100 * other:.0f}%'} |"
+        )
+    return "\n".join(lines)
+
+
+def partial_targets(rows: list[PartialRow]) -> list[tuple[str, bool, str]]:
+    checks = []
+    for model in PARTIAL_MODELS:
+        plain, cached = (next(r for r in rows if r.model == model and r.cached is c) for c in (False, True))
+        ratio, gap = cached.epoch_s / plain.epoch_s, abs(cached.val_acc - plain.val_acc)
+        checks += [
+            (
+                f"(p) {model}: a partial epoch on the prefix cache <= 0.4x uncached",
+                ratio <= 0.4,
+                f"{ratio:.2f}x",
+            ),
+            (
+                f"(p) {model}: |val acc cached - uncached| <= 0.01 (augment=false)",
+                gap <= 0.01 + 1e-9,
+                f"{cached.val_acc:.4f} vs {plain.val_acc:.4f}: {gap:.4f}",
+            ),
+        ]
+    return checks
+
+
 def image_loader(items: list[tuple[Path, int]], backbone: Backbone, pin: bool) -> DataLoader:
     """transferkit's evaluation view: its dataset, transforms, batch size and worker count."""
     dataset = ImageListDataset(items, backbone.preprocessing.transforms(train=False))
@@ -405,26 +492,53 @@ def targets(by_key: dict[str, Row]) -> list[tuple[str, bool, str]]:
 
 
 def report(
-    rows: list[Row], info: dict[str, str], decode: float, checks: list[tuple[str, bool, str]], args: Any
+    rows: list[Row],
+    partial: list[PartialRow],
+    info: dict[str, str],
+    decode: float | None,
+    checks: list[tuple[str, bool, str]],
+    args: Any,
 ) -> str:
     by_key = {r.key: r for r in rows}
     n_val = sum(1 for _ in (Path(args.out) / "data" / "val").rglob("*.jpg"))
-    lines = [
-        f"# transferkit benchmark ({info['date']})",
-        "",
-        f"`python scripts/benchmark.py --epochs {args.epochs} --images {args.images} --size {args.size} "
-        f"--device {args.device}`: {MODEL} ({WEIGHTS} weights), {args.epochs} epochs, "
-        f"{by_key['d'].images} images ({by_key['d'].images - n_val} train, {n_val} val) of {args.size} px.",
-        "",
-        table(rows, by_key["a"], by_key["d"]),
-        "",
-        f"Decode + evaluation transforms alone: {decode:.1f} images/s ({default_num_workers()} workers).",
-        "",
-        "images/s: epochs x (train + val images) / wall, for (d) images / wall. x faster than (a): "
-        "(a) wall / row wall. x (d): row wall / (d) wall. val acc: the best epoch's (what the tutorial "
-        f"keeps and transferkit's best checkpoint holds); one val image is {100 / max(n_val, 1):.2f} points. "
-        "other CPU: the share of the machine's CPU that other processes used while the row ran; "
-        "well above 0, that row was slowed down by them.",
+    n_all = sum(1 for _ in (Path(args.out) / "data").rglob("*.jpg"))
+    command = (
+        f"`python scripts/benchmark.py --epochs {args.epochs} --partial-epochs {args.partial_epochs} "
+        f"--images {args.images} --size {args.size} --device {args.device}"
+        + (" --only-partial`" if args.only_partial else "`")
+    )
+    lines = [f"# transferkit benchmark ({info['date']})", "", command + ":"]
+    if rows:
+        lines += [
+            "",
+            f"{MODEL} ({WEIGHTS} weights), {args.epochs} epochs, {n_all} images ({n_all - n_val} train, "
+            f"{n_val} val) of {args.size} px.",
+            "",
+            table(rows, by_key["a"], by_key["d"]),
+            "",
+            f"Decode + evaluation transforms alone: {decode:.1f} images/s ({default_num_workers()} workers).",
+            "",
+            "images/s: epochs x (train + val images) / wall, for (d) images / wall. x faster than (a): "
+            "(a) wall / row wall. x (d): row wall / (d) wall. val acc: the best epoch's (what the tutorial "
+            "keeps and transferkit's best checkpoint holds); one val image is "
+            f"{100 / max(n_val, 1):.2f} points. "
+            "other CPU: the share of the machine's CPU that other processes used while the row ran; "
+            "well above 0, that row was slowed down by them.",
+        ]
+    if partial:
+        lines += [
+            "",
+            f"(p) Fine-tuning the top: finetune=partial (the last block trains), data.augment=false, "
+            f"{args.partial_epochs} epochs, {n_all} images ({n_all - n_val} train, {n_val} val) "
+            f"of {args.size} px; "
+            "uncached against the prefix cache of the activations below the last block.",
+            "",
+            partial_table(partial),
+            "",
+            "epoch s: the median epoch, training and validation, from the start of one training epoch to "
+            "its end (the cache is built before the first). wall s: the whole run.",
+        ]
+    lines += [
         "",
         "Machine:",
         "",
@@ -451,10 +565,12 @@ def pick_device(choice: str) -> torch.device:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--partial-epochs", type=int, default=3, help="epochs of each (p) run")
     parser.add_argument("--images", type=int, default=480, help="in total, both classes, train + val")
     parser.add_argument("--size", type=int, default=224, help="side of the generated images, in pixels")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--out", type=Path, default=Path("/tmp/transferkit-bench"))
+    parser.add_argument("--only-partial", action="store_true", help="run the (p) rows alone")
     return parser.parse_args()
 
 
@@ -468,30 +584,37 @@ def main() -> None:
     train_items, val_items = samples(root)
     items = train_items + val_items
     print(f"Data: {root} ({len(train_items)} train, {len(val_items)} val); device {device}, {dtype}")
-
-    decode = decode_throughput(items)  # first: it also brings every file into the page cache
-    print(f"Decode: {decode:.1f} images/s")
-    rows = [watched(floor_pass, items, device, dtype)]
-    print(f"(d): {rows[0].wall_s:.1f} s")
-    rows.append(watched(tutorial_loop, root, args.epochs, device))
-    print(f"(a): {rows[-1].wall_s:.1f} s, val acc {rows[-1].val_acc:.4f}")
-
     cache_dir = args.out / "cache" / dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    runs = [  # key, name, cache, augment
-        ("b", "(b) transferkit, no cache", False, True),
-        ("c", "(c) transferkit, cache built", True, True),
-        ("c'", "(c') transferkit, cache reused", True, True),
-        ("b0", "(b0) no cache, augment=false", False, False),
-        ("c0", "(c0) cache, augment=false", True, False),
-    ]
-    for key, name, cache, augment in runs:
-        overrides = transferkit_overrides(root, args.epochs, device, cache, cache_dir, augment)
-        rows.append(watched(transferkit_run, key, name, args.out, overrides, len(items)))
 
-    order = ["a", "b", "c", "c'", "b0", "c0", "d"]
-    rows.sort(key=lambda r: order.index(r.key))
-    checks = targets({r.key: r for r in rows})
-    text = report(rows, machine(device, dtype, (load_at_start, load_average())), decode, checks, args)
+    rows: list[Row] = []
+    decode = None
+    if not args.only_partial:
+        decode = decode_throughput(items)  # first: it also brings every file into the page cache
+        print(f"Decode: {decode:.1f} images/s")
+        rows.append(watched(floor_pass, items, device, dtype))
+        print(f"(d): {rows[0].wall_s:.1f} s")
+        rows.append(watched(tutorial_loop, root, args.epochs, device))
+        print(f"(a): {rows[-1].wall_s:.1f} s, val acc {rows[-1].val_acc:.4f}")
+        runs = [  # key, name, cache, augment
+            ("b", "(b) transferkit, no cache", False, True),
+            ("c", "(c) transferkit, cache built", True, True),
+            ("c'", "(c') transferkit, cache reused", True, True),
+            ("b0", "(b0) no cache, augment=false", False, False),
+            ("c0", "(c0) cache, augment=false", True, False),
+        ]
+        for key, name, cache, augment in runs:
+            overrides = transferkit_overrides(root, args.epochs, device, cache, cache_dir, augment)
+            rows.append(watched(transferkit_run, key, name, args.out, overrides, len(items)))
+        order = ["a", "b", "c", "c'", "b0", "c0", "d"]
+        rows.sort(key=lambda r: order.index(r.key))
+    partial = [
+        watched(partial_run, model, cached, args.out, root, args, cache_dir)
+        for model in PARTIAL_MODELS
+        for cached in (False, True)
+    ]
+    checks = ([] if args.only_partial else targets({r.key: r for r in rows})) + partial_targets(partial)
+    info = machine(device, dtype, (load_at_start, load_average()))
+    text = report(rows, partial, info, decode, checks, args)
     (args.out / "benchmark.md").write_text(text)
     print()
     print(text)
