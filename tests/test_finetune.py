@@ -211,6 +211,23 @@ def test_bn_frozen_policy_holds_against_train_calls() -> None:
     assert all(torch.equal(v, frozen[0].state_dict()[k]) for k, v in buffers.items())
 
 
+@pytest.mark.slow
+def test_bn_fixed_stats_trains_the_unfrozen_blocks_with_their_pretrained_statistics(tmp_path: Path) -> None:
+    """The trained blocks' weights and BatchNorm affine weights change, their running statistics
+    do not, and their BatchNorm stays in eval mode through every train() call; frozen blocks are
+    as with bn=frozen."""
+    module = tiny()
+    before = block_state(module)
+    _, rec = fit_recording(module, Gradual(unfreeze_at_epoch=1, bn="fixed_stats"), tmp_path, epochs=2)
+    after = block_state(module)
+    assert not any(rec.bn_training[0].values()) and not any(rec.bn_training[1].values())
+    assert rec.grads[0] == dict.fromkeys(BLOCKS, False) and rec.grads[1] == dict.fromkeys(BLOCKS, True)
+    for block in BLOCKS:
+        assert not changed(before[block], after[block], "running_mean"), block
+        assert not changed(before[block], after[block], "running_var"), block
+        assert changed(before[block], after[block], "weight"), block
+
+
 def test_dropout_among_frozen_parameters_is_held_in_eval() -> None:
     block = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.BatchNorm1d(4))
     block[0].weight.requires_grad_(False)

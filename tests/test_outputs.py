@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import ROOT, make_image_folder
@@ -139,3 +140,25 @@ def test_split_counts_keep_a_training_image_and_give_each_split_one() -> None:
     assert counts(10, 0.2, 0.1) == (7, 2, 1)
     assert counts(3, 0.2, 0.1) == (1, 1, 1)  # a small class still reaches every split
     assert counts(2, 0.2, 0.1) == (1, 1, 0) and counts(1, 0.5, 0.0) == (1, 0, 0)  # val before test
+
+
+def test_real_data_splits_each_stratum_by_its_seed(tmp_path: Path) -> None:
+    """scripts/real_data.py (the measurements' datasets): per stratum, val_fraction to val/,
+    the same files for the same seed."""
+    write_folder = load_script("real_data").write_folder
+    grey = np.zeros((8, 8), dtype=np.uint8)
+    samples = [
+        (f"{label}-{kind}", label, load_script("real_data")._grey(grey))
+        for label in "ab"
+        for kind in "xyz"
+        for _ in range(4)
+    ]
+    for run in ("one", "two"):
+        write_folder(samples, tmp_path / run, 0.25, seed=5)
+    listed = {
+        run: sorted(p.relative_to(tmp_path / run) for p in (tmp_path / run).rglob("*.png"))
+        for run in ("one", "two")
+    }
+    assert listed["one"] == listed["two"] and len(listed["one"]) == 24
+    val = [p for p in listed["one"] if p.parts[0] == "val"]
+    assert len(val) == 6 and {p.parts[1] for p in val} == {"a", "b"}  # one of each 4 per stratum

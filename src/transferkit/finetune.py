@@ -33,7 +33,8 @@ from transferkit.schedulers import follow_schedule
 
 log = logging.getLogger(__name__)
 
-BN_POLICIES = ("frozen", "train")
+BN_POLICIES = ("frozen", "train", "fixed_stats")
+FIXED_STATS = "transferkit_fixed_stats"  # set on a BatchNorm that normalises with its running statistics
 
 
 def hold_frozen_in_eval(module: nn.Module, frozen_around: bool = False) -> None:
@@ -42,8 +43,12 @@ def hold_frozen_in_eval(module: nn.Module, frozen_around: bool = False) -> None:
     A sub-module with only frozen parameters is frozen; so is a parameter-free one (Dropout,
     DropPath) that sits among frozen parameters. Frozen BatchNorm then normalises with its
     running statistics and leaves them alone, and frozen Dropout does not drop. Parts that
-    train (a trainable BatchNorm inside a frozen block, say) keep their mode.
+    train (a trainable BatchNorm inside a frozen block, say) keep their mode, except a BatchNorm
+    held to its pretrained statistics (`bn=fixed_stats`), which trains its affine weights in eval mode.
     """
+    if getattr(module, FIXED_STATS, False):
+        module.eval()
+        return
     params = list(module.parameters())
     if not any(p.requires_grad for p in params) and (params or frozen_around):
         module.eval()
@@ -65,7 +70,10 @@ class BlockFinetuning(BaseFinetuning):
     """The common machinery; subclasses say when each block starts training (`start_epochs`).
 
     `bn`: "frozen" holds BatchNorm in frozen blocks fixed (statistics and affine parameters);
-    "train" keeps it training there (fastai's default), at its block's lr.
+    "train" keeps it training there (fastai's default), at its block's lr; "fixed_stats" is
+    "frozen", and BatchNorm in the blocks that train keeps normalising with the pretrained
+    statistics while its affine weights train (Keras's advice for fine-tuning): the features a
+    head learnt on frozen blocks do not shift when the blocks unfreeze.
     """
 
     def __init__(self, bn: str = "frozen", backbone_lr_ratio: float = 0.1, layer_decay: float | None = None):
@@ -103,7 +111,7 @@ class BlockFinetuning(BaseFinetuning):
     @property
     def backbone_always_frozen(self) -> bool:
         """No parameter of the backbone ever trains in this run (known once it has been frozen)."""
-        return bool(self.starts) and all(s is None for s in self.starts) and self.bn == "frozen"
+        return bool(self.starts) and all(s is None for s in self.starts) and self.bn != "train"
 
     def lr_scale(self, index: int) -> float:
         decay = self.layer_decay if self.layer_decay is not None else 1.0
@@ -132,8 +140,10 @@ class BlockFinetuning(BaseFinetuning):
             param.requires_grad = train or (train_norms and id(param) in norm_params)
             group = f"backbone.{block.name}" + ("" if train else ".bn")
             self.lr_plan[f"backbone.{name}"] = (group, self.lr_scale(index))
+        fixed = train and self.bn == "fixed_stats"
         for norm in norms:
-            norm.track_running_stats = train_norms  # as Lightning's freeze/make_trainable do
+            norm.track_running_stats = train_norms and not fixed  # as Lightning's freeze/make_trainable do
+            setattr(norm, FIXED_STATS, fixed)
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         self.blocks = backbone_blocks(pl_module.backbone)
