@@ -247,6 +247,7 @@ def test_a_run_says_and_records_that_one_cached_view_replaces_augmentation(
         (["features.views=0"], "features.views=0"),
         (["features.cache=sometimes"], "features.cache='sometimes'"),
         (["features.precision=fp8"], "features.precision='fp8'"),
+        (["features.max_gb=0"], "features.max_gb=0 must be a positive number of GB"),
     ],
 )
 def test_impossible_cache_settings_are_config_errors(

@@ -36,7 +36,16 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 3  # 3: augmented views seeded by (seed, view, image)
 # Training views in half precision (half the disk and memory; bf16 results are exact in it in
 # practice); val and test in fp32, so the logged metrics are the model's own on those images.
+# A prefix's training activations computed in fp32 stay fp32: the top trains on them, and fp16
+# rounding would lead its weights away from the uncached run's.
 STORAGE_DTYPES = {"train": torch.float16, "val": torch.float32, "test": torch.float32}
+
+
+def storage_dtype(split: str, dtype: torch.dtype, prefix: bool) -> torch.dtype:
+    """What `split`'s features (or a prefix's activations), computed in `dtype`, are stored as."""
+    if prefix and split == "train" and dtype == torch.float32:
+        return torch.float32
+    return STORAGE_DTYPES[split]
 
 
 class FeatureSet(Dataset):
@@ -249,7 +258,7 @@ def build_or_load(
                                 f"Caching {split} {'activations' if boundary else 'features'}"
                                 + (f" (view {v + 1}/{passes})" if passes > 1 else ""),
                                 channels_last,
-                                STORAGE_DTYPES[split],
+                                storage_dtype(split, dtype, boundary is not None),
                             )
                             for v in range(passes)
                         ]

@@ -41,7 +41,7 @@ def frozen_blocks(finetune: BlockFinetuning) -> int:
     """How many blocks, from the input side, stay fixed for the whole run (known once the
     strategy has frozen the model): those below the lowest block that ever trains; none with
     finetune.bn=train, where BatchNorm trains in frozen blocks too."""
-    if finetune.bn != "frozen":
+    if finetune.bn == "train":
         return 0
     return next((i for i, start in enumerate(finetune.starts) if start is not None), len(finetune.starts))
 
@@ -90,7 +90,7 @@ class FrozenFeatures:
         """What the cache would hold: the whole backbone's features (None) or the activations of
         its frozen prefix (the split). Raises NoCache with the reason when there is nothing to cache."""
         frozen = frozen_blocks(finetune)
-        if frozen == 0 and finetune.bn != "frozen":
+        if frozen == 0 and finetune.bn == "train":
             raise NoCache("finetune.bn=train trains BatchNorm in every block, so none stays fixed")
         if frozen == 0:
             raise NoCache(
@@ -115,15 +115,17 @@ class FrozenFeatures:
     def check_size(self, model: TransferModule, split: PrefixSplit | None, images: dict[str, int]) -> None:
         """Log the cache's size, estimated before it is built; raise NoCache past the limit."""
         if split is None:
-            size = model.preprocessing.image_size
+            size, device = model.preprocessing.image_size, next(model.backbone.parameters()).device
             with eval_mode(model.backbone):
-                width = frozen_forward(model.backbone, torch.zeros(1, 3, size, size), torch.float32)
+                image = torch.zeros(1, 3, size, size, device=device)
+                width = frozen_forward(model.backbone, image, torch.float32)
             shape = tuple(width.shape[1:])
             what = "the backbone's features"
         else:
             shape = split.activation_shape
             what = f"the activations below block {split.block} ({split.node})"
-        estimate = cache_bytes(int(torch.Size(shape).numel()), images, self.views)
+        numel = int(torch.Size(shape).numel())
+        estimate = cache_bytes(numel, images, self.views, model.frozen_dtype, split is not None)
         limit, meaning = (
             (self.max_gb * GB, f"features.max_gb={self.max_gb:g}") if self.max_gb else default_limit(self.dir)
         )
@@ -138,7 +140,8 @@ class FrozenFeatures:
         if estimate > limit:
             raise NoCache(
                 f"the cache would take about {readable(estimate)}, more than the limit of {readable(limit)} "
-                f"({meaning}; set features.max_gb to allow more, or features.views=1 for less)"
+                f"({meaning}; set features.max_gb to allow more"
+                + (", or use fewer features.views)" if self.views > 1 else ")")
             )
 
     def use(

@@ -159,7 +159,7 @@ def _split_graph(
     above = {n for n in nodes if owners[n] and min(owners[n]) >= index}
     for node in nodes:
         if owners[node] and node not in below and node not in above:
-            raise NoPrefixSplit(f"{node.target} holds parameters of blocks on both sides of it")
+            raise NoPrefixSplit(f"{node.target} holds parameters of blocks on both sides of the cut")
     # the images; other arguments of the forward (timm's attn_mask) keep their defaults
     images, *options = [n for n in nodes if n.op == "placeholder"]
     if any(not n.args for n in options):

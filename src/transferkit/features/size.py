@@ -1,9 +1,9 @@
 """How big a cache will be, and how big it may be.
 
 The estimate, made before anything is built: the values per image (one forward of one image)
-x the images x the views x the bytes they are stored in (2 for training views, 4 for val and
-test). The limit, `features.max_gb`, is by default a quarter of the free memory or of the free
-disk under the cache directory, whichever is smaller: the file is written there, then held in
+x the images x the views x the bytes they are stored in (`features.cache.storage_dtype`).
+The limit, `features.max_gb`, is by default a quarter of the free memory or of the free disk
+under the cache directory, whichever is smaller: the file is written there, then held in
 memory for the whole run.
 """
 
@@ -13,14 +13,23 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
+from transferkit.features.cache import storage_dtype
+
 GB = 1e9
-STORED_BYTES = {"train": 2, "val": 4, "test": 4}  # as features.cache.STORAGE_DTYPES stores them
 
 
-def cache_bytes(values_per_image: int, images: dict[str, int], views: int) -> int:
-    """The bytes a cache of `images` per split takes, with `views` training views."""
+def cache_bytes(
+    values_per_image: int, images: dict[str, int], views: int, dtype: torch.dtype, prefix: bool
+) -> int:
+    """The bytes a cache of `images` per split takes, with `views` training views, computed in
+    `dtype` (activations of a prefix when `prefix`)."""
     return sum(
-        values_per_image * count * STORED_BYTES[split] * (views if split == "train" else 1)
+        values_per_image
+        * count
+        * storage_dtype(split, dtype, prefix).itemsize
+        * (views if split == "train" else 1)
         for split, count in images.items()
     )
 
