@@ -502,10 +502,10 @@ def report(
     by_key = {r.key: r for r in rows}
     n_val = sum(1 for _ in (Path(args.out) / "data" / "val").rglob("*.jpg"))
     n_all = sum(1 for _ in (Path(args.out) / "data").rglob("*.jpg"))
+    epochs = "--only-partial" if args.only_partial else f"--epochs {args.epochs}"
     command = (
-        f"`python scripts/benchmark.py --epochs {args.epochs} --partial-epochs {args.partial_epochs} "
-        f"--images {args.images} --size {args.size} --device {args.device}"
-        + (" --only-partial`" if args.only_partial else "`")
+        f"`python scripts/benchmark.py {epochs} --partial-epochs {args.partial_epochs} "
+        f"--images {args.images} --size {args.size} --device {args.device}`"
     )
     lines = [f"# transferkit benchmark ({info['date']})", "", command + ":"]
     if rows:
