@@ -69,13 +69,17 @@ def test_prefix_and_top_give_the_whole_model_s_logits(name: str, strategy: str) 
         torch.testing.assert_close(logits, model(images), rtol=1e-5, atol=1e-5 * float(logits.abs().max()))
 
 
-@pytest.mark.parametrize("name", ["resnet18", TINY_MODEL])
-def test_the_top_trains_as_the_model_does(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "bn"), [("resnet18", "frozen"), (TINY_MODEL, "frozen"), (TINY_MODEL, "fixed_stats")]
+)
+def test_the_top_trains_as_the_model_does(name: str, bn: str) -> None:
     """In training mode (frozen blocks held in eval, the trained ones' BatchNorm on batch
-    statistics), the top on eval-mode prefix activations gives the model's features, and its
-    gradients reach the model's own parameters."""
+    statistics, or on the pretrained ones with bn=fixed_stats), the top on eval-mode prefix
+    activations gives the model's features, and its gradients reach the model's own parameters."""
     torch.manual_seed(0)
-    model, finetune = frozen_model(name, "partial-2")
+    model = TransferModule(name, ["a", "b", "c"], weights=None)
+    finetune = Partial(unfreeze_last=2, bn=bn)
+    finetune.freeze_before_training(model)
     split = split_backbone(model.backbone, finetune.blocks, frozen_blocks(finetune), 32)
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad(), eval_mode(model):

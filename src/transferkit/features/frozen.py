@@ -2,7 +2,7 @@
 whether what its frozen part computes is computed once and cached.
 
 `cache: auto` (the default) caches whenever part of the backbone stays frozen for the whole
-run (with finetune.bn=frozen), no batch mixing is on, the run is on one device and the cache
+run (finetune.bn=frozen or fixed_stats), no batch mixing is on, the run is on one device and the cache
 fits `max_gb`. When the whole backbone is frozen (finetune=freeze) the cache holds its features
 and only the head trains; when only top blocks train (finetune=partial, or gradual with
 milestones) it holds the activations below the lowest block that ever trains, and each epoch
