@@ -13,7 +13,7 @@ from conftest import CONF
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from transferkit.config import instantiate_group
 from transferkit.errors import ConfigError
@@ -53,6 +53,25 @@ def test_every_option_composes(group: str, option: str, compose_train, tmp_path:
         assert all(isinstance(o, (L.Callback, L.pytorch.loggers.Logger)) for o in objects)
     if group in ("optimizer", "scheduler") and cfg[group] is not None:
         assert callable(instantiate(cfg[group]))
+    if group == "model":
+        assert_model_option_is_the_base_with_its_own_backbone_and_weights(option, cfg)
+
+
+def assert_model_option_is_the_base_with_its_own_backbone_and_weights(option: str, cfg: DictConfig) -> None:
+    """A model option says only what differs (name, weights); the rest comes from
+    model/base/transfer_module.yaml, with the values every option had before it existed."""
+    own = OmegaConf.load(CONF / "model" / f"{option}.yaml")
+    assert set(own) == {"defaults", "name", "weights"}
+    model = OmegaConf.to_container(cfg.model)
+    assert model == {
+        "_target_": "transferkit.module.TransferModule",
+        "name": own.name,
+        "weights": own.weights,
+        "head": {"hidden_dim": None, "dropout": 0.0},
+        "label_smoothing": 0.0,
+        "compile": False,
+    }
+    assert list(model)[:3] == ["_target_", "name", "weights"]  # .hydra/config.yaml reads as before
 
 
 def test_defaults_are_the_documented_ones(compose_train, tmp_path: Path) -> None:
@@ -85,29 +104,7 @@ def test_seed_experiment_holds_the_recipe(compose_train, tmp_path: Path) -> None
     assert cfg.trainer.max_epochs == 10 and cfg.finetune._target_.endswith("Freeze")
 
 
-MODEL_OPTIONS = [o for g, o in OPTIONS if g == "model"]
-
-
-@pytest.mark.parametrize("option", MODEL_OPTIONS)
-def test_every_model_option_is_the_base_with_its_own_backbone_and_weights(
-    option: str, compose_train, tmp_path: Path
-) -> None:
-    """A model option says only what differs (name, weights); the rest comes from
-    model/base/transfer_module.yaml, with the values every option had before it existed."""
-    own = OmegaConf.load(CONF / "model" / f"{option}.yaml")
-    assert set(own) == {"defaults", "name", "weights"}
-    model = OmegaConf.to_container(compose_train(tmp_path, [f"model={option}"]).model)
-    assert model == {
-        "_target_": "transferkit.module.TransferModule",
-        "name": own.name,
-        "weights": own.weights,
-        "head": {"hidden_dim": None, "dropout": 0.0},
-        "label_smoothing": 0.0,
-        "compile": False,
-    }
-    assert list(model)[:3] == ["_target_", "name", "weights"]  # .hydra/config.yaml reads as before
-
-
+@pytest.mark.slow  # about a second or more
 def test_trainer_keys_and_plus_keys_reach_the_trainer(compose_train, tmp_path: Path) -> None:
     """trainer.<arg>= for the arguments trainer/default.yaml lists, +trainer.<arg>= for any other."""
     cfg = compose_train(tmp_path, ["trainer.gradient_clip_val=0.5", "trainer.accumulate_grad_batches=2"])

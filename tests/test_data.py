@@ -382,6 +382,7 @@ def test_unknown_augment_policy_is_refused_with_the_choices(image_folder: Path, 
         Preprocessing().transforms(train=True, augment=augment)
 
 
+@pytest.mark.slow  # about a second or more
 def test_hydra_overrides_reach_the_datamodule(compose_train, image_folder: Path, tmp_path: Path) -> None:
     base = ["data=imagefolder", f"data.root={image_folder}", "data.num_workers=0"]
     defaults = instantiate(compose_train(tmp_path, base).data)

@@ -48,8 +48,24 @@ def frozen_model(name: str, strategy: str) -> tuple[TransferModule, Partial | Gr
     return model, finetune
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
+# make test-fast checks a sample (each strategy once, three families); the rest of the matrix is slow.
+FAST_CASES = {
+    ("partial-1", "resnet18"),
+    ("partial-1", "timm:resnet10t"),
+    ("partial-1", TINY_MODEL),
+    ("partial-2", TINY_MODEL),
+    ("gradual-milestones", "resnet18"),
+    ("gradual-at-epoch", TINY_MODEL),
+    ("full", TINY_MODEL),
+}
+MATRIX = [
+    pytest.param(strategy, name, marks=() if (strategy, name) in FAST_CASES else pytest.mark.slow)
+    for strategy in STRATEGIES
+    for name in FAMILIES
+]
+
+
+@pytest.mark.parametrize(("strategy", "name"), MATRIX)
 def test_prefix_and_top_give_the_whole_model_s_logits(name: str, strategy: str) -> None:
     """In eval mode, as validation runs; strategies that train every block have no prefix."""
     torch.manual_seed(0)
@@ -70,7 +86,12 @@ def test_prefix_and_top_give_the_whole_model_s_logits(name: str, strategy: str) 
 
 
 @pytest.mark.parametrize(
-    ("name", "bn"), [("resnet18", "frozen"), (TINY_MODEL, "frozen"), (TINY_MODEL, "fixed_stats")]
+    ("name", "bn"),
+    [
+        pytest.param("resnet18", "frozen", marks=pytest.mark.slow),
+        (TINY_MODEL, "frozen"),
+        (TINY_MODEL, "fixed_stats"),
+    ],
 )
 def test_the_top_trains_as_the_model_does(name: str, bn: str) -> None:
     """In training mode (frozen blocks held in eval, the trained ones' BatchNorm on batch

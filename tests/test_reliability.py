@@ -351,6 +351,7 @@ def epoch_metrics(run: Path) -> dict[tuple[str, str], str]:
     }
 
 
+@pytest.mark.slow  # about a second or more
 def test_an_earlier_run_directory_is_never_written_into(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -101,6 +101,7 @@ def test_callbacks_none_leaves_lightning_s_defaults(compose_train, tmp_path: Pat
     assert no_checkpoints["best_model_path"] is None and 0.0 <= no_checkpoints["val/acc"] <= 1.0
 
 
+@pytest.mark.slow  # about a second or more
 def test_task_errors_are_user_errors(compose_train, tmp_path: Path, tiny_overrides) -> None:
     with pytest.raises(DataError, match="does not exist"):
         train(compose_train(tmp_path, [*tiny_overrides, f"data.root={tmp_path}/missing"]))
@@ -180,7 +181,13 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
+# In make test-fast: the class mismatch and the undecodable image; the rest take a second or more.
+FAST_BAD_INPUTS = ("class mismatch", "undecodable image")
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=() if c in FAST_BAD_INPUTS else pytest.mark.slow) for c in BAD_INPUTS]
+)
 def test_bad_input_ends_with_one_clear_line_and_exit_code_2(
     tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture
 ) -> None:
