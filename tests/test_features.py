@@ -368,3 +368,13 @@ def test_frozen_forward_on_cpu_runs_in_cache_sized_chunks() -> None:
     with torch.no_grad():
         whole = model.backbone(images)
     assert chunked.dtype == torch.float32 and torch.allclose(chunked, whole, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache", [0, 1, "sometimes"])
+def test_cache_takes_auto_or_a_boolean_only(cache) -> None:
+    """features.cache=0 reaches Python as the int 0, which equals False: it must not pass as auto."""
+    from transferkit.features import FrozenFeatures
+
+    with pytest.raises(ConfigError, match=f"features.cache={cache!r} must be auto, true or false"):
+        FrozenFeatures(cache=cache)
+    assert FrozenFeatures(cache=False).cache is False and FrozenFeatures().cache == "auto"

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from transferkit.module import TransferModule
 
 log = logging.getLogger(__name__)
-CACHE_MODES = ("auto", True, False)
 
 
 class NoCache(Exception):
@@ -60,7 +59,7 @@ class FrozenFeatures:
         dir: str | Path = ".cache/features",
         max_gb: float | None = None,
     ) -> None:
-        if cache not in CACHE_MODES:
+        if not (cache == "auto" or isinstance(cache, bool)):  # 0 and 1 are not false and true here
             raise ConfigError(f"features.cache={cache!r} must be auto, true or false.")
         if int(views) < 1:
             raise ConfigError(f"features.views={views} must be 1 or more.")
