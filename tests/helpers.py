@@ -71,3 +71,18 @@ class SendSignal(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
         if trainer.global_step == self.at_step:
             os.kill(os.getpid(), self.signum)
+
+
+def val_accuracy(model: TransferModule, root: Path | str) -> tuple[float, int]:
+    """(accuracy, images) of `model` on the images of root's val split, read as a user's images
+    are (the checkpoint's own preprocessing, no cache): what a cached run's val/acc must equal."""
+    from transferkit.data.datamodule import ImageFolderDataModule
+
+    data = ImageFolderDataModule(root, batch_size=8, num_workers=0, augment=False)
+    data.preprocessing = model.preprocessing
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in data.val_dataloader():
+            correct += int((model(images).argmax(1) == labels).sum())
+            total += len(labels)
+    return correct / total, total

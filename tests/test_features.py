@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import TINY_MODEL
+from helpers import val_accuracy
 
 import transferkit.features.cache as cache_module
 from transferkit.checkpoints import load_model
@@ -146,15 +147,9 @@ def test_checkpoint_of_a_cached_run_is_a_full_model(
     results = train(compose_train(tmp_path, [*tiny_overrides, "data.augment=false"]))
     model = load_model(results["best_model_path"]).eval()
     calls = backbone_calls(model)
-    data = ImageFolderDataModule(image_folder, batch_size=8, num_workers=0)
-    data.preprocessing = model.preprocessing
-    correct = total = 0
-    with torch.no_grad():
-        for images, labels in data.val_dataloader():
-            correct += int((model(images).argmax(1) == labels).sum())
-            total += len(labels)
+    accuracy, total = val_accuracy(model, image_folder)
     assert sum(calls) == total
-    assert correct / total == pytest.approx(results["val/acc"], abs=1e-6)
+    assert accuracy == pytest.approx(results["val/acc"], abs=1e-6)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import TINY_MODEL
+from helpers import val_accuracy
 from torch import nn
 
 from transferkit.checkpoints import load_model
@@ -221,16 +222,8 @@ def test_a_partial_run_on_the_prefix_cache_matches_an_uncached_one(
     states = [torch.load(r["best_model_path"], weights_only=True)["state_dict"] for r in (plain, cached)]
     assert list(states[0]) == list(states[1])
     model = load_model(cached["best_model_path"]).eval()
-    data = ImageFolderDataModule(
-        tiny_overrides[1].split("=", 1)[1], batch_size=8, num_workers=0, augment=False
-    )
-    data.preprocessing = model.preprocessing
-    correct = total = 0
-    with torch.no_grad():
-        for images, labels in data.val_dataloader():
-            correct += int((model(images).argmax(1) == labels).sum())
-            total += len(labels)
-    assert correct / total == pytest.approx(cached["val/acc"], abs=1e-6)
+    accuracy, _ = val_accuracy(model, tiny_overrides[1].split("=", 1)[1])
+    assert accuracy == pytest.approx(cached["val/acc"], abs=1e-6)
 
 
 @pytest.mark.slow
