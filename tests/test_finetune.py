@@ -134,7 +134,7 @@ def test_partial_trains_the_last_blocks_at_the_backbone_lr(tmp_path: Path) -> No
 def test_gradual_unfreezes_the_whole_backbone_at_its_epoch(tmp_path: Path) -> None:
     module = tiny()
     before = block_state(module)
-    trainer, rec = fit_recording(module, Gradual(unfreeze_at_epoch=1), tmp_path)
+    trainer, rec = fit_recording(module, Gradual(unfreeze_at_epoch=1, unfreeze_last=None), tmp_path)
     after = block_state(module)
     assert not any(rec.grads[0].values()) and names(rec.groups[0]) == ["head"]
     for epoch in (1, 2):
@@ -148,6 +148,26 @@ def test_gradual_unfreezes_the_whole_backbone_at_its_epoch(tmp_path: Path) -> No
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
         id(p) for p in module.parameters()
     }
+
+
+def test_gradual_by_default_warms_the_head_up_then_trains_the_last_block(tmp_path: Path) -> None:
+    module = tiny()
+    before = block_state(module)
+    _, rec = fit_recording(module, Gradual(), tmp_path)
+    after = block_state(module)
+    assert [sorted(b for b, g in rec.grads[e].items() if g) for e in range(3)] == [[], ["stage5"], ["stage5"]]
+    assert names(rec.groups[1]) == ["head", "backbone.stage5"]
+    assert changed(before["stage5"], after["stage5"], "weight")
+    assert not changed(before["stage4"], after["stage4"], "weight")
+
+
+def test_gradual_unfreeze_last_sets_how_many_blocks_join(tmp_path: Path) -> None:
+    _, rec = fit_recording(tiny(), Gradual(unfreeze_at_epoch=2, unfreeze_last=2), tmp_path)
+    assert [sorted(b for b, g in rec.grads[e].items() if g) for e in range(3)] == [
+        [],
+        [],
+        ["stage4", "stage5"],
+    ]
 
 
 def test_gradual_milestones_unfreeze_one_block_each_from_the_top(tmp_path: Path) -> None:
@@ -218,7 +238,7 @@ def test_bn_fixed_stats_trains_the_unfrozen_blocks_with_their_pretrained_statist
     as with bn=frozen."""
     module = tiny()
     before = block_state(module)
-    _, rec = fit_recording(module, Gradual(unfreeze_at_epoch=1, bn="fixed_stats"), tmp_path, epochs=2)
+    _, rec = fit_recording(module, Gradual(unfreeze_at_epoch=1, unfreeze_last=None, bn="fixed_stats"), tmp_path, epochs=2)
     after = block_state(module)
     assert not any(rec.bn_training[0].values()) and not any(rec.bn_training[1].values())
     assert rec.grads[0] == dict.fromkeys(BLOCKS, False) and rec.grads[1] == dict.fromkeys(BLOCKS, True)
@@ -250,7 +270,7 @@ def test_weight_decay_spares_norms_and_biases(tmp_path: Path) -> None:
 
 def test_one_cycle_steps_per_batch_and_unfrozen_groups_follow_the_head(tmp_path: Path) -> None:
     module = tiny(scheduler=ONECYCLE)
-    _, rec = fit_recording(module, Gradual(unfreeze_at_epoch=1), tmp_path)
+    _, rec = fit_recording(module, Gradual(unfreeze_at_epoch=1, unfreeze_last=None), tmp_path)
     heads = [lrs(step)["head"] for step in rec.step_groups]
     assert len(set(heads)) == len(heads) == 9  # a new lr every batch
     assert max(heads) == pytest.approx(LR, rel=0.05)
@@ -265,12 +285,12 @@ def test_gradual_resumes_before_and_after_the_unfreeze(tmp_path: Path, resume_af
     """Stop after epoch `resume_after` (before / after the unfreeze at epoch 1), resume to 3 epochs:
     the param groups, lrs and trainable blocks match an uninterrupted run, and the optimizer's
     momentum for the backbone survives."""
-    _, straight = fit_recording(tiny(), Gradual(unfreeze_at_epoch=1), tmp_path / "straight", epochs=3)
-    fit_recording(tiny(), Gradual(unfreeze_at_epoch=1), tmp_path / "a", epochs=3, checkpoints=True)
+    _, straight = fit_recording(tiny(), Gradual(unfreeze_at_epoch=1, unfreeze_last=None), tmp_path / "straight", epochs=3)
+    fit_recording(tiny(), Gradual(unfreeze_at_epoch=1, unfreeze_last=None), tmp_path / "a", epochs=3, checkpoints=True)
     checkpoint = str(next((tmp_path / "a" / "ckpt").glob(f"epoch={resume_after}*.ckpt")))
     resumed_model = tiny()
     trainer, resumed = fit_recording(
-        resumed_model, Gradual(unfreeze_at_epoch=1), tmp_path / "b", ckpt_path=checkpoint
+        resumed_model, Gradual(unfreeze_at_epoch=1, unfreeze_last=None), tmp_path / "b", ckpt_path=checkpoint
     )
     for epoch in range(resume_after + 1, 3):
         assert resumed.grads[epoch] == straight.grads[epoch]
@@ -291,6 +311,7 @@ def test_gradual_resumes_before_and_after_the_unfreeze(tmp_path: Path, resume_af
         (lambda: Partial(unfreeze_last=0), "finetune.unfreeze_last=0"),
         (lambda: Gradual(milestones=[2, 1]), "increasing"),
         (lambda: Gradual(unfreeze_at_epoch=0), "1 or more"),
+        (lambda: Gradual(unfreeze_last=0), "finetune.unfreeze_last=0"),
         (lambda: Full(layer_decay=1.5), "finetune.layer_decay=1.5"),
         (lambda: Full(backbone_lr_ratio=0), "finetune.backbone_lr_ratio=0"),
     ],
@@ -305,6 +326,7 @@ def test_bad_strategy_settings_are_config_errors(strategy, message: str) -> None
     [
         (Partial(unfreeze_last=7), "has 6 blocks"),
         (Gradual(milestones=[1, 2, 3, 4, 5, 6, 7]), "has only 6 blocks"),
+        (Gradual(unfreeze_last=7), "has 6 blocks"),
     ],
 )
 def test_strategies_that_cannot_apply_to_the_run_are_config_errors(
@@ -325,7 +347,7 @@ def test_gradual_with_bn_train_trains_batchnorm_first_and_the_rest_at_the_unfree
     module = tiny()
     before = block_state(module)
 
-    _, rec = fit_recording(module, Gradual(unfreeze_at_epoch=1, bn="train"), tmp_path, epochs=2)
+    _, rec = fit_recording(module, Gradual(unfreeze_at_epoch=1, unfreeze_last=None, bn="train"), tmp_path, epochs=2)
     assert not any(rec.grads[0].values()) and all(rec.grads[1].values())
     assert names(rec.groups[0]) == ["head"] + [f"backbone.{b}.bn" for b in BLOCKS]
     assert names(rec.groups[1]) == names(rec.groups[0]) + [f"backbone.{b}" for b in BLOCKS]
@@ -376,9 +398,9 @@ def id_names(module: nn.Module) -> dict[int, str]:
     [
         lambda: Freeze(),
         lambda: Partial(unfreeze_last=2),
-        lambda: Gradual(unfreeze_at_epoch=1),
+        lambda: Gradual(unfreeze_at_epoch=1, unfreeze_last=None),
         lambda: Gradual(milestones=[1, 2]),
-        lambda: Gradual(unfreeze_at_epoch=2, bn="train"),
+        lambda: Gradual(unfreeze_at_epoch=2, unfreeze_last=None, bn="train"),
         lambda: Full(),
     ],
     ids=["freeze", "partial", "gradual", "gradual-milestones", "gradual-bn-train", "full"],

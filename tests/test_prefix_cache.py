@@ -30,7 +30,7 @@ STRATEGIES = {
     "partial-1": lambda: Partial(unfreeze_last=1),
     "partial-2": lambda: Partial(unfreeze_last=2),
     "gradual-milestones": lambda: Gradual(milestones=[1, 2]),
-    "gradual-at-epoch": lambda: Gradual(unfreeze_at_epoch=1),
+    "gradual-at-epoch": lambda: Gradual(unfreeze_at_epoch=1, unfreeze_last=None),
     "full": lambda: Full(),
 }
 FAMILIES = {  # model name: image size
@@ -252,14 +252,14 @@ def test_cache_true_with_nothing_frozen_is_refused_in_one_line(
 
 
 def test_what_the_cache_holds_for_each_strategy(image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """freeze: the whole backbone's features (None); partial and gradual with milestones: a
+    """freeze: the whole backbone's features (None); partial and gradual (by default): a
     prefix; a strategy that trains every block, or BatchNorm everywhere, or a backbone that
     cannot be cut: nothing, and why."""
     data = ImageFolderDataModule(image_folder, num_workers=0)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
     features = FrozenFeatures()
     held = {}
-    for strategy in (Freeze(), Partial(), Gradual(milestones=[1]), Full(), Partial(bn="train")):
+    for strategy in (Freeze(), Partial(), Gradual(), Full(), Partial(bn="train")):
         model = TransferModule(TINY_MODEL, ["a", "b", "c"], weights=None, preprocessing={"image_size": 32})
         strategy.freeze_before_training(model)
         try:

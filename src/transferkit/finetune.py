@@ -213,10 +213,17 @@ class Partial(BlockFinetuning):
 
 
 class Gradual(BlockFinetuning):
-    """Frozen until `unfreeze_at_epoch`, then the whole backbone trains; or, with `milestones`
-    [E1, E2, ...], the last block unfreezes at E1, the one before it at E2, and so on."""
+    """The head trains alone until `unfreeze_at_epoch`; then the last `unfreeze_last` blocks
+    (None: the whole backbone) join. Or, with `milestones` [E1, E2, ...], the last block joins
+    at E1, the one before it at E2, and so on (the other two are then not used)."""
 
-    def __init__(self, unfreeze_at_epoch: int = 1, milestones: Sequence[int] | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        unfreeze_at_epoch: int = 1,
+        unfreeze_last: int | None = 1,
+        milestones: Sequence[int] | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         epochs = [int(unfreeze_at_epoch)] if milestones is None else [int(m) for m in milestones]
         if not epochs or epochs[0] < 1 or any(b <= a for a, b in itertools.pairwise(epochs)):
@@ -224,12 +231,29 @@ class Gradual(BlockFinetuning):
                 f"finetune.milestones={list(milestones or [])} / unfreeze_at_epoch={unfreeze_at_epoch}: "
                 "unfreeze epochs must be 1 or more and increasing (epoch 0 trains the head alone)."
             )
+        if unfreeze_last is not None and int(unfreeze_last) < 1:
+            raise ConfigError(
+                f"finetune.unfreeze_last={unfreeze_last} must be 1 or more, or null for the whole backbone."
+            )
         self.unfreeze_at_epoch = int(unfreeze_at_epoch)
+        self.unfreeze_last = None if unfreeze_last is None else int(unfreeze_last)
         self.milestones = None if milestones is None else epochs
+        if self.milestones is not None:
+            log.info(
+                "finetune.milestones=%s sets when each block joins; unfreeze_at_epoch and unfreeze_last "
+                "are not used.",
+                self.milestones,
+            )
 
     def start_epochs(self, num_blocks: int) -> list[int | None]:
         if self.milestones is None:
-            return [self.unfreeze_at_epoch] * num_blocks
+            count = num_blocks if self.unfreeze_last is None else self.unfreeze_last
+            if count > num_blocks:
+                raise ConfigError(
+                    f"finetune.unfreeze_last={count}, but this backbone has {num_blocks} blocks "
+                    f"({', '.join(b.name for b in self.blocks)}); null unfreezes them all."
+                )
+            return [None] * (num_blocks - count) + [self.unfreeze_at_epoch] * count
         if len(self.milestones) > num_blocks:
             raise ConfigError(
                 f"finetune.milestones has {len(self.milestones)} epochs, but this backbone has only "

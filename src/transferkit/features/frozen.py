@@ -4,8 +4,7 @@ whether what its frozen part computes is computed once and cached.
 `cache: auto` (the default) caches whenever part of the backbone stays frozen for the whole
 run (finetune.bn=frozen or fixed_stats), no batch mixing is on, the run is on one device and the cache
 fits `max_gb`. When the whole backbone is frozen (finetune=freeze) the cache holds its features
-and only the head trains; when only top blocks train (finetune=partial, or gradual with
-milestones) it holds the activations below the lowest block that ever trains, and each epoch
+and only the head trains; when only top blocks train (finetune=partial or gradual) it holds the activations below the lowest block that ever trains, and each epoch
 runs the trainable top on them (`features.prefix`).
 """
 
@@ -93,8 +92,8 @@ class FrozenFeatures:
             raise NoCache("finetune.bn=train trains BatchNorm in every block, so none stays fixed")
         if frozen == 0:
             raise NoCache(
-                "every block of the backbone trains in this run (finetune=full, or gradual without "
-                "milestones), so no frozen part is left to cache"
+                "every block of the backbone trains in this run (finetune=full, or gradual with "
+                "unfreeze_last=null), so no frozen part is left to cache"
             )
         if datamodule.batch_mix is not None:
             raise NoCache(
