@@ -382,6 +382,23 @@ def test_unknown_augment_policy_is_refused_with_the_choices(image_folder: Path, 
         Preprocessing().transforms(train=True, augment=augment)
 
 
+def test_crop_scale_sets_the_share_of_the_image_the_training_crop_keeps(image_folder: Path) -> None:
+    dm = ImageFolderDataModule(image_folder, num_workers=0, image_size=32, crop_scale=[0.5, 1])
+    dm.setup("fit")
+    crop = dm.datasets["train"].transform.transforms[0]
+    assert isinstance(crop, T.RandomResizedCrop) and crop.scale == (0.5, 1.0)
+    default = ImageFolderDataModule(image_folder, num_workers=0, image_size=32).preprocessing
+    assert default.transforms(train=True).transforms[0].scale == (0.08, 1.0)
+    # the transform's repr is what keys a cache of augmented views: another scale, another key
+    assert repr(dm.preprocessing.transforms(True, "basic", dm.crop_scale)) != repr(default.transforms(train=True))
+
+
+@pytest.mark.parametrize("crop_scale", [[0, 1], [0.9, 0.5], [0.5], [0.5, 1.5]])
+def test_a_crop_scale_that_is_not_a_share_of_the_area_is_refused(image_folder: Path, crop_scale) -> None:
+    with pytest.raises(ConfigError, match=r"data.crop_scale=.* must be \[min, max\] with 0 < min <= max <= 1"):
+        ImageFolderDataModule(image_folder, crop_scale=crop_scale)
+
+
 @pytest.mark.slow  # about a second or more
 def test_hydra_overrides_reach_the_datamodule(compose_train, image_folder: Path, tmp_path: Path) -> None:
     base = ["data=imagefolder", f"data.root={image_folder}", "data.num_workers=0"]
@@ -393,9 +410,9 @@ def test_hydra_overrides_reach_the_datamodule(compose_train, image_folder: Path,
         0.0,
     )
     assert defaults.batch_mix is None and defaults.class_weights() is None
-    chosen = ["data.augment=trivial", "data.balance=sampler", "data.mixup_alpha=0.2"]
+    chosen = ["data.augment=trivial", "data.balance=sampler", "data.mixup_alpha=0.2", "data.crop_scale=[0.4,1]"]
     dm = instantiate(compose_train(tmp_path, [*base, *chosen]).data)
-    assert (dm.augment, dm.balance, dm.mixup_alpha) == ("trivial", "sampler", 0.2)
+    assert (dm.augment, dm.balance, dm.mixup_alpha, dm.crop_scale) == ("trivial", "sampler", 0.2, (0.4, 1.0))
     assert isinstance(dm.batch_mix, T.MixUp)
     assert instantiate(compose_train(tmp_path, [*base, "data.augment=true"]).data).augment == "basic"
     assert instantiate(compose_train(tmp_path, [*base, "data.augment=false"]).data).augment is None

@@ -253,3 +253,26 @@ def test_a_resume_that_would_train_something_else_is_refused(
     with pytest.raises(ConfigError) as refused:
         train(compose_train(tmp_path, resume))
     assert named in str(refused.value)
+
+
+@pytest.mark.slow
+def test_a_gradual_checkpoint_from_before_unfreeze_last_resumes_only_as_it_trained(
+    compose_train, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    """Before finetune.unfreeze_last, gradual unfroze the whole backbone: resuming such a
+    checkpoint under the new default (one block) would train something else, so it is refused;
+    with unfreeze_last=null, as that run trained, it resumes (and the crop it had is the default)."""
+    from transferkit.module import RECORD_KEY
+    from transferkit.tasks.train import train
+
+    gradual = [*tiny_overrides, "finetune=gradual", "finetune.unfreeze_last=null"]
+    train(compose_train(tmp_path, [*gradual, "trainer.max_epochs=2"]))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    old = torch.load(last, weights_only=True)
+    del old[RECORD_KEY]["finetune"]["unfreeze_last"], old[RECORD_KEY]["data"]["crop_scale"]
+    torch.save(old, last)
+    default = [*tiny_overrides, "finetune=gradual", "trainer.max_epochs=3", "ckpt_path=last"]
+    with pytest.raises(ConfigError, match="finetune.unfreeze_last: None there, 1 here"):
+        train(compose_train(tmp_path, default))
+    results = train(compose_train(tmp_path, [*default, "finetune.unfreeze_last=null"]))
+    assert results["epochs"] == 3

@@ -17,6 +17,7 @@ import torch
 from transferkit.errors import ConfigError
 from transferkit.features.precision import PRECISIONS
 from transferkit.module import RECORD_KEY, TransferModule
+from transferkit.preprocessing import CROP_SCALE
 
 _MADE_BY = "Use a checkpoints/best.ckpt or last.ckpt written by train.py."
 
@@ -102,6 +103,17 @@ def _setup(hparams: dict[str, Any], data: dict | None, finetune: dict | None) ->
     return flat
 
 
+def _as_trained(setup: dict[str, Any]) -> dict[str, Any]:
+    """An older checkpoint's setup with the keys added since, at the values its run trained
+    with, so they are compared like any other: a resume cannot quietly switch an old gradual run
+    (which unfroze the whole backbone) to one block, or change its training crop."""
+    if any(key.startswith("data.") for key in setup):
+        setup.setdefault("data.crop_scale", list(CROP_SCALE))
+    if str(setup.get("finetune._target_", "")).endswith(".Gradual"):
+        setup.setdefault("finetune.unfreeze_last", None)
+    return setup
+
+
 def _peek(path: str | Path) -> dict[str, Any]:
     """The checkpoint memory-mapped: its record and hyper-parameters without reading the weights."""
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -122,7 +134,9 @@ def resume_differences(path: str | Path, model: TransferModule) -> list[str]:
     """
     checkpoint = _peek(path)
     record = checkpoint.get(RECORD_KEY) or {}
-    there = _setup(checkpoint.get("hyper_parameters") or {}, record.get("data"), record.get("finetune"))
+    there = _as_trained(
+        _setup(checkpoint.get("hyper_parameters") or {}, record.get("data"), record.get("finetune"))
+    )
     here = _setup(
         dict(model.hparams),
         model.data_config if "data" in record else None,

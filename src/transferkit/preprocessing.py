@@ -6,6 +6,7 @@ prediction and export reproduce it without the training config.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -20,6 +21,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENT_POLICIES = ("basic", "trivial", "randaugment")
 CROP_MODES = ("center", "squash", "border")
+CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default
+
+
+def crop_scale_range(crop_scale: Sequence[float]) -> tuple[float, float]:
+    """`data.crop_scale` checked: the smallest and largest share of the image's area that the
+    training crop keeps (torchvision's and timm's `scale`)."""
+    values = tuple(float(v) for v in crop_scale)
+    if len(values) != 2 or not 0 < values[0] <= values[1] <= 1:
+        raise ConfigError(
+            f"data.crop_scale={list(crop_scale)} must be [min, max] with 0 < min <= max <= 1: the share "
+            f"of the image's area a random training crop keeps (torchvision's default: [0.08, 1.0])."
+        )
+    return values[0], values[1]
 
 
 def augment_policy(augment: str | bool | None) -> str | None:
@@ -153,12 +167,18 @@ class Preprocessing:
             T.CenterCrop(self.image_size),
         ]
 
-    def transforms(self, train: bool = False, augment: str | bool | None = "basic") -> T.Compose:
+    def transforms(
+        self,
+        train: bool = False,
+        augment: str | bool | None = "basic",
+        crop_scale: tuple[float, float] = CROP_SCALE,
+    ) -> T.Compose:
         """Evaluation: resize and crop as `crop_mode` says, as the backbone's weights were
         evaluated.
 
-        Training follows `augment_policy(augment)`: basic is RandomResizedCrop + flip; trivial and
-        randaugment add TrivialAugmentWide / RandAugment after them; off is the evaluation path.
+        Training follows `augment_policy(augment)`: basic is RandomResizedCrop (keeping
+        `crop_scale` of the image's area) + flip; trivial and randaugment add TrivialAugmentWide /
+        RandAugment after them; off is the evaluation path.
         """
         interpolation = InterpolationMode(self.interpolation)
         policy = augment_policy(augment) if train else None
@@ -166,7 +186,9 @@ class Preprocessing:
             on_pil = self._fit(interpolation)
         else:
             on_pil = [
-                T.RandomResizedCrop(self.image_size, interpolation=interpolation, antialias=True),
+                T.RandomResizedCrop(
+                    self.image_size, scale=tuple(crop_scale), interpolation=interpolation, antialias=True
+                ),
                 T.RandomHorizontalFlip(),
             ]
         if policy == "trivial":

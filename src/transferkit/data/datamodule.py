@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from transferkit.data.images import ImageListDataset
 from transferkit.data.position import EpochPosition
 from transferkit.data.sampling import EpochSampler, balance_mode, balanced_class_weights, balanced_weights
 from transferkit.errors import ConfigError, DataError
-from transferkit.preprocessing import Preprocessing, augment_policy
+from transferkit.preprocessing import CROP_SCALE, Preprocessing, augment_policy, crop_scale_range
 
 log = logging.getLogger(__name__)
 BAD_IMAGE_POLICIES = ("error", "skip")
@@ -40,7 +40,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     always fed the way the backbone's weights expect. `image_size`, `mean` and `std` given here
     override the weights' values (and end up in the checkpoint through the model).
 
-    `augment` names the training policy (basic, trivial, randaugment, or false); `balance`
+    `augment` names the training policy (basic, trivial, randaugment, or false), whose random
+    crop keeps `crop_scale` [min, max] of the image's area; `balance`
     counters class imbalance with loss weights or a re-weighted sampler; `mixup_alpha` and
     `cutmix_alpha` (0: off) mix training batches once they are on the device.
     """
@@ -55,6 +56,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         std: list[float] | None = None,
         val_fraction: float = 0.2,
         augment: str | bool | None = "basic",
+        crop_scale: Sequence[float] = CROP_SCALE,
         seed: int | None = 42,
         persistent_workers: bool = True,
         balance: str | None = "none",
@@ -84,6 +86,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
         self.val_fraction = val_fraction
         self.augment = augment_policy(augment)
+        self.crop_scale = crop_scale_range(crop_scale)
         self.seed = seed
         self.persistent_workers = persistent_workers
         self.balance = balance_mode(balance)
@@ -162,7 +165,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         evaluate = self.preprocessing.transforms(train=False)
         self.datasets = {
             "train": ImageListDataset(
-                splits.train, self.preprocessing.transforms(True, self.augment), self.seed
+                splits.train, self.preprocessing.transforms(True, self.augment, self.crop_scale), self.seed
             ),
             "val": ImageListDataset(splits.val, evaluate),
         }

@@ -176,7 +176,7 @@ class FrozenFeatures:
         sets, path, _ = build_or_load(
             model.backbone if split is None else split.prefix(),
             splits,
-            train_transform=preprocessing.transforms(train=True, augment=datamodule.augment),
+            train_transform=preprocessing.transforms(True, datamodule.augment, datamodule.crop_scale),
             eval_transform=preprocessing.transforms(train=False),
             directory=self.dir,
             views=self.views,

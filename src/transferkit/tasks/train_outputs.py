@@ -73,7 +73,7 @@ def training_batch(
     keys = list(EpochSampler(len(train), datamodule.seed))[:count]
     cached = (datamodule.feature_sets or {}).get("train")
     augment = training_augment(datamodule)
-    transform = model.preprocessing.transforms(train=augment is not None, augment=augment)
+    transform = model.preprocessing.transforms(augment is not None, augment, datamodule.crop_scale)
     dataset = ImageListDataset(train, transform, datamodule.seed)
     if cached is not None and augment is not None:  # view v of image i was drawn as key v * N + i
         keys = [cached.view(0, key) * len(train) + key for key in keys]
