@@ -117,7 +117,7 @@ def test_partial_trains_the_last_blocks_at_the_backbone_lr(tmp_path: Path) -> No
         assert rec.grads[epoch] == {b: b in ("stage4", "stage5") for b in BLOCKS}
         assert names(rec.groups[epoch]) == ["head", "backbone.stage4", "backbone.stage5"]
         head = LR / 2**epoch
-        assert [lr for _, lr in rec.groups[epoch]] == pytest.approx([head, head * 0.1, head * 0.1])
+        assert [lr for _, lr in rec.groups[epoch]] == pytest.approx([head, head * 0.3, head * 0.3])
     for block in BLOCKS:
         if block in ("stage4", "stage5"):
             assert changed(before[block], after[block], "weight"), block
@@ -141,7 +141,7 @@ def test_gradual_unfreezes_the_whole_backbone_at_its_epoch(tmp_path: Path) -> No
         assert all(rec.grads[epoch].values())
         assert names(rec.groups[epoch]) == ["head"] + [f"backbone.{b}" for b in BLOCKS]
         head = LR / 2**epoch
-        assert [lr for _, lr in rec.groups[epoch]] == pytest.approx([head] + [head * 0.1] * len(BLOCKS))
+        assert [lr for _, lr in rec.groups[epoch]] == pytest.approx([head] + [head * 0.3] * len(BLOCKS))
     for block in BLOCKS:
         assert changed(before[block], after[block], "weight"), block
     optimizer = trainer.optimizers[0]
@@ -179,8 +179,8 @@ def test_gradual_milestones_unfreeze_one_block_each_from_the_top(tmp_path: Path)
         ["stage4", "stage5"],
     ]
     assert names(rec.groups[2]) == ["head", "backbone.stage5", "backbone.stage4"]
-    assert lrs(rec.groups[2])["backbone.stage4"] == pytest.approx(LR / 4 * 0.1)
-    assert lrs(rec.groups[2])["backbone.stage5"] == pytest.approx(LR / 4 * 0.1)
+    assert lrs(rec.groups[2])["backbone.stage4"] == pytest.approx(LR / 4 * 0.3)
+    assert lrs(rec.groups[2])["backbone.stage5"] == pytest.approx(LR / 4 * 0.3)
 
 
 def test_full_trains_everything_with_layer_decay(tmp_path: Path) -> None:
@@ -265,7 +265,7 @@ def test_weight_decay_spares_norms_and_biases(tmp_path: Path) -> None:
     assert groups["head"]["weight_decay"] == 0.05 and groups["head.no_decay"]["weight_decay"] == 0.0
     assert all(p.ndim == 1 for p in groups["backbone.stage5.no_decay"]["params"])
     assert all(p.ndim > 1 for p in groups["backbone.stage5"]["params"])
-    assert lrs(rec.groups[0])["backbone.stage5.no_decay"] == pytest.approx(LR * 0.1)
+    assert lrs(rec.groups[0])["backbone.stage5.no_decay"] == pytest.approx(LR * 0.3)
 
 
 def test_one_cycle_steps_per_batch_and_unfrozen_groups_follow_the_head(tmp_path: Path) -> None:
@@ -276,7 +276,7 @@ def test_one_cycle_steps_per_batch_and_unfrozen_groups_follow_the_head(tmp_path:
     assert max(heads) == pytest.approx(LR, rel=0.05)
     for step in rec.step_groups[3:]:
         values = lrs(step)
-        assert all(values[f"backbone.{b}"] == pytest.approx(values["head"] * 0.1) for b in BLOCKS)
+        assert all(values[f"backbone.{b}"] == pytest.approx(values["head"] * 0.3) for b in BLOCKS)
 
 
 @pytest.mark.slow
@@ -353,7 +353,7 @@ def test_gradual_with_bn_train_trains_batchnorm_first_and_the_rest_at_the_unfree
     assert names(rec.groups[1]) == names(rec.groups[0]) + [f"backbone.{b}" for b in BLOCKS]
     assert all(rec.bn_training[0].values()) and all(rec.bn_training[1].values())
     head = LR / 2
-    assert [lr for _, lr in rec.groups[1]][1:] == pytest.approx([head * 0.1] * (2 * len(BLOCKS)))
+    assert [lr for _, lr in rec.groups[1]][1:] == pytest.approx([head * 0.3] * (2 * len(BLOCKS)))
     after = block_state(module)
     for block in BLOCKS:
         assert changed(before[block], after[block], "running_mean"), block

@@ -25,20 +25,23 @@ def lr_columns(run: Path) -> dict[str, list[float]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("strategy", "groups"),
+    ("strategy", "groups", "ratio"),
     [
-        ("finetune=freeze", ["lr-SGD/head"]),
-        ("finetune=partial", ["lr-SGD/backbone.stage5", "lr-SGD/head"]),
+        ("finetune=freeze", ["lr-SGD/head"], None),
+        ("finetune=partial", ["lr-SGD/backbone.stage5", "lr-SGD/head"], 0.3),
         (
             "finetune=full",
             [f"lr-SGD/backbone.{b}" for b in ("stage1", "stage2", "stage3", "stage4", "stage5", "stem")]
             + ["lr-SGD/head"],
+            0.1,
         ),
     ],
 )
 def test_each_strategy_trains_its_groups_and_logs_their_lr(
-    compose_train, tmp_path: Path, tiny_overrides: list[str], strategy: str, groups: list[str]
+    compose_train, tmp_path: Path, tiny_overrides: list[str], strategy: str, groups: list[str], ratio
 ) -> None:
+    """Backbone groups at the strategy's default ratio to the head: 0.3 for partial (one top
+    block), 0.1 for full."""
     cfg = compose_train(
         tmp_path, [*tiny_overrides, strategy, "scheduler=cosine", "scheduler.warmup_epochs=1"]
     )
@@ -49,7 +52,7 @@ def test_each_strategy_trains_its_groups_and_logs_their_lr(
     assert head[0] == pytest.approx(0.05 * 0.1)  # warmup starts at warmup_start_factor x lr
     for name, values in columns.items():
         if name != "lr-SGD/head":
-            assert values == pytest.approx([h * 0.1 for h in head])
+            assert values == pytest.approx([h * ratio for h in head])
     assert results["epochs"] == 2
 
 
@@ -61,7 +64,7 @@ def test_gradual_through_the_task_adds_the_backbone_at_its_epoch(
     train(cfg)
     columns = lr_columns(Path(cfg.paths.output_dir))
     assert len(columns["lr-SGD/head"]) == 2 and len(columns["lr-SGD/backbone.stage5"]) == 1
-    assert columns["lr-SGD/backbone.stage5"][0] == pytest.approx(columns["lr-SGD/head"][1] * 0.1)
+    assert columns["lr-SGD/backbone.stage5"][0] == pytest.approx(columns["lr-SGD/head"][1] * 0.3)
 
 
 @pytest.mark.slow
@@ -96,7 +99,7 @@ def test_plateau_watches_its_monitor_and_unfrozen_blocks_follow_it(
     train(cfg)
     columns = lr_columns(Path(cfg.paths.output_dir))
     assert columns["lr-SGD/head"] == pytest.approx([0.05, 0.05, 0.005])
-    assert columns["lr-SGD/backbone.stage5"] == pytest.approx([0.005, 0.0005])
+    assert columns["lr-SGD/backbone.stage5"] == pytest.approx([0.015, 0.0015])
 
 
 @pytest.mark.slow
@@ -143,7 +146,7 @@ def test_tune_lr_trains_at_the_suggestion_and_keeps_the_plot(
     assert model.hparams.optimizer["lr"] == pytest.approx(suggestion)
     columns = lr_columns(run)
     assert columns["lr-SGD/head"][0] == pytest.approx(suggestion)
-    assert columns["lr-SGD/backbone.stage5"][0] == pytest.approx(suggestion * 0.1)
+    assert columns["lr-SGD/backbone.stage5"][0] == pytest.approx(suggestion * 0.3)
     assert not any(Path(cfg.paths.output_dir).glob(".lr_find*.ckpt"))
 
 
