@@ -390,12 +390,16 @@ def test_crop_scale_sets_the_share_of_the_image_the_training_crop_keeps(image_fo
     default = ImageFolderDataModule(image_folder, num_workers=0, image_size=32).preprocessing
     assert default.transforms(train=True).transforms[0].scale == (0.08, 1.0)
     # the transform's repr is what keys a cache of augmented views: another scale, another key
-    assert repr(dm.preprocessing.transforms(True, "basic", dm.crop_scale)) != repr(default.transforms(train=True))
+    assert repr(dm.preprocessing.transforms(True, "basic", dm.crop_scale)) != repr(
+        default.transforms(train=True)
+    )
 
 
 @pytest.mark.parametrize("crop_scale", [[0, 1], [0.9, 0.5], [0.5], [0.5, 1.5]])
 def test_a_crop_scale_that_is_not_a_share_of_the_area_is_refused(image_folder: Path, crop_scale) -> None:
-    with pytest.raises(ConfigError, match=r"data.crop_scale=.* must be \[min, max\] with 0 < min <= max <= 1"):
+    with pytest.raises(
+        ConfigError, match=r"data.crop_scale=.* must be \[min, max\] with 0 < min <= max <= 1"
+    ):
         ImageFolderDataModule(image_folder, crop_scale=crop_scale)
 
 
@@ -410,7 +414,12 @@ def test_hydra_overrides_reach_the_datamodule(compose_train, image_folder: Path,
         0.0,
     )
     assert defaults.batch_mix is None and defaults.class_weights() is None
-    chosen = ["data.augment=trivial", "data.balance=sampler", "data.mixup_alpha=0.2", "data.crop_scale=[0.4,1]"]
+    chosen = [
+        "data.augment=trivial",
+        "data.balance=sampler",
+        "data.mixup_alpha=0.2",
+        "data.crop_scale=[0.4,1]",
+    ]
     dm = instantiate(compose_train(tmp_path, [*base, *chosen]).data)
     assert (dm.augment, dm.balance, dm.mixup_alpha, dm.crop_scale) == ("trivial", "sampler", 0.2, (0.4, 1.0))
     assert isinstance(dm.batch_mix, T.MixUp)

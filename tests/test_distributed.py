@@ -56,7 +56,11 @@ def ddp_sim(
     tmp_path: Path,
     image_folder: Path,
     *extra: str,
-    finetune: tuple[str, ...] = ("finetune=gradual", "finetune.unfreeze_at_epoch=1", "finetune.unfreeze_last=null"),
+    finetune: tuple[str, ...] = (
+        "finetune=gradual",
+        "finetune.unfreeze_at_epoch=1",
+        "finetune.unfreeze_last=null",
+    ),
 ):
     return run_cli(
         "train.py", *tiny_run(image_folder, trainer="ddp_sim"), *finetune, *extra, cwd=tmp_path, timeout=300

@@ -238,7 +238,9 @@ def test_bn_fixed_stats_trains_the_unfrozen_blocks_with_their_pretrained_statist
     as with bn=frozen."""
     module = tiny()
     before = block_state(module)
-    _, rec = fit_recording(module, Gradual(unfreeze_at_epoch=1, unfreeze_last=None, bn="fixed_stats"), tmp_path, epochs=2)
+    _, rec = fit_recording(
+        module, Gradual(unfreeze_at_epoch=1, unfreeze_last=None, bn="fixed_stats"), tmp_path, epochs=2
+    )
     after = block_state(module)
     assert not any(rec.bn_training[0].values()) and not any(rec.bn_training[1].values())
     assert rec.grads[0] == dict.fromkeys(BLOCKS, False) and rec.grads[1] == dict.fromkeys(BLOCKS, True)
@@ -285,8 +287,12 @@ def test_gradual_resumes_before_and_after_the_unfreeze(tmp_path: Path, resume_af
     """Stop after epoch `resume_after` (before / after the unfreeze at epoch 1), resume to 3 epochs:
     the param groups, lrs and trainable blocks match an uninterrupted run, and the optimizer's
     momentum for the backbone survives."""
-    _, straight = fit_recording(tiny(), Gradual(unfreeze_at_epoch=1, unfreeze_last=None), tmp_path / "straight", epochs=3)
-    fit_recording(tiny(), Gradual(unfreeze_at_epoch=1, unfreeze_last=None), tmp_path / "a", epochs=3, checkpoints=True)
+    _, straight = fit_recording(
+        tiny(), Gradual(unfreeze_at_epoch=1, unfreeze_last=None), tmp_path / "straight", epochs=3
+    )
+    fit_recording(
+        tiny(), Gradual(unfreeze_at_epoch=1, unfreeze_last=None), tmp_path / "a", epochs=3, checkpoints=True
+    )
     checkpoint = str(next((tmp_path / "a" / "ckpt").glob(f"epoch={resume_after}*.ckpt")))
     resumed_model = tiny()
     trainer, resumed = fit_recording(
@@ -347,7 +353,9 @@ def test_gradual_with_bn_train_trains_batchnorm_first_and_the_rest_at_the_unfree
     module = tiny()
     before = block_state(module)
 
-    _, rec = fit_recording(module, Gradual(unfreeze_at_epoch=1, unfreeze_last=None, bn="train"), tmp_path, epochs=2)
+    _, rec = fit_recording(
+        module, Gradual(unfreeze_at_epoch=1, unfreeze_last=None, bn="train"), tmp_path, epochs=2
+    )
     assert not any(rec.grads[0].values()) and all(rec.grads[1].values())
     assert names(rec.groups[0]) == ["head"] + [f"backbone.{b}.bn" for b in BLOCKS]
     assert names(rec.groups[1]) == names(rec.groups[0]) + [f"backbone.{b}" for b in BLOCKS]

@@ -232,3 +232,18 @@ def test_default_experiment_reaches_90_percent_on_the_demo(compose_train, tmp_pa
     assert (
         torch.load(results["best_model_path"], weights_only=True)["hyper_parameters"]["weights"] == "shipped"
     )
+
+
+@pytest.mark.slow
+def test_the_finetune_experiment_trains_the_top_on_augmented_cached_views(
+    compose_train, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    """experiment=finetune, shrunk to a tiny backbone, 2 views and 2 epochs: the last block and the
+    head train on a prefix cache of augmented views, so the run is augmented and cached."""
+    cfg = compose_train(
+        tmp_path,
+        ["experiment=finetune", *tiny_overrides, "features.views=2", f"features.dir={tmp_path}/cache"],
+    )
+    results = train(cfg)
+    assert results["augment"] == "basic" and results["feature_cache"]
+    assert results["epochs"] == 2 and 0.0 <= results["val/acc"] <= 1.0

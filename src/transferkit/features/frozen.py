@@ -4,8 +4,9 @@ whether what its frozen part computes is computed once and cached.
 `cache: auto` (the default) caches whenever part of the backbone stays frozen for the whole
 run (finetune.bn=frozen or fixed_stats), no batch mixing is on, the run is on one device and the cache
 fits `max_gb`. When the whole backbone is frozen (finetune=freeze) the cache holds its features
-and only the head trains; when only top blocks train (finetune=partial or gradual) it holds the activations below the lowest block that ever trains, and each epoch
-runs the trainable top on them (`features.prefix`).
+and only the head trains; when only top blocks train (finetune=partial or gradual) it holds the
+activations below the lowest block that ever trains, and each epoch runs the trainable top on
+them (`features.prefix`).
 """
 
 from __future__ import annotations
