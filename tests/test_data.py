@@ -382,6 +382,19 @@ def test_unknown_augment_policy_is_refused_with_the_choices(image_folder: Path, 
         Preprocessing().transforms(train=True, augment=augment)
 
 
+def test_crop_pct_sets_how_much_of_the_resized_image_evaluation_keeps(image_folder: Path) -> None:
+    """crop_pct 1: the short side resized to the input size and nothing cut; null: the weights'
+    ratio (224 of 256 here), also for another image size."""
+    whole = ImageFolderDataModule(image_folder, num_workers=0, image_size=32, crop_pct=1.0).preprocessing
+    assert (whole.image_size, whole.resize_size) == (32, 32)
+    assert Preprocessing().with_overrides(crop_pct=0.5).resize_size == 448
+    weights = ImageFolderDataModule(image_folder, num_workers=0, image_size=32).preprocessing
+    assert (weights.image_size, weights.resize_size) == (32, round(32 * 256 / 224))
+    for bad in (0, 1.5):
+        with pytest.raises(ConfigError, match=rf"data.crop_pct={bad} must lie in \(0, 1\]"):
+            ImageFolderDataModule(image_folder, crop_pct=bad)
+
+
 def test_crop_scale_sets_the_share_of_the_image_the_training_crop_keeps(image_folder: Path) -> None:
     dm = ImageFolderDataModule(image_folder, num_workers=0, image_size=32, crop_scale=[0.5, 1])
     dm.setup("fit")

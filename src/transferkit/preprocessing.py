@@ -127,9 +127,13 @@ class Preprocessing:
         resize_size: int | None = None,
         interpolation: str | None = None,
         crop_mode: str | None = None,
+        crop_pct: float | None = None,
     ) -> Preprocessing:
-        """Apply the data config's overrides; a new size keeps the weights' crop ratio."""
+        """Apply the data config's overrides; a new size keeps the weights' crop ratio unless
+        `crop_pct` (the share of the resized image the evaluation crop keeps) says otherwise."""
         new = self
+        if crop_pct is not None and resize_size is None:
+            resize_size = round((self.image_size if image_size is None else int(image_size)) / crop_pct)
         if image_size is not None and resize_size is None:
             resize_size = round(image_size / self.crop_pct)
         if image_size is not None:

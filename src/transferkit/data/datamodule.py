@@ -37,8 +37,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     """Train/val(/test) image folders; classes come from train/.
 
     Transforms follow `preprocessing`, which the train task sets to the model's, so the data is
-    always fed the way the backbone's weights expect. `image_size`, `mean` and `std` given here
-    override the weights' values (and end up in the checkpoint through the model).
+    always fed the way the backbone's weights expect. `image_size`, `mean`, `std` and `crop_pct`
+    given here override the weights' values (and end up in the checkpoint through the model).
 
     `augment` names the training policy (basic, trivial, randaugment, or false), whose random
     crop keeps `crop_scale` [min, max] of the image's area; `balance`
@@ -54,6 +54,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         image_size: int | None = None,
         mean: list[float] | None = None,
         std: list[float] | None = None,
+        crop_pct: float | None = None,
         val_fraction: float = 0.2,
         augment: str | bool | None = "basic",
         crop_scale: Sequence[float] = CROP_SCALE,
@@ -74,6 +75,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"data.image_size={image_size} is too small; use 32 or more (null: the weights')."
             )
+        if crop_pct is not None and not 0.0 < float(crop_pct) <= 1.0:
+            raise ConfigError(
+                f"data.crop_pct={crop_pct} must lie in (0, 1]: the share of the resized image the "
+                "evaluation crop keeps (1.0: all of it; null: the weights' own, 0.875 for most)."
+            )
         if not 0.0 < float(val_fraction) < 1.0:
             raise ConfigError(f"data.val_fraction={val_fraction} must lie in (0, 1), e.g. 0.2.")
         if on_bad_image not in BAD_IMAGE_POLICIES:
@@ -93,7 +99,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.mixup_alpha = float(mixup_alpha)
         self.cutmix_alpha = float(cutmix_alpha)
         self.preprocessing_overrides = {
-            k: v for k, v in {"image_size": image_size, "mean": mean, "std": std}.items() if v is not None
+            k: v
+            for k, v in {"image_size": image_size, "mean": mean, "std": std, "crop_pct": crop_pct}.items()
+            if v is not None
         }
         self.preprocessing = Preprocessing().with_overrides(**self.preprocessing_overrides)
         self.on_bad_image = on_bad_image
