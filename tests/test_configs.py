@@ -107,16 +107,13 @@ def test_seed_experiment_holds_the_recipe(compose_train, tmp_path: Path) -> None
 def test_finetune_experiment_holds_the_recipe(compose_train, tmp_path: Path) -> None:
     """experiment=finetune: the recipe docs/finetuning.md measures, on the user's folder."""
     cfg = compose_train(tmp_path, ["experiment=finetune", "data=imagefolder", "data.root=somewhere"])
-    assert (cfg.model.name, cfg.model.weights, cfg.model.label_smoothing) == (
-        "timm:tf_efficientnet_lite0",
-        "shipped",
-        0.1,
-    )
-    assert cfg.finetune._target_.endswith("Partial") and cfg.finetune.unfreeze_last == 1
-    assert cfg.optimizer._target_ == "torch.optim.AdamW" and cfg.optimizer.weight_decay == 0.05
+    assert (cfg.model.name, cfg.model.weights) == ("timm:tf_efficientnet_lite0", "shipped")
+    assert cfg.finetune._target_.endswith("Partial") and cfg.finetune.unfreeze_last == 2
+    assert cfg.finetune.backbone_lr_ratio == 0.3 and cfg.data.root == "somewhere"
+    optimizer = (cfg.optimizer._target_, cfg.optimizer.lr, cfg.optimizer.weight_decay)
+    assert optimizer == ("torch.optim.AdamW", 1e-3, 0.05)
     assert cfg.scheduler._target_.endswith("WarmupCosineLR") and cfg.scheduler.warmup_epochs == 1
-    assert list(cfg.data.crop_scale) == [0.5, 1.0] and cfg.data.root == "somewhere"
-    assert cfg.features.views == 6 and cfg.trainer.max_epochs == 12
+    assert cfg.features.cache == "auto" and cfg.features.views == 1 and cfg.trainer.max_epochs == 8
 
 
 @pytest.mark.slow  # about a second or more
