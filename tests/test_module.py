@@ -118,6 +118,7 @@ def test_checkpoint_rebuilds_the_model_alone(tmp_path: Path) -> None:
         torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow  # about a second or more
 def test_weights_are_not_fetched_again_when_a_checkpoint_is_loaded(tmp_path: Path) -> None:
     model = TransferModule("resnet18", ["a", "b"], weights=None, optimizer=SGD)
     path = tmp_path / "m.ckpt"

@@ -28,6 +28,7 @@ def fast(tiny_overrides: list[str], *extra: str) -> list[str]:
     return [*tiny_overrides, "trainer.max_epochs=3", *extra]
 
 
+@pytest.mark.slow  # about a second or more
 def test_every_run_draws_its_curves_confusion_matrix_and_a_training_batch(
     compose_train, tmp_path: Path, tiny_overrides: list[str]
 ) -> None:
