@@ -111,6 +111,15 @@ class BlockFinetuning(BaseFinetuning):
                 f"(finetune.unfreeze_at_epoch / finetune.milestones) or train longer."
             )
 
+    def last_blocks_at(self, epoch: int, count: int, num_blocks: int, hint: str) -> list[int | None]:
+        """Start epochs with the last `count` blocks (finetune.unfreeze_last) joining at `epoch`."""
+        if count > num_blocks:
+            raise ConfigError(
+                f"finetune.unfreeze_last={count}, but this backbone has {num_blocks} blocks "
+                f"({', '.join(b.name for b in self.blocks)}); {hint}."
+            )
+        return [None] * (num_blocks - count) + [epoch] * count
+
     @property
     def backbone_always_frozen(self) -> bool:
         """No parameter of the backbone ever trains in this run (known once it has been frozen)."""
@@ -207,12 +216,7 @@ class Partial(BlockFinetuning):
         self.unfreeze_last = int(unfreeze_last)
 
     def start_epochs(self, num_blocks: int) -> list[int | None]:
-        if self.unfreeze_last > num_blocks:
-            raise ConfigError(
-                f"finetune.unfreeze_last={self.unfreeze_last}, but this backbone has {num_blocks} blocks "
-                f"({', '.join(b.name for b in self.blocks)}); use finetune=full to train them all."
-            )
-        return [None] * (num_blocks - self.unfreeze_last) + [0] * self.unfreeze_last
+        return self.last_blocks_at(0, self.unfreeze_last, num_blocks, "use finetune=full to train them all")
 
 
 class Gradual(BlockFinetuning):
@@ -252,12 +256,7 @@ class Gradual(BlockFinetuning):
     def start_epochs(self, num_blocks: int) -> list[int | None]:
         if self.milestones is None:
             count = num_blocks if self.unfreeze_last is None else self.unfreeze_last
-            if count > num_blocks:
-                raise ConfigError(
-                    f"finetune.unfreeze_last={count}, but this backbone has {num_blocks} blocks "
-                    f"({', '.join(b.name for b in self.blocks)}); null unfreezes them all."
-                )
-            return [None] * (num_blocks - count) + [self.unfreeze_at_epoch] * count
+            return self.last_blocks_at(self.unfreeze_at_epoch, count, num_blocks, "null unfreezes them all")
         if len(self.milestones) > num_blocks:
             raise ConfigError(
                 f"finetune.milestones has {len(self.milestones)} epochs, but this backbone has only "
