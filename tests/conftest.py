@@ -139,6 +139,50 @@ def make_image_folder(
     return root
 
 
+def make_label_file(
+    root: Path,
+    classes: tuple[str, ...] = ("circle", "square", "triangle"),
+    splits: dict[str, int] | None = None,
+    multilabel: bool = False,
+    split_column: bool = True,
+    size: int = 40,
+) -> Path:
+    """root/images/<split>_<n>.png and root/labels.csv (path,label[,split]); returns the CSV.
+
+    Single-label: one shape per picture, `splits[s]` per class. Multi-label: `splits[s]` pictures
+    per class that hold it among others; pictures hold one to three shapes (labels joined by ';'),
+    and every seventh holds none (an empty cell)."""
+    import csv
+    import random
+
+    from transferkit.data.demo import draw_shape, draw_shapes
+
+    splits = splits or {"train": 12, "val": 4}
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for s, (split, n) in enumerate(splits.items()):
+        rng = random.Random(s)
+        count = n * len(classes) if not multilabel else round(n * len(classes) / 2)
+        for i in range(count):
+            seed = 10_000 * s + i
+            name = f"images/{split}_{i:03d}.png"
+            if multilabel:
+                shown = [] if i % 7 == 6 else rng.sample(classes, rng.randint(1, min(3, len(classes))))
+                shown = sorted(shown, key=classes.index)
+                draw_shapes(shown, seed, size).save(root / name)
+                label = ";".join(shown)
+            else:
+                label = classes[i % len(classes)]
+                draw_shape(label, seed, size).save(root / name)
+            rows.append([name, label] + ([split] if split_column else []))
+    labels = root / "labels.csv"
+    with labels.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"] + (["split"] if split_column else []))
+        writer.writerows(rows)
+    return labels
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "data")

@@ -7,6 +7,7 @@ import math
 import os
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
@@ -81,6 +82,27 @@ def draw_shape(shape: str, seed: int, size: int = 96) -> Image.Image:
     else:
         draw.polygon(_polygon(shape, cx, cy, r, rng.uniform(0, 2 * math.pi)), fill=colour, outline=outline)
     return image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
+
+
+def draw_shapes(shapes: Sequence[str], seed: int, size: int = 96) -> Image.Image:
+    """One picture holding each of `shapes` (none: the background alone), each in its own
+    quarter of the frame, with random colour, size, rotation and background: several labels at once."""
+    rng = random.Random(seed)
+    image = _background(rng, size)
+    draw = ImageDraw.Draw(image)
+    half = size / 2
+    for shape, quarter in zip(shapes, rng.sample(range(4), len(shapes)), strict=False):
+        r = rng.uniform(0.3, 0.45) * half
+        cx = (quarter % 2) * half + rng.uniform(r, half - r)
+        cy = (quarter // 2) * half + rng.uniform(r, half - r)
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        outline = tuple(255 - c for c in colour)
+        if shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour, outline=outline, width=2)
+        else:
+            corners = _polygon(shape, cx, cy, r, rng.uniform(0, 2 * math.pi))
+            draw.polygon(corners, fill=colour, outline=outline)
+    return image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.6)))
 
 
 def _manifest(root: Path) -> dict | None:

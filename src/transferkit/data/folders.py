@@ -10,20 +10,23 @@ from pathlib import Path
 from transferkit.data.images import IMAGE_EXTENSIONS, is_image_file
 from transferkit.errors import ConfigError, DataError
 
-Sample = tuple[Path, int]
+Label = int | tuple[int, ...]  # a class index, or with multi-label data one 0/1 per class
+Sample = tuple[Path, Label]
 LAYOUT = "<root>/train/<class>/<image>, <root>/val/<class>/<image> (optional: test/)"
 _JUNK_DIRS = {"__MACOSX"}
 
 
 @dataclass(frozen=True)
 class Splits:
-    """The samples of every split, labelled by the index of their class in `class_names`."""
+    """The samples of every split, labelled by the index of their class in `class_names`, or
+    with `multilabel` by a tuple of one 0/1 per class (all zeros: an image with no label)."""
 
     class_names: list[str]
     train: list[Sample]
     val: list[Sample]
     test: list[Sample] | None
     val_from_train: bool
+    multilabel: bool = False
 
 
 def _is_visible_dir(path: Path) -> bool:
