@@ -73,6 +73,7 @@ def build_model(
         seed=cfg.seed,
         finetune=plain(cfg.finetune),
         frozen_dtype=frozen_dtype,
+        multilabel=datamodule.multilabel,
         _recursive_=False,
         _convert_="all",
     )

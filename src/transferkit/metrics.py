@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MultilabelF1Score
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -21,6 +21,16 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     # compute_groups=False: torchmetrics merges metrics whose states match after the first batch
     # (top-5 accuracy and F1 on a batch all wrong, say) and then computes both from one state.
+    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
+
+
+def multilabel_train_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """Micro and macro F1 of 0/1 decisions (made at the thresholds), summed over the epoch's
+    batches: the scores of every training image, which val's metrics keep, would not fit."""
+    metrics = {
+        "f1_micro": MultilabelF1Score(num_classes, average="micro"),
+        "f1_macro": MultilabelF1Score(num_classes, average="macro"),
+    }
     return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
@@ -19,7 +20,14 @@ from transferkit.features.precision import frozen_forward, precision_name
 from transferkit.finetune import BlockFinetuning, hold_frozen_in_eval
 from transferkit.heads import build_head
 from transferkit.history import EpochHistory
-from transferkit.metrics import RunningMetrics, classification_metrics
+from transferkit.metrics import RunningMetrics, classification_metrics, multilabel_train_metrics
+from transferkit.multilabel import (
+    DEFAULT_THRESHOLD,
+    ScoresAndTargets,
+    decide,
+    multilabel_scores,
+    tune_thresholds,
+)
 from transferkit.optim import check_settings, configure_optimizers, param_groups, weight_decay
 from transferkit.rng import RandomState
 
@@ -31,6 +39,12 @@ class TransferModule(L.LightningModule):
     alone: the class names and the resolved preprocessing are among them. `optimizer` and
     `scheduler` are Hydra configs (`_partial_: true`; see `configure_optimizers`).
     `class_weights` weight the training loss only, so val and test losses stay comparable.
+
+    `multilabel`: an image may have any number of the classes. The head's outputs are then
+    independent sigmoids trained with BCEWithLogitsLoss (`class_weights` are its `pos_weight`),
+    each class has a decision threshold (the `thresholds` buffer, tuned on val at every
+    validation of the fit, so each checkpoint carries those of its epoch), and the metrics are
+    mean average precision (`val/map`, what the best checkpoint is chosen by), AUROC and F1.
 
     The last four arguments are what the run records beside the model, in its checkpoints'
     `transferkit` entry: `data_config` (where eval finds the data again), `seed`, `finetune`
@@ -53,6 +67,7 @@ class TransferModule(L.LightningModule):
         seed: int | None = None,
         finetune: dict[str, Any] | None = None,
         frozen_dtype: torch.dtype = torch.float32,
+        multilabel: bool = False,
     ) -> None:
         super().__init__()
         if len(class_names) < 2:
@@ -73,17 +88,25 @@ class TransferModule(L.LightningModule):
         recorded = {"seed": seed, "finetune": finetune}  # and `augment`, known as the fit starts
         self.run_record: dict[str, Any] = {k: v for k, v in recorded.items() if v is not None}
         self.head = build_head(backbone.num_features, len(class_names), **(head or {}))
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        num_classes = len(class_names)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
-        if weight is not None and len(weight) != len(class_names):
-            raise ConfigError(f"{len(weight)} class weights for {len(class_names)} classes.")
-        self.train_criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
-        self.train_metrics = classification_metrics(len(class_names), "train/")
-        self.val_metrics = classification_metrics(len(class_names), "val/")
-        self.test_metrics = classification_metrics(len(class_names), "test/")
+        if weight is not None and len(weight) != num_classes:
+            raise ConfigError(f"{len(weight)} class weights for {num_classes} classes.")
+        if multilabel:
+            self.criterion = nn.BCEWithLogitsLoss()
+            self.train_criterion = nn.BCEWithLogitsLoss(pos_weight=weight)
+            self.register_buffer("thresholds", torch.full((num_classes,), DEFAULT_THRESHOLD))
+            self.train_metrics = multilabel_train_metrics(num_classes, "train/")
+            self.val_metrics, self.test_metrics = ScoresAndTargets(), ScoresAndTargets()
+        else:
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+            self.train_criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+            self.train_metrics = classification_metrics(num_classes, "train/")
+            self.val_metrics = classification_metrics(num_classes, "val/")
+            self.test_metrics = classification_metrics(num_classes, "test/")
+            self.val_confusion = MulticlassConfusionMatrix(num_classes)
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
-        self.val_acc_best = MaxMetric()
-        self.val_confusion = MulticlassConfusionMatrix(len(class_names))
+        self.val_acc_best = MaxMetric()  # of the primary metric: val/acc, or val/map (multi-label)
         self.confusion: torch.Tensor | None = None  # of the last validation: the plots use it
         self._history = EpochHistory()
         self._state_callbacks = (self._history, RandomState(), RunningMetrics())  # configure_callbacks
@@ -92,6 +115,15 @@ class TransferModule(L.LightningModule):
     @property
     def class_names(self) -> list[str]:
         return list(self.hparams.class_names)
+
+    @property
+    def multilabel(self) -> bool:
+        return bool(self.hparams.get("multilabel"))
+
+    @property
+    def primary_metric(self) -> str:
+        """What the best checkpoint is chosen by and results.json reports first."""
+        return "val/map" if self.multilabel else "val/acc"
 
     @property
     def history(self) -> dict[str, list[dict[str, float]]]:
@@ -164,14 +196,21 @@ class TransferModule(L.LightningModule):
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         """`inputs` are images, cached features (N, D), or cached prefix activations after
-        `use_prefix`; `targets` class indices, or class probabilities (B, C) after MixUp/CutMix."""
+        `use_prefix`; `targets` class indices, class probabilities (B, C) after MixUp/CutMix, or
+        with multi-label data 0/1 per class (B, C)."""
         inputs, targets = batch
         split = self.__dict__.get("_prefix_split")
         if split is not None:
             logits = self.head(self.features(inputs, split))
         else:
             logits = self.head(inputs) if inputs.ndim == 2 else self(inputs)
-        loss = (self.train_criterion if stage == "train" else self.criterion)(logits, targets)
+        if self.multilabel:
+            targets = targets.float()
+            smoothing = self.hparams.label_smoothing
+            loss_targets = targets * (1 - smoothing) + smoothing / 2 if stage == "train" else targets
+        else:
+            loss_targets = targets
+        loss = (self.train_criterion if stage == "train" else self.criterion)(logits, loss_targets)
         if stage == "train" and not torch.isfinite(loss):
             lr = (self.hparams.optimizer or {}).get("lr")
             raise TrainingDiverged(
@@ -179,9 +218,16 @@ class TransferModule(L.LightningModule):
                 f"{self.global_step}: training diverged. Lower the learning rate (optimizer.lr={lr}, "
                 "try a tenth of it). checkpoints/last.ckpt, if any, is from before the fault."
             )
+        getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(targets))
+        if self.multilabel:
+            probs = logits.detach().float().sigmoid()
+            if stage == "train":  # F1 at the thresholds of the last validation
+                self.train_metrics.update(decide(probs, self.thresholds), targets.long())
+            else:
+                getattr(self, f"{stage}_metrics").update(probs, targets)
+            return loss
         labels = targets.argmax(dim=1) if targets.ndim == 2 else targets
         getattr(self, f"{stage}_metrics").update(logits, labels)
-        getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(targets))
         if stage == "val":
             self.val_confusion.update(logits.detach(), labels)
         return loss
@@ -193,15 +239,30 @@ class TransferModule(L.LightningModule):
         progress bar asks, and deadlock the other ranks; hence no `sync_dist` anywhere.
         """
         metrics, loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
-        values = {f"{stage}/loss": loss.compute(), **metrics.compute()}
+        if self.multilabel and stage != "train":
+            values = {f"{stage}/loss": loss.compute(), **self._multilabel_values(stage)}
+        else:
+            values = {f"{stage}/loss": loss.compute(), **metrics.compute()}
         metrics.reset()
         loss.reset()
         self.log_dict(values, prog_bar=stage != "test")
-        if stage == "val":
+        if stage == "val" and not self.multilabel:
             self.confusion = self.val_confusion.compute().cpu()
             self.val_confusion.reset()
         self._history.record(self.trainer, stage, values)
         return values
+
+    def _multilabel_values(self, stage: str) -> dict[str, torch.Tensor]:
+        """The epoch's multi-label metrics; a validation of the fit first tunes the thresholds on
+        its images (every rank alike: the scores are gathered from all), so the checkpoint of
+        this epoch carries them. F1 on val is therefore at thresholds fitted to val (optimistic);
+        test's F1 is at val's thresholds."""
+        probs, targets = getattr(self, f"{stage}_metrics").compute()
+        fitting = self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking
+        if stage == "val" and fitting:
+            self.thresholds.copy_(tune_thresholds(probs, targets))
+        scores = multilabel_scores(probs, targets, self.thresholds.cpu(), prefix=f"{stage}/")
+        return {k: v.to(self.device) for k, v in scores.items()}
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -217,11 +278,12 @@ class TransferModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         values = self._log_epoch("val")
+        primary = values[self.primary_metric]
         if not self.trainer.sanity_checking:
-            self.val_acc_best.update(values["val/acc"])
+            self.val_acc_best.update(primary)
         self.log(
-            "val/acc_best",
-            self.val_acc_best.compute() if self.val_acc_best.update_called else values["val/acc"],
+            f"{self.primary_metric}_best",
+            self.val_acc_best.compute() if self.val_acc_best.update_called else primary,
         )
 
     def on_test_epoch_end(self) -> None:
@@ -244,8 +306,10 @@ class TransferModule(L.LightningModule):
     @property
     def metric_names(self) -> list[str]:
         """What this module logs per epoch, for a scheduler's (or a callback's) `monitor`."""
-        names = [f"{stage}/loss" for stage in ("train", "val")] + ["val/acc_best"]
-        names += [
-            f"{stage}/{k}" for stage in ("train", "val") for k in self.train_metrics.keys(keep_base=True)
-        ]
+        names = [f"{stage}/loss" for stage in ("train", "val")] + [f"{self.primary_metric}_best"]
+        names += [f"train/{k}" for k in self.train_metrics.keys(keep_base=True)]
+        if self.multilabel:
+            names += [f"val/{k}" for k in ("map", "auroc", "f1_micro", "f1_macro")]
+        else:
+            names += [f"val/{k}" for k in self.val_metrics.keys(keep_base=True)]
         return sorted(names)

@@ -19,9 +19,13 @@ CURVES_SIZE = (10.0, 4.0)
 CURVES_MARGINS = {"left": 0.85, "right": 0.2, "bottom": 0.55, "top": 0.35, "between": 0.95}  # inches
 
 
-def plot_curves(history: dict[str, list[dict[str, float]]], path: str | Path) -> Path:
-    """Loss and accuracy per epoch, train and val side by side (`history[stage]` holds one dict
-    of epoch metrics per epoch, as the module logs them).
+SCORES = {"acc": "accuracy", "f1_micro": "micro F1, and val mAP"}  # the right panel's score
+
+
+def plot_curves(history: dict[str, list[dict[str, float]]], path: str | Path, score: str = "acc") -> Path:
+    """Loss and `score` per epoch, train and val side by side (`history[stage]` holds one dict
+    of epoch metrics per epoch, as the module logs them): accuracy, or for multi-label models
+    micro F1 with val's mean average precision beside it.
 
     The margins are fixed, not found by a layout engine (which costs a second drawing): they fit
     tick labels of up to 6 characters, as "0.0125" or "8000": losses from 10000 or under 0.001
@@ -41,20 +45,21 @@ def plot_curves(history: dict[str, list[dict[str, float]]], path: str | Path) ->
             "wspace": margins["between"] / axes_width,
         },
     )
-    for ax, metric in zip(axes, ("loss", "acc"), strict=True):
-        for stage, style in (("train", "-o"), ("val", "-s")):
-            values = [
-                epoch[f"{stage}/{metric}"] for epoch in history.get(stage, []) if f"{stage}/{metric}" in epoch
-            ]
+    for ax, metric in zip(axes, ("loss", score), strict=True):
+        lines = [("train", metric, "-o", "train"), ("val", metric, "-s", "val")]
+        lines += [("val", "map", "-^", "val mAP")] if metric == "f1_micro" else []
+        for stage, name, style, label in lines:
+            key = f"{stage}/{name}"
+            values = [epoch[key] for epoch in history.get(stage, []) if key in epoch]
             if values:
-                ax.plot(range(len(values)), values, style, label=stage, markersize=4)
+                ax.plot(range(len(values)), values, style, label=label, markersize=4)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel({"loss": "cross-entropy loss", "acc": "accuracy"}[metric])
-        ax.set_title({"loss": "Loss", "acc": "Accuracy"}[metric])
+        ax.set_ylabel("loss" if metric == "loss" else SCORES[metric])
+        ax.set_title("Loss" if metric == "loss" else SCORES[metric].capitalize())
         ax.grid(alpha=0.3)
         ax.legend()
-        if metric == "acc":
+        if metric != "loss":
             ax.set_ylim(-0.02, 1.02)
         else:
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
@@ -85,6 +90,14 @@ CAPTION_CHARS = 18
 def _caption(name: str) -> str:
     """A class name short enough to stay above its own image."""
     return name if len(name) <= CAPTION_CHARS else name[: CAPTION_CHARS - 1] + "…"
+
+
+def label_text(label: Any, class_names: Sequence[str]) -> str:
+    """A class index's name, or a multi-label 0/1 row's names joined by ';' ('(none)' when empty)."""
+    if isinstance(label, (int, np.integer)) or (isinstance(label, torch.Tensor) and label.ndim == 0):
+        return class_names[int(label)]
+    names = [name for name, on in zip(class_names, list(label), strict=True) if int(on)]
+    return ";".join(names) or "(none)"
 
 
 def _contact_sheet(pixels: np.ndarray, columns: int) -> tuple[np.ndarray, float, int, int, int]:
@@ -140,7 +153,7 @@ def plot_batch(
         ax.text(
             (column + 0.5) * cell_width,
             row * cell_height + caption - baseline_gap,
-            _caption(class_names[int(label)]),
+            _caption(label_text(label, class_names)),
             ha="center",
             va="bottom",
             fontsize=8,

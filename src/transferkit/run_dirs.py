@@ -19,14 +19,20 @@ from transferkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# The resolvers run directories are named with (conf/hydra/default.yaml, conf/paths/default.yaml);
-# every task imports this module. One random suffix per process: runs started in the same second
-# never collide.
+# The config's resolvers, registered here as every task imports this module: first those run
+# directories are named with (conf/hydra/default.yaml, conf/paths/default.yaml). One random
+# suffix per process: runs started in the same second never collide.
 _RUN_ID = secrets.token_hex(3)
 if not OmegaConf.has_resolver("run_id"):
     OmegaConf.register_new_resolver("run_id", lambda: _RUN_ID)
 if not OmegaConf.has_resolver("cwd"):  # cached: every later read gives the directory the run started in
     OmegaConf.register_new_resolver("cwd", os.getcwd, use_cache=True)
+# And the metric a run is judged by (conf/train.yaml's `monitor`): what checkpoints, early
+# stopping and sweeps go by follows the data, val/map for multi-label data, else val/acc.
+if not OmegaConf.has_resolver("primary_metric"):
+    OmegaConf.register_new_resolver(
+        "primary_metric", lambda multilabel: "val/map" if multilabel else "val/acc"
+    )
 
 
 def holds_a_run(directory: Path) -> bool:

@@ -78,6 +78,11 @@ class FeatureSet(Dataset):
         return self.features[self.view(epoch, index), index].float(), self.labels[index]
 
 
+def label_tensor(items: list[tuple[Path, Any]]) -> torch.Tensor:
+    """The labels of `items`: (N,) class indices, or (N, C) 0/1 for multi-label data."""
+    return torch.tensor([label for _, label in items], dtype=torch.long)
+
+
 def weights_fingerprint(model: nn.Module) -> str:
     """A hash of every tensor of `model`: the same name with other weights is another key."""
     digest = hashlib.blake2b(digest_size=16)
@@ -136,7 +141,7 @@ def load(path: Path, key: str, splits: dict[str, list[tuple[Path, int]]]) -> dic
             if (
                 features.ndim < 3
                 or features.shape[1] != len(items)
-                or labels.tolist() != [i[1] for i in items]
+                or not torch.equal(labels, label_tensor(items))
             ):
                 raise ValueError(f"{split} does not match the file list")
             sets[split] = FeatureSet(features, labels)
@@ -264,7 +269,7 @@ def build_or_load(
                         ]
                     )
                 )
-                sets[split] = FeatureSet(features, torch.tensor([label for _, label in items]))
+                sets[split] = FeatureSet(features, label_tensor(items))
     finally:
         backbone.to(original_device)
         for module, mode in modes.items():

@@ -151,7 +151,8 @@ def measure(run: TrainingRun, best: str | None) -> dict[str, Any]:
         if not validated:
             raise ConfigError("Nothing was validated; check trainer.limit_val_batches and the val split.")
         val = {k: float(v) for k, v in validated[0].items()}
-        results: dict[str, Any] = dict(val)
+        primary = model.primary_metric  # first: val/acc, or val/map for multi-label data
+        results: dict[str, Any] = {primary: val[primary], **val}
         if run.cfg.get("test", True) and datamodule.has_test:
             tested = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
             results.update({k: float(v) for k, v in tested[0].items()})

@@ -101,6 +101,7 @@ def write_bad_images(datamodule: ImageFolderDataModule, output_dir: Path) -> Non
 def write_plots(model: TransferModule, output_dir: Path) -> None:
     """The learning curves, and the confusion matrix of the final validation (the best checkpoint's)."""
     if model.history["val"]:
-        plot_curves(model.history, output_dir / "plots" / "curves.png")
+        score = "f1_micro" if model.multilabel else "acc"
+        plot_curves(model.history, output_dir / "plots" / "curves.png", score)
     if model.confusion is not None:
         reports.write_confusion_matrix(model.confusion, model.class_names, output_dir / "plots")
