@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -17,10 +16,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 
 from transferkit.data import scan
-from transferkit.data.folders import Splits, find_splits, skip_files
+from transferkit.data.file_names import find_named_splits, label_pattern
+from transferkit.data.folders import Splits, class_counts, find_splits, skip_files
 from transferkit.data.images import ImageListDataset
 from transferkit.data.position import EpochPosition
-from transferkit.data.sampling import EpochSampler, balance_mode, balanced_class_weights, balanced_weights
+from transferkit.data.sampling import (
+    EpochSampler,
+    balance_mode,
+    balanced_class_weights,
+    balanced_weights,
+    positive_weights,
+)
 from transferkit.errors import ConfigError, DataError
 from transferkit.preprocessing import CROP_SCALE, Preprocessing, augment_policy, crop_scale_range
 
@@ -44,6 +50,9 @@ class ImageFolderDataModule(L.LightningDataModule):
     crop keeps `crop_scale` [min, max] of the image's area; `balance`
     counters class imbalance with loss weights or a re-weighted sampler; `mixup_alpha` and
     `cutmix_alpha` (0: off) mix training batches once they are on the device.
+
+    `label_from` (a regular expression with one group) reads each image's class from its file
+    name instead of its folder's. Multi-label data needs a label file (`LabelFileDataModule`).
     """
 
     def __init__(
@@ -65,8 +74,15 @@ class ImageFolderDataModule(L.LightningDataModule):
         cutmix_alpha: float = 0.0,
         on_bad_image: str = "error",
         scan_cache_dir: str | Path | None = None,
+        label_from: str | None = None,
+        multilabel: bool = False,
     ) -> None:
         super().__init__()
+        if multilabel:
+            raise ConfigError(
+                "data.multilabel=true needs a label file: use data=csv data.labels=PATH (folders and "
+                "file names give each image one label)."
+            )
         if int(batch_size) <= 0:
             raise ConfigError(f"data.batch_size={batch_size} must be a positive integer.")
         if num_workers is not None and int(num_workers) < 0:
@@ -106,6 +122,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.preprocessing = Preprocessing().with_overrides(**self.preprocessing_overrides)
         self.on_bad_image = on_bad_image
         self.scan_cache_dir = scan_cache_dir
+        self.label_from = None if label_from is None else label_pattern(label_from).pattern
+        self._multilabel = False
         self.bad_images: dict[Path, str] = {}  # skipped with on_bad_image=skip
         self.datasets: dict[str, ImageListDataset] = {}
         self.feature_sets: dict[str, Dataset] | None = None
@@ -114,6 +132,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     @cached_property
     def folders(self) -> Splits:
         """The files and classes as listed (no image opened); raises DataError on a malformed folder."""
+        if self.label_from is not None:
+            return find_named_splits(self.root, self.label_from, self.val_fraction, self.seed)
         return find_splits(self.root, self.val_fraction, self.seed)
 
     @cached_property
@@ -134,7 +154,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                 "or set data.on_bad_image=skip to train without them."
             )
         log.warning("Skipping %d file(s) that cannot be read as images: %s%s", len(bad), listed, more)
-        self.bad_images = bad
+        self.bad_images = {**self.bad_images, **bad}  # after any a subclass found missing
         return skip_files(folders, set(bad))
 
     @property
@@ -146,14 +166,23 @@ class ImageFolderDataModule(L.LightningDataModule):
         return self.folders.test is not None
 
     @property
+    def multilabel(self) -> bool:
+        """Whether an image may have any number of labels (0/1 per class targets)."""
+        return self._multilabel
+
+    @property
     def class_counts(self) -> list[int]:
-        """Training images per class, in `class_names` order."""
-        counts = Counter(label for _, label in self.splits.train)
-        return [counts[label] for label in range(len(self.class_names))]
+        """Training images per class, in `class_names` order (multi-label: those it is present in)."""
+        return class_counts(self.splits.train, len(self.class_names))
 
     def class_weights(self) -> list[float] | None:
-        """Loss weights per class when `balance` is weights (n / (k * count)); None otherwise."""
-        return balanced_class_weights(self.class_counts) if self.balance == "weights" else None
+        """Loss weights per class when `balance` is weights, None otherwise: n / (k * count) for
+        cross-entropy, or BCE's pos_weight, negatives / positives, with multi-label data."""
+        if self.balance != "weights":
+            return None
+        if self.multilabel:
+            return positive_weights(self.class_counts, len(self.splits.train))
+        return balanced_class_weights(self.class_counts)
 
     @cached_property
     def batch_mix(self) -> Callable[..., Any] | None:

@@ -33,15 +33,18 @@ def _is_visible_dir(path: Path) -> bool:
     return path.is_dir() and not path.name.startswith(".") and path.name not in _JUNK_DIRS
 
 
+def list_images(folder: Path) -> list[Path]:
+    """The image files below `folder` (sub-folders included, hidden and junk ones skipped), sorted."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _JUNK_DIRS)
+        files.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(Path(f)))
+    return files
+
+
 def list_class_files(split_dir: Path) -> dict[str, list[Path]]:
     """Class name -> sorted image files below its folder (sub-folders included)."""
-    classes: dict[str, list[Path]] = {}
-    for class_dir in sorted(p for p in split_dir.iterdir() if _is_visible_dir(p)):
-        files = []
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _JUNK_DIRS)
-            files.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(Path(f)))
-        classes[class_dir.name] = files
+    classes = {d.name: list_images(d) for d in sorted(p for p in split_dir.iterdir() if _is_visible_dir(p))}
     if not classes:
         raise DataError(f"{split_dir} holds no class folders. Expected layout: {LAYOUT}.")
     empty = [name for name, files in classes.items() if not files]
@@ -117,16 +120,32 @@ def find_splits(root: str | Path, val_fraction: float = 0.2, seed: int = 42) -> 
     return Splits(class_names, train, val, splits.get("test"), val_from_train=True)
 
 
+def class_counts(samples: list[Sample], num_classes: int) -> list[int]:
+    """Images per class, or with multi-label samples the images each class is present in."""
+    counts = [0] * num_classes
+    for _, label in samples:
+        if isinstance(label, tuple):
+            counts = [n + present for n, present in zip(counts, label, strict=True)]
+        else:
+            counts[label] += 1
+    return counts
+
+
+def untrained_classes(splits: Splits) -> list[str]:
+    """The classes no training image has: a model cannot learn them."""
+    counts = class_counts(splits.train, len(splits.class_names))
+    return [name for name, count in zip(splits.class_names, counts, strict=True) if count == 0]
+
+
 def skip_files(splits: Splits, bad: set[Path]) -> Splits:
     """`splits` without the `bad` files; a class left with no training image is an error."""
 
     def keep(samples: list[Sample] | None) -> list[Sample] | None:
         return None if samples is None else [s for s in samples if s[0] not in bad]
 
-    train = keep(splits.train)
-    left = {label for _, label in train}
-    emptied = [name for i, name in enumerate(splits.class_names) if i not in left]
+    kept = replace(splits, train=keep(splits.train), val=keep(splits.val), test=keep(splits.test))
+    emptied = untrained_classes(kept)
     if emptied:
         names = ", ".join(emptied)
         raise DataError(f"Without the unreadable files, class(es) {names} have no training image.")
-    return replace(splits, train=train, val=keep(splits.val), test=keep(splits.test))
+    return kept

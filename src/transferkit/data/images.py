@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
@@ -13,6 +13,9 @@ from torch.utils.data import Dataset
 
 from transferkit.data.sampling import epoch_seed
 from transferkit.errors import DataError
+
+if TYPE_CHECKING:
+    from transferkit.data.folders import Label, Sample
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
@@ -96,8 +99,14 @@ def load_rgb(path: str | Path) -> Image.Image:
     return decode_rgb(path, path)
 
 
+def target(label: Label) -> int | torch.Tensor:
+    """What a sample's label becomes in a batch: a class index, or with multi-label data a float
+    0/1 vector (one per class) that collates to the (B, C) targets BCEWithLogitsLoss takes."""
+    return torch.tensor(label, dtype=torch.float32) if isinstance(label, tuple) else label
+
+
 class ImageListDataset(Dataset):
-    """(image, label) pairs over a fixed list of files.
+    """(image, target) pairs over a fixed list of files (see `target`).
 
     With a `seed`, a key `epoch * n + index` (what EpochSampler yields) augments sample `index`
     with random draws seeded by (seed, epoch, index): the same in any worker, in any order, and
@@ -106,7 +115,7 @@ class ImageListDataset(Dataset):
 
     def __init__(
         self,
-        samples: Sequence[tuple[Path, int]],
+        samples: Sequence[Sample],
         transform: Callable[[Image.Image], Any] | None = None,
         seed: int | None = None,
     ) -> None:
@@ -117,10 +126,10 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int) -> tuple[Any, int]:
+    def __getitem__(self, key: int) -> tuple[Any, int | torch.Tensor]:
         epoch, index = divmod(key, len(self.samples))
-        path, label = self.samples[index]
-        image = load_rgb(path)
+        path, sample_label = self.samples[index]
+        image, label = load_rgb(path), target(sample_label)
         if self.transform is None:
             return image, label
         if self.seed is None:

@@ -30,6 +30,13 @@ def balanced_class_weights(counts: Sequence[int]) -> list[float]:
     return [total / (n_classes * count) for count in counts]
 
 
+def positive_weights(positives: Sequence[int], total: int) -> list[float]:
+    """BCEWithLogitsLoss's `pos_weight` for multi-label data, negatives / positives per class:
+    a class's few present images then weigh as much in its loss as its many absent ones. A class
+    present in every image (or none) has nothing to balance: 1."""
+    return [(total - count) / count if 0 < count < total else 1.0 for count in positives]
+
+
 def balanced_weights(labels: Sequence[int]) -> torch.Tensor:
     """Per-sample draw weights under which every class comes up equally often on average."""
     counts = Counter(labels)
