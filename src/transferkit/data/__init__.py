@@ -1,4 +1,4 @@
-"""Image folders as LightningDataModules.
+"""Image folders and label files as LightningDataModules.
 
 The datamodules are imported on first use: `scripts/split_folder.py` and the other light users of
 `transferkit.data.*` do not pay for importing Lightning."""
@@ -11,13 +11,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from transferkit.data.datamodule import ImageFolderDataModule
     from transferkit.data.demo import DemoDataModule
+    from transferkit.data.label_file_module import LabelFileDataModule
 
 _LAZY = {
     "DemoDataModule": "transferkit.data.demo",
     "ImageFolderDataModule": "transferkit.data.datamodule",
+    "LabelFileDataModule": "transferkit.data.label_file_module",
 }
 
-__all__ = ["DemoDataModule", "ImageFolderDataModule"]
+__all__ = ["DemoDataModule", "ImageFolderDataModule", "LabelFileDataModule"]
 
 
 def __getattr__(name: str) -> Any:
