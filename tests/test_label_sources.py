@@ -351,6 +351,9 @@ def test_missing_images_are_listed_or_skipped_into_bad_images(tmp_path: Path) ->
     assert len(dm.splits.train) + len(dm.splits.val) == 8  # the scan decodes only what is there
     assert sorted(p.name for p in dm.bad_images) == [f"{i:02d}.png" for i in range(23)]
     assert all("missing" in why for why in dm.bad_images.values())
+    write_table(labels, [*rows, ["gone/z.png", "z"]])
+    with pytest.raises(DataError, match="z have no training image in labels.csv once the 24 missing"):
+        _ = module(labels, on_bad_image="skip").folders
 
 
 def test_skipped_missing_and_unreadable_images_are_both_recorded(tmp_path: Path) -> None:

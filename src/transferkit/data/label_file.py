@@ -59,9 +59,11 @@ class LabelRows:
     samples: list[Sample]
     split_of: dict[Path, str] | None
     multilabel: bool
+    left_out: int = 0  # rows dropped since (their images are missing)
 
     def without(self, paths: set[Path]) -> LabelRows:
-        return replace(self, samples=[s for s in self.samples if s[0] not in paths])
+        samples = [s for s in self.samples if s[0] not in paths]
+        return replace(self, samples=samples, left_out=self.left_out + len(self.samples) - len(samples))
 
 
 def _listed(items: list, shown: int = SHOWN) -> str:
@@ -112,6 +114,42 @@ class _Table:
         return self.header.index(name)
 
 
+@dataclass(frozen=True)
+class _Columns:
+    """Where each part of a row is: the path, the split (None: no split column), and the label
+    cell (None with class columns) or the class columns."""
+
+    path: int
+    split: int | None
+    label: int | None
+    classes: list[int]
+
+
+def _find_columns(table: _Table, columns: LabelColumns) -> _Columns:
+    path = table.index(columns.path, "path_column")
+    split = None
+    if columns.split is not None and (columns.split in table.header or columns.split != DEFAULT_SPLIT_COLUMN):
+        split = table.index(columns.split, "split_column")
+    if columns.classes is None:
+        return _Columns(path, split, table.index(columns.label, "label_column"), [])
+    if columns.classes != OTHER_COLUMNS:
+        return _Columns(path, split, None, [table.index(name, "class_columns") for name in columns.classes])
+    others = [i for i in range(len(table.header)) if i not in (path, split)]
+    if not others:
+        raise DataError(f"{table.labels.name} has no column besides the path and split ones.")
+    return _Columns(path, split, None, others)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One row read: its label as written (a name, a set of names, or 0/1 per class column)."""
+
+    line: int
+    path: Path
+    label: str | frozenset[str] | tuple[int, ...]
+    split: str | None
+
+
 def _binary(value: str, line: int, column: str, labels: Path) -> int:
     try:
         number = float(value)
@@ -124,29 +162,71 @@ def _binary(value: str, line: int, column: str, labels: Path) -> int:
     return int(number)
 
 
-def _class_columns(columns: LabelColumns, table: _Table, exclude: set[int]) -> list[int]:
-    if columns.classes == OTHER_COLUMNS:
-        found = [i for i in range(len(table.header)) if i not in exclude]
-        if not found:
-            raise DataError(f"{table.labels.name} has no column besides the path and split ones.")
-        return found
-    return [table.index(name, "class_columns") for name in columns.classes]
+def _read_entries(
+    table: _Table, rows: list[Row], at: _Columns, columns: LabelColumns, root: Path, multilabel: bool
+) -> list[_Entry]:
+    """Every row as an entry; rows without a path, with a split that is none, or without the one
+    label single-label data needs, are refused (all such rows named at once)."""
+    labels, header = table.labels, table.header
+    no_path, no_label, wrong_count, bad_splits = [], [], [], Counter()
+    entries = []
+    for line, row in rows:
+        cells = [cell.strip() for cell in row] + [""] * (len(header) - len(row))
+        split = cells[at.split].lower() if at.split is not None else None
+        if split is not None and split not in SPLIT_NAMES:
+            bad_splits[cells[at.split] or "(empty)"] += 1
+        if not cells[at.path]:
+            no_path.append(line)
+            continue
+        label: str | frozenset[str] | tuple[int, ...]
+        if at.label is None:
+            label = tuple(_binary(cells[i], line, header[i], labels) for i in at.classes)
+            if not multilabel and sum(label) != 1:
+                wrong_count.append(line)
+        elif multilabel:
+            label = frozenset(name.strip() for name in cells[at.label].split(columns.sep)) - {""}
+        else:
+            label = cells[at.label]
+            if not label:
+                no_label.append(line)
+        entries.append(_Entry(line, Path(os.path.normpath(root / cells[at.path])), label, split))
+    if no_path:
+        raise DataError(
+            f"{labels.name} has rows without a path ({_lines(no_path)}); fill them in or remove them."
+        )
+    if bad_splits:
+        values = _listed([f"{value!r} ({n} rows)" for value, n in bad_splits.items()])
+        raise DataError(
+            f"{labels.name}'s column {header[at.split]!r} holds {values}; a split is train, val or test "
+            "(or set data.split_column=null to split off val by data.val_fraction)."
+        )
+    if no_label:
+        raise DataError(
+            f"{labels.name} has rows with an empty label ({_lines(no_label)}); label them or remove "
+            "them (images with no label need data.multilabel=true)."
+        )
+    if wrong_count:
+        raise DataError(
+            f"{labels.name} has rows with no class column or several at 1 ({_lines(wrong_count)}); "
+            "single-label data needs exactly one (set data.multilabel=true if images have several)."
+        )
+    return entries
 
 
-def _check_duplicates(entries: list[tuple[int, Path, object, str | None]], labels: Path) -> list:
+def _one_per_image(entries: list[_Entry], labels: Path) -> list[_Entry]:
     """One entry per path: identical repeats dropped with a warning; a path given two labels, or
     two splits (a leak between them), is an error."""
-    first: dict[Path, tuple[int, Path, object, str | None]] = {}
+    first: dict[Path, _Entry] = {}
     repeated, conflicts, leaks = 0, [], []
     for entry in entries:
-        line, path, label, split = entry
-        seen = first.setdefault(path, entry)
+        seen = first.setdefault(entry.path, entry)
         if seen is entry:
             continue
-        if seen[2] != label:
-            conflicts.append(f"{path.name} (lines {seen[0]} and {line})")
-        elif seen[3] != split:
-            leaks.append(f"{path.name} ({seen[3]} on line {seen[0]}, {split} on line {line})")
+        name = entry.path.name
+        if seen.label != entry.label:
+            conflicts.append(f"{name} (lines {seen.line} and {entry.line})")
+        elif seen.split != entry.split:
+            leaks.append(f"{name} ({seen.split} on line {seen.line}, {entry.split} on line {entry.line})")
         else:
             repeated += 1
     if conflicts:
@@ -164,89 +244,40 @@ def _check_duplicates(entries: list[tuple[int, Path, object, str | None]], label
     return list(first.values())
 
 
+def _labelled(
+    entries: list[_Entry], class_names: list[str] | None, multilabel: bool
+) -> tuple[list[str], list[Sample]]:
+    """The class names (the class columns' `class_names`, else the sorted labels) and the samples."""
+    if class_names is not None:  # class columns: 0/1 per class already
+        return class_names, [(e.path, e.label if multilabel else e.label.index(1)) for e in entries]
+    if multilabel:
+        names = sorted(set().union(*(e.label for e in entries)))
+        return names, [(e.path, tuple(int(name in e.label) for name in names)) for e in entries]
+    names = sorted({e.label for e in entries})
+    index = {name: i for i, name in enumerate(names)}
+    return names, [(e.path, index[e.label]) for e in entries]
+
+
 def read_label_file(labels: Path, root: Path, columns: LabelColumns, multilabel: bool) -> LabelRows:
     """The label file's samples and class names: sorted unique labels, or the class columns' order.
     Nothing is opened but the file itself (missing images are the caller's: `missing_images`)."""
     header, rows = read_rows(labels)
     root = Path(os.path.abspath(root))  # absolute: paths sort (and split) the same from any cwd
     table = _Table(labels, header)
-    path_at = table.index(columns.path, "path_column")
-    split_at = None
-    if columns.split is not None and (columns.split in header or columns.split != DEFAULT_SPLIT_COLUMN):
-        split_at = table.index(columns.split, "split_column")
-    if columns.classes is not None:
-        class_at = _class_columns(columns, table, {path_at, split_at})
-        label_at = None
-    else:
-        label_at, class_at = table.index(columns.label, "label_column"), []
-
-    no_path, no_label, wrong_count, bad_splits = [], [], [], Counter()
-    entries = []
-    for line, cells in rows:
-        cells = [cell.strip() for cell in cells] + [""] * (len(header) - len(cells))
-        split = cells[split_at].lower() if split_at is not None else None
-        if split is not None and split not in SPLIT_NAMES:
-            bad_splits[cells[split_at] or "(empty)"] += 1
-        if not cells[path_at]:
-            no_path.append(line)
-            continue
-        label: object
-        if label_at is None:
-            label = tuple(_binary(cells[i], line, header[i], labels) for i in class_at)
-            if not multilabel and sum(label) != 1:
-                wrong_count.append(line)
-        elif multilabel:
-            label = frozenset(name.strip() for name in cells[label_at].split(columns.sep)) - {""}
-        else:
-            label = cells[label_at]
-            if not label:
-                no_label.append(line)
-        entries.append((line, Path(os.path.normpath(root / cells[path_at])), label, split))
-
-    if no_path:
-        raise DataError(
-            f"{labels.name} has rows without a path ({_lines(no_path)}); fill them in or remove them."
+    at = _find_columns(table, columns)
+    entries = _one_per_image(_read_entries(table, rows, at, columns, root, multilabel), labels)
+    class_names, samples = _labelled(
+        entries, [header[i] for i in at.classes] if at.classes else None, multilabel
+    )
+    joined = [name for name in class_names if columns.sep in name] if not multilabel else []
+    if joined:
+        log.warning(
+            "%s has labels holding %r (%s): if those images have several labels, set data.multilabel=true.",
+            labels.name,
+            columns.sep,
+            _listed(joined),
         )
-    if bad_splits:
-        values = _listed([f"{value!r} ({n} rows)" for value, n in bad_splits.items()])
-        raise DataError(
-            f"{labels.name}'s column {header[split_at]!r} holds {values}; a split is train, val or test "
-            "(or set data.split_column=null to split off val by data.val_fraction)."
-        )
-    if no_label:
-        raise DataError(
-            f"{labels.name} has rows with an empty label ({_lines(no_label)}); label them or remove "
-            "them (images with no label need data.multilabel=true)."
-        )
-    if wrong_count:
-        raise DataError(
-            f"{labels.name} has rows with no class column or several at 1 ({_lines(wrong_count)}); "
-            "single-label data needs exactly one (set data.multilabel=true if images have several)."
-        )
-    entries = _check_duplicates(entries, labels)
-
-    if label_at is None:
-        class_names = [header[i] for i in class_at]
-        samples: list[Sample] = [
-            (path, label if multilabel else label.index(1)) for _, path, label, _ in entries
-        ]
-    elif multilabel:
-        class_names = sorted(set().union(*(label for _, _, label, _ in entries)))
-        samples = [(path, tuple(int(name in label) for name in class_names)) for _, path, label, _ in entries]
-    else:
-        class_names = sorted({label for _, _, label, _ in entries})
-        index = {name: i for i, name in enumerate(class_names)}
-        samples = [(path, index[label]) for _, path, label, _ in entries]
-        joined = [name for name in class_names if columns.sep in name]
-        if joined:
-            log.warning(
-                "%s has labels holding %r (%s): if those images have several labels, set "
-                "data.multilabel=true.",
-                labels.name,
-                columns.sep,
-                _listed(joined),
-            )
-    split_of = {path: split for _, path, _, split in entries} if split_at is not None else None
+    split_of = {e.path: e.split for e in entries} if at.split is not None else None
     return LabelRows(labels, class_names, samples, split_of, multilabel)
 
 
@@ -308,6 +339,7 @@ def split_rows(rows: LabelRows, val_fraction: float, seed: int | None) -> Splits
             if name in untrained and any(_has(label, i) for _, label in val + (test or []))
         ]
         where = f" (seen only in val or test: {_listed(elsewhere)})" if elsewhere else ""
+        where += f" once the {rows.left_out} missing image(s) are left out" if rows.left_out else ""
         raise DataError(
             f"Class(es) {_listed(untrained)} have no training image in {rows.file.name}{where}; add "
             "training rows for them or remove them."
