@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, make_label_file, tiny_run
 from helpers import SGD
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
@@ -129,3 +129,54 @@ def test_fit_tunes_thresholds_on_val_and_the_best_checkpoint_carries_them(tmp_pa
     best = load_model(checkpoint.best_model_path)
     saved = torch.load(checkpoint.best_model_path, weights_only=True)["state_dict"]["thresholds"]
     assert best.multilabel and torch.equal(best.thresholds, saved)
+
+
+def label_file_run(data: Path, labels: Path, epochs: int) -> list[str]:
+    return [
+        *(o for o in tiny_run(None, epochs=epochs) if o != "data=imagefolder"),
+        f"features.dir={data.parent}/cache",
+        "data=csv",
+        f"data.root={data}",
+        f"data.labels={labels}",
+        "data.multilabel=true",
+    ]
+
+
+def test_the_run_is_judged_by_val_map_with_multilabel_data(compose_train, tmp_path: Path) -> None:
+    import transferkit.run_dirs  # noqa: F401 - registers the config's resolvers, as every task does
+
+    cfg = compose_train(tmp_path, ["data.multilabel=true"])
+    assert cfg.monitor == cfg.optimized_metric == cfg.callbacks.model_checkpoint.monitor == "val/map"
+    cfg = compose_train(tmp_path, ["callbacks=early_stopping"])
+    assert cfg.monitor == cfg.callbacks.early_stopping.monitor == "val/acc"
+
+
+@pytest.mark.slow
+def test_a_multilabel_run_on_a_label_file_reruns_from_its_cache_and_resumes_to_the_same_numbers(
+    compose_train, tmp_path: Path
+) -> None:
+    """Trained 3 epochs at once, then again as 2 epochs resumed to 3: the same val/map, the
+    same thresholds in best.ckpt; the second run reads the first one's feature cache."""
+    from transferkit.tasks.train import train
+
+    data = tmp_path / "data"
+    labels = make_label_file(data, multilabel=True, splits={"train": 8, "val": 4, "test": 4})
+    whole = train(compose_train(tmp_path / "whole", label_file_run(data, labels, epochs=3)))
+    assert list(whole)[0] == "val/map"
+    assert {"val/map", "val/auroc", "val/f1_micro", "val/f1_macro", "test/map", "test/f1_micro"} <= set(whole)
+    assert "val/acc" not in whole and whole["class_names"] == ["circle", "square", "triangle"]
+    assert whole["feature_cache"] is not None
+
+    parted = tmp_path / "parted"
+    first = train(compose_train(parted, label_file_run(data, labels, epochs=2)))
+    assert first["feature_cache"] == whole["feature_cache"]  # the labels rows are part of the key
+    resumed = train(compose_train(parted, [*label_file_run(data, labels, epochs=3), "ckpt_path=last"]))
+    for key in ("val/map", "val/f1_micro", "test/map", "test/f1_macro", "val/loss"):
+        assert resumed[key] == pytest.approx(whole[key], abs=1e-6), key
+    thresholds = [
+        torch.load(run["best_model_path"], weights_only=True)["state_dict"]["thresholds"]
+        for run in (whole, resumed)
+    ]
+    assert torch.allclose(*thresholds, atol=1e-6)
+    model = load_model(whole["best_model_path"])
+    assert model.multilabel and model.data_config["labels"] == str(labels.resolve())

@@ -79,6 +79,7 @@ _RESUMABLE = {
     "model.compile",
     "scheduler.max_epochs",  # follows trainer.max_epochs: a resume may train longer
     "data.root",
+    "data.labels",  # the same label file, moved with the images
     "data.batch_size",  # a smaller GPU: the resumed epoch skips the samples trained, in any size
     "data.num_workers",
     "data.persistent_workers",
