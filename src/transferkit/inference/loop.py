@@ -45,11 +45,13 @@ def collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> dict[st
 
 @dataclass
 class Predictions:
-    """Per file: logits (a row of NaN where the file failed) and the error, if any."""
+    """Per file: logits (a row of NaN where the file failed) and the error, if any. The logits
+    of a `multilabel` model are independent per class: their probabilities are sigmoids."""
 
     paths: list[Path]
     logits: torch.Tensor
     errors: list[str | None]
+    multilabel: bool = False
 
     @property
     def ok(self) -> torch.Tensor:
@@ -57,7 +59,14 @@ class Predictions:
 
     @property
     def probs(self) -> torch.Tensor:
-        return self.logits.softmax(dim=1)
+        return self.logits.sigmoid() if self.multilabel else self.logits.softmax(dim=1)
+
+
+def mirror_averaged(logits: torch.Tensor, mirrored: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Logits whose probabilities are the mean of the image's and its mirror image's."""
+    if multilabel:
+        return ((logits.sigmoid() + mirrored.sigmoid()) / 2).logit()
+    return ((logits.softmax(1) + mirrored.softmax(1)) / 2).log()
 
 
 def predict_files(
@@ -71,13 +80,15 @@ def predict_files(
     """Logits of every file under the predictor's evaluation preprocessing.
 
     With `tta`, each image is also classified mirrored left-right, and the logits returned are
-    the log of the two softmaxes' mean (their softmax is the averaged probabilities).
+    the log of the two softmaxes' mean (their softmax is the averaged probabilities); for a
+    multi-label predictor, the logit of the two sigmoids' mean (their sigmoid is that mean).
     """
     paths = list(paths)
     dataset = FileDataset(paths, predictor.preprocessing.transforms(train=False))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     logits = torch.full((len(paths), len(predictor.class_names)), float("nan"))
     errors: list[str | None] = [None] * len(paths)
+    multilabel = bool(predictor.multilabel)
     with Progress(transient=False) as progress:
         task = progress.add_task(description, total=len(paths))
         for batch in loader:
@@ -86,8 +97,7 @@ def predict_files(
             if batch["images"] is not None:
                 out = predictor.logits(batch["images"])
                 if tta:
-                    mirrored = predictor.logits(batch["images"].flip(-1))
-                    out = ((out.softmax(1) + mirrored.softmax(1)) / 2).log()
+                    out = mirror_averaged(out, predictor.logits(batch["images"].flip(-1)), multilabel)
                 logits[batch["indices"]] = out
             progress.advance(task, len(batch["indices"]) + len(batch["errors"]))
-    return Predictions(paths, logits, errors)
+    return Predictions(paths, logits, errors, multilabel)

@@ -1,6 +1,7 @@
 """A trained classifier behind one call, `logits(images)`: a checkpoint run by PyTorch, or an
 exported `model.onnx` run by onnxruntime (the `onnx` extra). Both carry their class names and
-preprocessing."""
+preprocessing, and whether the model is multi-label (`multilabel`; its per-class decision
+`thresholds`, else None)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ class TorchPredictor:
         self.device = device
         self.class_names = model.class_names
         self.preprocessing = model.preprocessing
+        self.multilabel = model.multilabel
+        self.thresholds = model.thresholds.detach().float().cpu().clone() if model.multilabel else None
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -59,6 +62,7 @@ class OnnxPredictor:
         meta = json.loads(meta_path.read_text())
         self.class_names: list[str] = list(meta["class_names"])
         self.preprocessing = Preprocessing(**_tuples(meta["preprocessing"]))
+        self.multilabel, self.thresholds = _decision(meta, meta_path)
         wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
         providers = [p for p in wanted if p in ort.get_available_providers()]
         try:
@@ -71,6 +75,20 @@ class OnnxPredictor:
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         (out,) = self.session.run(None, {self.input_name: images.float().numpy()})
         return torch.from_numpy(out)
+
+
+def _decision(meta: dict[str, Any], meta_path: Path) -> tuple[bool, torch.Tensor | None]:
+    """(multilabel, thresholds) as model.json gives them; one written before multi-label models
+    has neither key and is single-label."""
+    if not meta.get("multilabel", False):
+        return False, None
+    thresholds = meta.get("thresholds")
+    if not isinstance(thresholds, list) or len(thresholds) != len(meta["class_names"]):
+        raise ConfigError(
+            f"{meta_path} describes a multi-label model without a threshold per class; "
+            "export the checkpoint again with export.py."
+        )
+    return True, torch.tensor(thresholds, dtype=torch.float32)
 
 
 def _tuples(preprocessing: dict[str, Any]) -> dict[str, Any]:
