@@ -1,5 +1,10 @@
 """The eval task: a checkpoint's metrics on a split, a confusion matrix, a per-class report and
-its most confident mistakes."""
+its most confident mistakes.
+
+A multi-label checkpoint is measured at its own thresholds (mean average precision first, then
+AUROC and micro and macro F1) and gets the multi-label per-class report only: with several true
+and predicted labels per image there is no confusion matrix and no one "mistake" per image
+(see transferkit.reports.multilabel)."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from transferkit.features.precision import checkpoint_precision, precision_name
 from transferkit.inference import Predictions, TorchPredictor, best_device, predict_files
 from transferkit.metrics import classification_metrics
 from transferkit.module import TransferModule
+from transferkit.multilabel import multilabel_scores
 from transferkit.tasks.wrapper import exit_on_user_error, task_wrapper
 
 SPLITS = ("train", "val", "test")
@@ -37,6 +43,19 @@ def check_same_classes(model: TransferModule, data_classes: list[str]) -> None:
         raise DataError(
             f"The checkpoint was trained on classes {model.class_names}, the data has {list(data_classes)}; "
             "evaluate it on data with the same class folders."
+        )
+
+
+def check_same_kind(model: TransferModule, data_multilabel: bool) -> None:
+    if model.multilabel and not data_multilabel:
+        raise DataError(
+            "The checkpoint is a multi-label model and the data is single-label; evaluate it on "
+            "multi-label data (data=csv data.multilabel=true data.labels=PATH)."
+        )
+    if data_multilabel and not model.multilabel:
+        raise DataError(
+            "The checkpoint is a single-label model and the data is multi-label; evaluate it on "
+            "data with one label per image."
         )
 
 
@@ -70,6 +89,39 @@ def write_reports(
     )
 
 
+def single_label_results(
+    model: TransferModule, predictions: Predictions, labels: torch.Tensor, split: str, cfg: DictConfig
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """(metrics, details): loss, accuracy and the rest as training logs them; the mistakes."""
+    logits = predictions.logits
+    metrics = classification_metrics(len(model.class_names), f"{split}/")
+    values = {f"{split}/loss": model.criterion(logits, labels), **metrics(logits, labels)}
+    shown = write_reports(model, predictions, labels, split, cfg)
+    details = {"misclassified": int((logits.argmax(1) != labels).sum()), "misclassified_shown": shown}
+    return {k: float(v) for k, v in values.items()}, details
+
+
+def multilabel_results(
+    model: TransferModule, predictions: Predictions, targets: torch.Tensor, split: str, output_dir: Path
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """(metrics, details) at the checkpoint's thresholds: map, auroc, f1_micro, f1_macro and the
+    BCE loss; the thresholds and the classes no image has. Writes and prints per_class.csv."""
+    thresholds = model.thresholds.detach().float().cpu()
+    probs = predictions.probs
+    values = {
+        **multilabel_scores(probs, targets, thresholds, prefix=f"{split}/"),
+        f"{split}/loss": model.criterion(predictions.logits, targets.float()),
+    }
+    rows = reports.multilabel_report(probs, targets, thresholds, model.class_names)
+    reports.write_multilabel_report(rows, output_dir / "per_class.csv")
+    reports.print_multilabel_report(rows, title=f"Per-class report ({split})")
+    details = {
+        "thresholds": thresholds.tolist(),
+        "classes_without_positives": reports.without_positives(rows),
+    }
+    return {k: float(v) for k, v in values.items()}, details
+
+
 @task_wrapper("Evaluation ({cfg.paths.output_dir})")
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Measure the checkpoint on the split and write the reports to the run directory."""
@@ -78,6 +130,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     check_same_classes(model, datamodule.class_names)
     split = choose_split(cfg.get("split"), datamodule)
+    check_same_kind(model, datamodule.splits.multilabel)
     items = getattr(datamodule.splits, split)
     device = best_device(cfg.device)
     dtype = checkpoint_precision(cfg.get("precision"), model.frozen_dtype, device)
@@ -91,24 +144,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     refuse_unreadable(predictions, split)
 
-    labels = torch.tensor([label for _, label in items])
-    logits = predictions.logits
-    metrics = classification_metrics(len(model.class_names), f"{split}/")
-    values = {f"{split}/loss": model.criterion(logits, labels), **metrics(logits, labels)}
-    results: dict[str, Any] = {k: float(v) for k, v in values.items()}
-    shown = write_reports(model, predictions, labels, split, cfg)
-    results.update(
-        checkpoint=str(Path(cfg.ckpt_path).resolve()),
-        split=split,
-        data_root=str(Path(datamodule.root).resolve()),
-        images=len(items),
-        misclassified=int((logits.argmax(1) != labels).sum()),
-        misclassified_shown=shown,
-        precision=precision_name(dtype),
-        device=str(device),
-        class_names=model.class_names,
-    )
-    return results
+    labels = torch.tensor([label for _, label in items])  # (N,) class indices, or (N, C) 0/1
+    if model.multilabel:
+        metrics, details = multilabel_results(model, predictions, labels, split, Path(cfg.paths.output_dir))
+    else:
+        metrics, details = single_label_results(model, predictions, labels, split, cfg)
+    return {
+        **metrics,
+        "checkpoint": str(Path(cfg.ckpt_path).resolve()),
+        "split": split,
+        "data_root": str(Path(datamodule.root).resolve()),
+        "images": len(items),
+        **details,
+        "precision": precision_name(dtype),
+        "device": str(device),
+        "class_names": model.class_names,
+    }
 
 
 @exit_on_user_error
