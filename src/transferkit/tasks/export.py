@@ -87,15 +87,28 @@ def export_checked(
     return difference
 
 
+def decision(model: TransferModule) -> dict[str, Any]:
+    """How model.json's reader turns the logits into labels: `multilabel`, and for a multi-label
+    model the per-class `thresholds` its sigmoids are compared with."""
+    if not model.multilabel:
+        return {"multilabel": False}
+    return {"multilabel": True, "thresholds": model.thresholds.detach().float().cpu().tolist()}
+
+
 def metadata(model: TransferModule, cfg: DictConfig, image_size: tuple[int, int], parity: dict) -> dict:
-    """model.json: what a runtime needs to feed the exported model and read its output."""
+    """model.json: what a runtime needs to feed the exported model and read its output. The
+    output is logits: a softmax gives a single-label model's probabilities; a multi-label
+    model's are independent sigmoids, a class predicted where its reaches its threshold."""
+    output_shape = ["batch", len(model.class_names)]
+    activation = "sigmoid" if model.multilabel else "softmax"
     return {
         "format": cfg.format,
         "file": FORMATS[cfg.format],
         "class_names": model.class_names,
+        **decision(model),
         "preprocessing": model.preprocessing.to_dict(),
         "input": {"name": "images", "shape": ["batch", 3, *image_size], "dtype": "float32"},
-        "output": {"name": "logits", "shape": ["batch", len(model.class_names)]},
+        "output": {"name": "logits", "shape": output_shape, "activation": activation},
         "model": model.hparams.name,
         "checkpoint": str(Path(cfg.ckpt_path).resolve()),
         "parity": parity,
