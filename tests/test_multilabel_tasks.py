@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import CONF, TINY_MODEL, compose_task, make_label_file
+from conftest import TINY_MODEL, compose_task, make_label_file
 from helpers import SGD
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
@@ -208,7 +208,6 @@ def test_onnx_export_carries_the_thresholds_and_predicts_the_checkpoint_s_labels
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (CONF / "data" / "csv.yaml").is_file(), reason="data=csv has not landed")
 def test_eval_reports_per_class_at_the_checkpoint_s_thresholds(multilabel_run: dict, tmp_path: Path) -> None:
     from transferkit.tasks.eval import evaluate
 
