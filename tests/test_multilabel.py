@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_MODEL, make_label_file, tiny_run
+from conftest import TINY_MODEL, compose_task, make_label_file, tiny_run
 from helpers import SGD
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transferkit.checkpoints import load_model
 from transferkit.module import TransferModule
 from transferkit.multilabel import decide, multilabel_scores, per_class_measures, tune_thresholds
+from transferkit.tasks.eval import evaluate
 
 # 4 images, 3 classes; class c has no positive image
 PROBS = torch.tensor([[0.9, 0.2, 0.1], [0.3, 0.8, 0.2], [0.6, 0.4, 0.3], [0.2, 0.1, 0.7]])
@@ -180,3 +181,15 @@ def test_a_multilabel_run_on_a_label_file_reruns_from_its_cache_and_resumes_to_t
     assert torch.allclose(*thresholds, atol=1e-6)
     model = load_model(whole["best_model_path"])
     assert model.multilabel and model.data_config["labels"] == str(labels.resolve())
+    # eval.py finds the label file from the checkpoint alone and measures what training did
+    for split in ("val", "test"):
+        measured = evaluate(
+            compose_task(
+                "eval",
+                tmp_path / f"eval_{split}",
+                [f"ckpt_path={whole['best_model_path']}", f"split={split}"],
+            )
+        )
+        for metric in ("map", "auroc", "f1_micro", "f1_macro", "loss"):
+            key = f"{split}/{metric}"
+            assert measured[key] == pytest.approx(whole[key], abs=1e-4), key
