@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_task, main_exits, make_image_folder, make_label_file, run_cli, tiny_run
+from conftest import compose_task, main_exits, make_label_file, tiny_run
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -445,13 +445,3 @@ def test_a_bad_label_file_ends_the_train_task_with_exit_2_and_one_line(
     )
     code, lines = main_exits(main, cfg, caplog)
     assert code == 2 and len(lines) == 1 and "has no column 'path' (data.path_column)" in lines[0]
-
-
-@pytest.mark.slow
-def test_command_line_bad_label_file_exits_2(tmp_path: Path) -> None:
-    root = make_image_folder(tmp_path / "folders", splits={"train": 2})
-    labels = write_table(tmp_path / "labels.csv", [["path", "label"], ["train/circle/000.png", ""]])
-    done = run_cli("train.py", *tiny_run(root), "data=csv", f"data.labels={labels}", cwd=tmp_path)
-    assert done.returncode == 2, done.stderr
-    errors = [line for line in (done.stdout + done.stderr).splitlines() if "empty label" in line]
-    assert len(errors) == 1 and "labels.csv has rows with an empty label (line 2)" in errors[0]

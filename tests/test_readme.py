@@ -13,12 +13,13 @@ import csv
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_MODEL, make_image_folder, offline_env
+from conftest import ROOT, TINY_MODEL, make_image_folder, make_label_file, offline_env
 
 FAST = {  # per entry point: added to a command that does not set the key itself
     "train.py": {
@@ -186,3 +187,39 @@ def test_the_cookbook_runs_as_written(tmp_path: Path) -> None:
     assert "PassManager" not in proc.stdout + proc.stderr  # the ONNX exporter's chatter is kept quiet
     eval_runs = list((project / "logs" / "eval" / "runs").iterdir())
     assert len(eval_runs) == 1 and (eval_runs[0] / "confusion_matrix.png").is_file()
+
+
+def label_source_commands() -> list[list[str]]:
+    """The overrides of each `python train.py` line in the README's label-source block, as the
+    shell splits them (the block is not run: three training runs would double the walk-through)."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"\*\*Labels in a file.*?```bash\n(.*?)```", readme, flags=re.S).group(1)
+    lines = [line for line in block.splitlines() if line.startswith("python train.py")]
+    return [shlex.split(line)[2:] for line in lines]
+
+
+def test_the_readme_s_label_source_recipes_read_their_data(
+    compose_train, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each command, as the shell and Hydra parse it (the regular expression's quoting
+    included), reads data laid out as its comment says."""
+    from transferkit.config import build
+    from transferkit.data.demo import draw_shape
+
+    make_label_file(tmp_path / "data" / "xray")
+    pets = tmp_path / "data" / "pets"
+    pets.mkdir(parents=True)
+    for i, breed in enumerate(["Abyssinian", "Bengal", "Abyssinian_mix", "Bengal"] * 3):
+        draw_shape("circle", seed=i, size=32).save(pets / f"{breed}_{i}.jpg")
+    make_label_file(tmp_path / "data" / "tiles", multilabel=True)
+    monkeypatch.chdir(tmp_path)  # the commands' paths are relative to where they run
+    read = []
+    for overrides in label_source_commands():
+        data = build(compose_train(tmp_path, overrides).data)
+        read.append((data.class_names, data.multilabel, len(data.folders.train) + len(data.folders.val)))
+    shapes = ["circle", "square", "triangle"]
+    assert read == [
+        (shapes, False, 48),
+        (["Abyssinian", "Abyssinian_mix", "Bengal"], False, 12),
+        (shapes, True, 24),
+    ]
