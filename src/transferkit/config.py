@@ -81,11 +81,12 @@ def build_model(
 
 def recorded_data_config(cfg: DictConfig, datamodule: ImageFolderDataModule) -> dict[str, Any]:
     """The data config a checkpoint records, so eval finds the same splits again: the root (and a
-    label file) made absolute, without the settings that belong to the machine (workers)."""
+    label file, an exclude list) made absolute, without the settings that belong to the machine (workers)."""
     data = {k: v for k, v in plain(cfg).items() if k not in ("num_workers", "persistent_workers")}
     data["root"] = str(Path(datamodule.root).resolve())
-    if getattr(datamodule, "labels", None) is not None:
-        data["labels"] = str(Path(datamodule.labels).resolve())
+    for key in ("labels", "exclude"):  # a label file, a list of images left out
+        if getattr(datamodule, key, None) is not None:
+            data[key] = str(Path(getattr(datamodule, key)).expanduser().resolve())
     return data
 
 

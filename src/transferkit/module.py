@@ -194,16 +194,20 @@ class TransferModule(L.LightningModule):
         dict is unchanged; `forward` always takes images."""
         self.__dict__["_prefix_split"] = split
 
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The head's output for what the loaders serve: images, cached features (N, D), or
+        cached prefix activations after `use_prefix`."""
+        split = self.__dict__.get("_prefix_split")
+        if split is not None:
+            return self.head(self.features(inputs, split))
+        return self.head(inputs) if inputs.ndim == 2 else self(inputs)
+
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         """`inputs` are images, cached features (N, D), or cached prefix activations after
         `use_prefix`; `targets` class indices, class probabilities (B, C) after MixUp/CutMix, or
         with multi-label data 0/1 per class (B, C)."""
         inputs, targets = batch
-        split = self.__dict__.get("_prefix_split")
-        if split is not None:
-            logits = self.head(self.features(inputs, split))
-        else:
-            logits = self.head(inputs) if inputs.ndim == 2 else self(inputs)
+        logits = self.logits(inputs)
         if self.multilabel:
             targets = targets.float()
             smoothing = self.hparams.label_smoothing

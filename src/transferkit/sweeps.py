@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import secrets
+import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,6 +89,43 @@ def rank(rows: list[dict[str, Any]], direction: str) -> list[dict[str, Any]]:
     return sorted(rows, key=key)
 
 
+FOLD = "data.fold="
+
+
+def group_folds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The jobs of one setting swept over `data.fold` as one row: its metrics the folds' mean,
+    with their sample standard deviation in `stds`; "ok" only when every fold is. Other jobs stay
+    as they are."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        if any(o.startswith(FOLD) for o in row["overrides"]):
+            groups.setdefault(tuple(o for o in row["overrides"] if not o.startswith(FOLD)), []).append(row)
+    grouped = [row for row in rows if not any(o.startswith(FOLD) for o in row["overrides"])]
+    for setting, jobs in groups.items():
+        jobs = sorted(jobs, key=lambda r: r["job"])
+        ok = [r for r in jobs if r["status"] == "ok"]
+        names = sorted({k for r in ok for k in r["metrics"]})
+        values = {k: [r["metrics"][k] for r in ok if k in r["metrics"]] for k in names}
+        folds = ",".join(o.removeprefix(FOLD) for r in jobs for o in r["overrides"] if o.startswith(FOLD))
+        metric = jobs[0]["metric"]
+        grouped.append(
+            {
+                "job": jobs[0]["job"],
+                "jobs": [r["job"] for r in jobs],
+                "overrides": [*setting, f"{FOLD}{folds}"],
+                "status": "ok" if len(ok) == len(jobs) else f"{len(ok)}/{len(jobs)} folds ok",
+                "metric": metric,
+                "value": statistics.fmean(values[metric]) if ok and len(ok) == len(jobs) else None,
+                "metrics": {k: statistics.fmean(v) for k, v in values.items()},
+                "stds": {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in values.items()},
+                "wall_s": sum(r["wall_s"] for r in jobs),
+                "run_dir": str(Path(jobs[0]["run_dir"]).parent),
+                "error": "; ".join(r["error"] for r in jobs if r["error"]),
+            }
+        )
+    return grouped
+
+
 def swept(rows: list[dict[str, Any]]) -> list[str]:
     """Each row's overrides that differ between jobs (all of them while there is one job)."""
     if len(rows) < 2:
@@ -101,12 +139,20 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
     return ["rank", "job", "overrides", "status", *metrics, "wall_s", "run_dir", "error"]
 
 
-def _cells(position: int, row: dict[str, Any], overrides: str, columns: list[str]) -> dict[str, str]:
+def _cells(
+    position: int, row: dict[str, Any], overrides: str, columns: list[str], spread: bool = False
+) -> dict[str, str]:
+    """A row's cells; the folds of one setting show their mean, and with `spread` "mean ± std"
+    (the CSV keeps numbers: the standard deviations go in `<metric>_std` columns)."""
     cells = {"rank": str(position), "overrides": overrides}
-    cells.update({k: str(row[k]) for k in ("job", "status", "run_dir", "error")})
+    cells.update({k: str(row[k]) for k in ("status", "run_dir", "error")})
+    cells["job"] = ",".join(map(str, row.get("jobs", [row["job"]])))
     cells["wall_s"] = f"{row['wall_s']:.1f}"
+    stds = row.get("stds", {})
     for name, value in row["metrics"].items():
-        cells[name] = f"{value:.4f}"
+        cells[name] = f"{value:.4f}" + (f" ± {stds[name]:.4f}" if spread and name in stds else "")
+        if name in stds and not spread:
+            cells[f"{name}_std"] = f"{stds[name]:.4f}"
     return {c: cells.get(c, "") for c in columns}
 
 
@@ -117,16 +163,18 @@ def write_leaderboard(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[dict[
     if metric in columns:  # the optimized metric right after the status
         columns.remove(metric)
         columns.insert(columns.index("status") + 1, metric)
-    table = [_cells(i + 1, row, o, columns) for i, (row, o) in enumerate(zip(rows, swept(rows), strict=True))]
+    numbered = list(enumerate(zip(rows, swept(rows), strict=True), 1))
+    table = [_cells(i, row, o, columns, spread=True) for i, (row, o) in numbered]
+    stds = sorted({f"{k}_std" for row in rows for k in row.get("stds", {})})
+    csv_columns = [c for name in columns for c in (name, *([f"{name}_std"] if f"{name}_std" in stds else []))]
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns)
+    writer = csv.DictWriter(text, fieldnames=csv_columns)
     writer.writeheader()
-    writer.writerows(table)
+    writer.writerows(_cells(i, row, o, csv_columns) for i, (row, o) in numbered)
     _write_atomic(sweep_dir / "leaderboard.csv", text.getvalue())
+    jobs = sum(len(row.get("jobs", [row["job"]])) for row in rows)
     lines = [
-        f"# Leaderboard: {len(rows)} jobs, best {metric} first"
-        if metric
-        else f"# Leaderboard: {len(rows)} jobs",
+        f"# Leaderboard: {jobs} jobs, best {metric} first" if metric else f"# Leaderboard: {jobs} jobs",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
@@ -181,7 +229,7 @@ def rebuild(sweep_dir: Path, direction: str) -> list[dict[str, str]]:
     if not sweep_dir.is_dir():  # no job got as far as its run directory
         return []
     with _board_lock(sweep_dir):
-        rows = read_rows(sweep_dir)
+        rows = group_folds(read_rows(sweep_dir))
         return write_leaderboard(sweep_dir, rank(rows, direction)) if rows else []
 
 

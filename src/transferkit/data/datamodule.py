@@ -17,7 +17,15 @@ from torchvision.transforms import v2 as T
 
 from transferkit.data import scan
 from transferkit.data.file_names import find_named_splits, label_pattern
-from transferkit.data.folders import Splits, class_counts, find_splits, skip_files
+from transferkit.data.folders import (
+    Splits,
+    class_counts,
+    exclude_files,
+    find_splits,
+    read_exclude,
+    skip_files,
+)
+from transferkit.data.folds import check_folds, cross_validation_fold
 from transferkit.data.images import ImageListDataset
 from transferkit.data.position import EpochPosition
 from transferkit.data.sampling import (
@@ -51,6 +59,11 @@ class ImageFolderDataModule(L.LightningDataModule):
     counters class imbalance with loss weights or a re-weighted sampler; `mixup_alpha` and
     `cutmix_alpha` (0: off) mix training batches once they are on the device.
 
+    `exclude` names a file listing images to leave out (one path a line: audit.py writes one).
+    `folds` (k) cuts the training data into k stratified, seeded cross-validation folds, and
+    `fold` picks the one this module serves (see `transferkit.data.folds`; the train task runs
+    every fold when `fold` is None).
+
     `label_from` (a regular expression with one group) reads each image's class from its file
     name instead of its folder's. Multi-label data needs a label file (`LabelFileDataModule`).
     """
@@ -76,6 +89,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         scan_cache_dir: str | Path | None = None,
         label_from: str | None = None,
         multilabel: bool = False,
+        exclude: str | Path | None = None,
+        folds: int | None = None,
+        fold: int | None = None,
     ) -> None:
         super().__init__()
         if multilabel:
@@ -123,6 +139,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.on_bad_image = on_bad_image
         self.scan_cache_dir = scan_cache_dir
         self.label_from = None if label_from is None else label_pattern(label_from).pattern
+        self.exclude = exclude
+        self.folds, self.fold = check_folds(folds, fold)
         self._multilabel = False
         self.bad_images: dict[Path, str] = {}  # skipped with on_bad_image=skip
         self.datasets: dict[str, ImageListDataset] = {}
@@ -131,7 +149,24 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     @cached_property
     def folders(self) -> Splits:
-        """The files and classes as listed (no image opened); raises DataError on a malformed folder."""
+        """The files and classes as listed (no image opened), less those `exclude` lists, and with
+        `fold` set, cut to that cross-validation fold; raises DataError on a malformed folder."""
+        splits = self.listed()
+        if self.exclude is not None:
+            splits, dropped, absent = exclude_files(
+                splits, read_exclude(self.exclude, self.root), self.exclude
+            )
+            log.info("Left out %d image(s) that data.exclude=%s lists.", dropped, self.exclude)
+            if absent:
+                log.warning(
+                    "%d path(s) that data.exclude=%s lists are not in the data.", absent, self.exclude
+                )
+        if self.fold is None:
+            return splits
+        return cross_validation_fold(splits, self.folds, self.fold, self.seed)
+
+    def listed(self) -> Splits:
+        """The data's own splits: class folders, or labels from file names."""
         if self.label_from is not None:
             return find_named_splits(self.root, self.label_from, self.val_fraction, self.seed)
         return find_splits(self.root, self.val_fraction, self.seed)

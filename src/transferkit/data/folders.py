@@ -27,6 +27,7 @@ class Splits:
     test: list[Sample] | None
     val_from_train: bool
     multilabel: bool = False
+    pool: list[Sample] | None = None  # cross-validation: every fold's train + val (data.folds)
 
 
 def _is_visible_dir(path: Path) -> bool:
@@ -137,15 +138,38 @@ def untrained_classes(splits: Splits) -> list[str]:
     return [name for name, count in zip(splits.class_names, counts, strict=True) if count == 0]
 
 
-def skip_files(splits: Splits, bad: set[Path]) -> Splits:
-    """`splits` without the `bad` files; a class left with no training image is an error."""
+def skip_files(splits: Splits, bad: set[Path], without: str = "the unreadable files") -> Splits:
+    """`splits` without the `bad` files; a class left with no training image is an error
+    ("Without `without`, ...")."""
 
     def keep(samples: list[Sample] | None) -> list[Sample] | None:
         return None if samples is None else [s for s in samples if s[0] not in bad]
 
-    kept = replace(splits, train=keep(splits.train), val=keep(splits.val), test=keep(splits.test))
+    kept = replace(
+        splits, train=keep(splits.train), val=keep(splits.val), test=keep(splits.test), pool=keep(splits.pool)
+    )
     emptied = untrained_classes(kept)
     if emptied:
         names = ", ".join(emptied)
-        raise DataError(f"Without the unreadable files, class(es) {names} have no training image.")
+        raise DataError(f"Without {without}, class(es) {names} have no training image.")
     return kept
+
+
+def read_exclude(file: str | Path, root: Path) -> set[str]:
+    """The absolute paths `file` lists, one a line (relative to `root`, or absolute; blank lines
+    and lines starting with # are skipped): what data.exclude leaves out."""
+    file = Path(file).expanduser()
+    if not file.is_file():
+        raise DataError(f"data.exclude={file} does not exist; give a file listing one image path a line.")
+    lines = (line.strip() for line in file.read_text(encoding="utf-8").splitlines())
+    return {os.path.abspath(root / line) for line in lines if line and not line.startswith("#")}
+
+
+def exclude_files(splits: Splits, excluded: set[str], file: str | Path) -> tuple[Splits, int, int]:
+    """(`splits` without the images listed, how many were left out, how many listed paths are
+    not in the data)."""
+    samples = [*splits.train, *splits.val, *(splits.test or [])]
+    present = {str(path): os.path.abspath(path) for path, _ in samples}
+    dropped = {Path(p) for p, absolute in present.items() if absolute in excluded}
+    left = skip_files(splits, dropped, without=f"the images data.exclude={file} lists")
+    return left, len(dropped), len(excluded - set(present.values()))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +65,7 @@ class LabelFileDataModule(ImageFolderDataModule):
                 "with data.multilabel=true."
             )
 
-    @cached_property
-    def folders(self) -> Splits:
+    def listed(self) -> Splits:
         """The label file's splits. Images it names that are not there stop the run here, before
         any is decoded, or with on_bad_image=skip are left out and listed in `bad_images`."""
         if not self.root.is_dir():

@@ -73,6 +73,11 @@ class FeatureSet(Dataset):
             return 0
         return random.Random(epoch_seed(self.seed or 0, epoch, index)).randrange(self.views)
 
+    def subset(self, indices: list[int]) -> FeatureSet:
+        """The images at `indices` (a cross-validation fold of the cached pool)."""
+        rows = torch.tensor(indices, dtype=torch.long)
+        return FeatureSet(self.features[:, rows], self.labels[rows], self.seed)
+
     def __getitem__(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = divmod(key, len(self))
         return self.features[self.view(epoch, index), index].float(), self.labels[index]
@@ -238,9 +243,17 @@ def build_or_load(
     modes = {m: m.training for m in backbone.modules()}  # a prefix shares the model's modules
     backbone.eval().to(device)
     sets = {}
+    # Cross-validation caches one pool as train and as val: with one view both are the
+    # evaluation transform's features of the same images, computed once (stored as each split is).
+    same = views == 1 and splits.get("train") == splits.get("val") and eval_dtype in (None, dtype)
+    computed: torch.Tensor | None = None
     try:
         with Progress(transient=False) as progress:
             for split, items in splits.items():
+                storage = storage_dtype(split, dtype, boundary is not None)
+                if same and split == "val" and computed is not None:
+                    sets[split] = FeatureSet(_stored(computed, storage), label_tensor(items))
+                    continue
                 passes = views if split == "train" and views > 1 else 1
                 dataset = ImageListDataset(items, train_transform, seed) if passes > 1 else None
                 features = torch.stack(
@@ -263,12 +276,14 @@ def build_or_load(
                                 f"Caching {split} {'activations' if boundary else 'features'}"
                                 + (f" (view {v + 1}/{passes})" if passes > 1 else ""),
                                 channels_last,
-                                storage_dtype(split, dtype, boundary is not None),
+                                torch.float32 if same else storage,
                             )
                             for v in range(passes)
                         ]
                     )
                 )
+                if same:
+                    computed, features = features, _stored(features, storage)
                 sets[split] = FeatureSet(features, label_tensor(items))
     finally:
         backbone.to(original_device)

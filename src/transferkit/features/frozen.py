@@ -162,9 +162,11 @@ class FrozenFeatures:
             )
         if self.cache is False:
             return None
-        splits = {"train": datamodule.splits.train, "val": datamodule.splits.val}
-        if datamodule.splits.test is not None:
-            splits["test"] = datamodule.splits.test
+        data = datamodule.splits
+        # a cross-validation fold caches the whole pool, shared by every fold, and takes its rows
+        splits = {"train": data.pool or data.train, "val": data.pool or data.val}
+        if data.test is not None:
+            splits["test"] = data.test
         try:
             split = self.source(model, datamodule, trainer, finetune)
             self.check_size(model, split, {name: len(items) for name, items in splits.items()})
@@ -190,6 +192,10 @@ class FrozenFeatures:
             boundary=None if split is None else split.boundary,
             eval_dtype=None if split is None else torch.float32,
         )
+        if data.pool is not None:
+            row = {path: i for i, (path, _) in enumerate(data.pool)}
+            for name in ("train", "val"):
+                sets[name] = sets[name].subset([row[path] for path, _ in getattr(data, name)])
         sets["train"].seed = seed  # which view each epoch draws
         datamodule.use_features(sets)
         model.use_prefix(split)

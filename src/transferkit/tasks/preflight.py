@@ -17,6 +17,16 @@ from transferkit.rng import draw_seed
 log = logging.getLogger(__name__)
 
 
+def check_fold_seed(cfg: DictConfig) -> None:
+    """A fold is a part of the pool cut by the seed: jobs of one cross-validation (a sweep over
+    data.fold) must share it, which seed=null, drawn per job, would not."""
+    if cfg.data.get("fold") is not None and cfg.get("seed") is None and not cfg.get("ckpt_path"):
+        raise ConfigError(
+            "data.fold with seed=null: each job would draw its own seed and cut other folds, which "
+            "would overlap; set seed=N for all the folds of one cross-validation."
+        )
+
+
 def resolve_seed(cfg: DictConfig) -> None:
     """Give the run a seed that can be read again: the split of val off train/, the epoch order
     and the augmentation are functions of it, so eval and a resume must draw the same.

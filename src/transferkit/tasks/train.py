@@ -25,7 +25,9 @@ from transferkit.features.cache import weights_fingerprint
 from transferkit.finetune import BlockFinetuning
 from transferkit.module import TransferModule
 from transferkit.run_dirs import resolve_checkpoint
+from transferkit.tasks.cross_validation import cross_validate
 from transferkit.tasks.preflight import (
+    check_fold_seed,
     check_resume,
     check_run,
     optimized_value,
@@ -76,25 +78,36 @@ def known_warnings_silenced() -> Iterator[None]:
 @task_wrapper("Results ({cfg.paths.output_dir})")
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then measure the best checkpoint on val (and test when the data has it); returns
-    what results.json holds."""
+    what results.json holds. With data.folds and no data.fold, every fold in turn."""
+    if cfg.data.get("folds"):
+        check_fold_seed(cfg)
+        if cfg.data.get("fold") is None:
+            resolve_seed(cfg)  # once: every fold cuts the same pool the same way
+            return cross_validate(cfg, train_once)
+    return train_once(cfg)[0]
+
+
+def train_once(cfg: DictConfig, show_config: bool = True) -> tuple[dict[str, Any], TrainingRun]:
+    """One training run: its results and the run (model, data and trainer) they are of."""
     started = time.perf_counter()
-    run = set_up(cfg)
+    run = set_up(cfg, show_config)
     with known_warnings_silenced():
         best = fit(run)
         results = measure(run, best)
     results["wall_s"] = round(time.perf_counter() - started, 2)  # for the loggers' final/* too
     log_final(run.trainer, results)
     write_plots(run.model, run.output_dir)
-    return results
+    return results, run
 
 
-def set_up(cfg: DictConfig) -> TrainingRun:
+def set_up(cfg: DictConfig, show_config: bool = True) -> TrainingRun:
     """Settle the checkpoint, run directory and seed, then build data, trainer and model; every
     setting is checked before the images are."""
     refuse_eval_only(cfg)
     resolve_checkpoint(cfg)
     resolve_seed(cfg)
-    print_config_tree(cfg)
+    if show_config:
+        print_config_tree(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule: ImageFolderDataModule = build(cfg.data)
     datamodule.prepare_data()
