@@ -12,7 +12,7 @@ import copy
 import csv
 import logging
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,8 +100,23 @@ def print_folds(summary: dict[str, Any], folds: int) -> None:
     get_console().print(table)
 
 
+def refuse_several_devices(cfg: DictConfig) -> None:
+    """The folds run one after another in this process; DDP launches its processes for one fit."""
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1) or 1
+    one = devices in (1, "1") or (
+        isinstance(devices, Sequence) and not isinstance(devices, str) and len(devices) == 1
+    )
+    if not one or int(nodes) > 1:
+        raise ConfigError(
+            f"data.folds without data.fold trains the folds one after another on one device "
+            f"(trainer.devices={devices}); on several, sweep the folds, each job on its devices: "
+            f"python train.py -m data.folds={cfg.data.folds} data.fold=0,...,{int(cfg.data.folds) - 1} seed=N"
+        )
+
+
 def cross_validate(cfg: DictConfig, train_once: TrainOnce) -> dict[str, Any]:
     """Train every fold in turn; returns the summary results.json holds."""
+    refuse_several_devices(cfg)
     if cfg.get("ckpt_path"):
         raise ConfigError(
             "ckpt_path cannot resume a whole cross-validation (data.folds without data.fold); resume "
