@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -132,7 +133,8 @@ def test_a_cross_validation_shares_one_cache_and_reports_every_fold(
     """3 folds of train/ (val/ held out, measured as each fold's test): one cache, built in one
     pass over the pool (shared by the folds' train and val) and one over val/; the mean of the
     folds' results; every pool image once in oof.csv, in the fold the data cut it into; eval.py
-    of a fold's checkpoint finds that fold's val again."""
+    of a fold's checkpoint finds that fold's val again. Resumed after an interruption, it keeps
+    the folds done and ends with the same numbers."""
     from transferkit.features import cache as cache_module
     from transferkit.tasks.eval import evaluate
     from transferkit.tasks.train import train
@@ -165,3 +167,14 @@ def test_a_cross_validation_shares_one_cache_and_reports_every_fold(
     best = per_fold[1]["best_model_path"]
     measured = evaluate(compose_task("eval", tmp_path / "eval", [f"ckpt_path={best}", "split=val"]))
     assert measured["images"] == 6 and measured["val/acc"] == pytest.approx(per_fold[1]["val/acc"], abs=1e-4)
+    # interrupted: fold 1 trained but not measured, fold 2 not started; ckpt_path=last goes on
+    fold_dirs = [Path(d) for d in results["fold_dirs"]]
+    kept = (fold_dirs[0] / "results.json").stat().st_mtime_ns
+    (fold_dirs[1] / "results.json").unlink()
+    shutil.rmtree(fold_dirs[2])
+    resumed = train(compose_train(tmp_path, [*run, "ckpt_path=last"]))
+    assert (fold_dirs[0] / "results.json").stat().st_mtime_ns == kept  # read back, not trained again
+    for key in ("val/acc", "val/acc_std", "val/loss", "test/acc"):
+        assert resumed[key] == pytest.approx(results[key], abs=1e-6), key
+    with open(results["oof"], newline="") as f:
+        assert list(csv.DictReader(f)) == oof

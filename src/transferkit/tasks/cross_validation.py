@@ -1,6 +1,9 @@
 """Cross-validation in one command (`data.folds=K`): one model per fold, each a whole training
 run in `<run>/folds/<i>/`, then the mean and standard deviation of every metric over the folds
-and every training image's out-of-fold probabilities (`oof.csv`).
+and every training image's out-of-fold probabilities (`oof.csv`). `ckpt_path=last` resumes it:
+finished folds are read back, the interrupted one resumes from its last.ckpt.
+
+The folds run one after another in this process, on one device (several: sweep `data.fold`).
 
 With a frozen backbone (or prefix) every fold reads one feature cache: it holds the whole pool,
 and each fold takes its rows (`features.frozen`).
@@ -10,26 +13,30 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import logging
+import os
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict
 from rich import get_console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
+from transferkit.checkpoints import recorded_seed
 from transferkit.errors import ConfigError
-from transferkit.run_dirs import write_json
+from transferkit.run_dirs import move_into_run, write_json
+from transferkit.tasks.preflight import resolve_seed
 
 if TYPE_CHECKING:
     from transferkit.tasks.train import TrainingRun
 
 log = logging.getLogger(__name__)
+OOF = "oof.csv"
 TrainOnce = Callable[[DictConfig, bool], "tuple[dict[str, Any], TrainingRun]"]
 
 
@@ -63,7 +70,6 @@ def _label_text(label: Any, class_names: list[str]) -> str:
     return class_names[label]
 
 
-@rank_zero_only
 def write_out_of_fold(path: Path, rows: list[list[str]], class_names: list[str]) -> None:
     """oof.csv: path, fold, label, then each class's probability, in the pool's order."""
     with path.open("w", newline="") as handle:
@@ -86,7 +92,6 @@ def summarise(per_fold: list[dict[str, Any]], primary: str) -> dict[str, Any]:
     return summary
 
 
-@rank_zero_only
 def print_folds(summary: dict[str, Any], folds: int) -> None:
     """Each metric per fold, and its mean ± std."""
     table = Table(title=f"Cross-validation ({folds} folds)", title_justify="left")
@@ -114,37 +119,78 @@ def refuse_several_devices(cfg: DictConfig) -> None:
         )
 
 
+def resume_run(cfg: DictConfig) -> None:
+    """`ckpt_path=last` continues a cross-validation: this run directory's (hydra.run.dir=<run>),
+    else the newest under logs/train/runs that has folds/. Its seed is the run's own."""
+    if cfg.ckpt_path != "last":
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: a cross-validation (data.folds without data.fold) resumes "
+            "with ckpt_path=last (hydra.run.dir=<run> names the run); it goes on where it stopped."
+        )
+    own = Path(cfg.paths.output_dir)
+    runs = Path(cfg.paths.log_dir) / cfg.task_name / "runs"
+    runs_with_folds = (p.parent for p in runs.glob("*/folds") if p.is_dir())
+    found = [own] if (own / "folds").is_dir() else sorted(runs_with_folds, key=os.path.getmtime)
+    if not found:
+        raise ConfigError(f"ckpt_path=last: no cross-validation run in {runs} (none has folds/).")
+    run_dir = found[-1].resolve()
+    if run_dir != own.resolve():
+        move_into_run(own, run_dir)
+    seeds = [recorded_seed(p) for p in sorted(run_dir.glob("folds/*/checkpoints/last.ckpt"))]
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+        cfg.ckpt_path = None
+        cfg.seed = next((seed for seed in seeds if seed is not None), cfg.seed)
+
+
+def run_fold(cfg: DictConfig, fold: int, train_once: TrainOnce) -> tuple[dict[str, Any], list[list[str]]]:
+    """Fold `fold`'s results and out-of-fold rows: read back when a resumed run finished it (its
+    results.json is written last), else trained, from its last.ckpt when it has one."""
+    fold_cfg = fold_config(cfg, fold)
+    fold_dir = Path(fold_cfg.paths.output_dir)
+    if (fold_dir / "results.json").is_file():
+        log.info("Cross-validation: fold %d of %d was done; its results are kept.", fold + 1, cfg.data.folds)
+        with (fold_dir / OOF).open(newline="") as handle:
+            return json.loads((fold_dir / "results.json").read_text()), list(csv.reader(handle))[1:]
+    log.info("Cross-validation: fold %d of %d", fold + 1, cfg.data.folds)
+    last = fold_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        with open_dict(fold_cfg):
+            fold_cfg.ckpt_path = str(last)
+    results, run = train_once(fold_cfg, fold == 0)  # the config tree once
+    probs, names = held_out_probabilities(run), run.model.class_names
+    rows = [
+        [str(path), str(fold), _label_text(label, names), *(f"{x:.6f}" for x in p)]
+        for (path, label), p in zip(run.datamodule.splits.val, probs.tolist(), strict=True)
+    ]
+    write_out_of_fold(fold_dir / OOF, rows, names)
+    write_json(fold_dir / "results.json", results)
+    return results, rows
+
+
 def cross_validate(cfg: DictConfig, train_once: TrainOnce) -> dict[str, Any]:
-    """Train every fold in turn; returns the summary results.json holds."""
+    """Train every fold in turn (a resumed run: those not done); returns the summary results.json
+    holds."""
     refuse_several_devices(cfg)
     if cfg.get("ckpt_path"):
-        raise ConfigError(
-            "ckpt_path cannot resume a whole cross-validation (data.folds without data.fold); resume "
-            "the interrupted fold on its own: data.fold=I ckpt_path=<run>/folds/I/checkpoints/last.ckpt."
-        )
+        resume_run(cfg)
+    resolve_seed(cfg)  # once: every fold cuts the same pool the same way
     folds, output = int(cfg.data.folds), Path(cfg.paths.output_dir)
-    per_fold, rows, last = [], [], None
+    per_fold, rows = [], []
     for fold in range(folds):
-        log.info("Cross-validation: fold %d of %d", fold + 1, folds)
-        fold_cfg = fold_config(cfg, fold)
-        results, run = train_once(fold_cfg, fold == 0)  # the config tree once
-        rank_zero_only(write_json)(Path(fold_cfg.paths.output_dir) / "results.json", results)
+        results, fold_rows = run_fold(cfg, fold, train_once)
         per_fold.append(results)
-        if run.trainer.is_global_zero:
-            probs = held_out_probabilities(run)
-            names = run.model.class_names
-            for (path, label), p in zip(run.datamodule.splits.val, probs.tolist(), strict=True):
-                rows.append([str(path), str(fold), _label_text(label, names), *(f"{x:.6f}" for x in p)])
-        last = run
-    summary = summarise(per_fold, last.model.primary_metric)
+        rows += fold_rows
+    summary = summarise(per_fold, next(iter(per_fold[0])))  # results lead with the run's metric
     print_folds(summary, folds)
-    write_out_of_fold(output / "oof.csv", rows, last.model.class_names)
+    class_names = per_fold[0]["class_names"]
+    write_out_of_fold(output / OOF, rows, class_names)
     return {
         **summary,
         "folds": folds,
         "fold_dirs": [str((output / "folds" / str(fold)).resolve()) for fold in range(folds)],
-        "oof": str((output / "oof.csv").resolve()),
-        "class_names": last.model.class_names,
+        "oof": str((output / OOF).resolve()),
+        "class_names": class_names,
         "seed": cfg.seed,
         "feature_cache": per_fold[-1].get("feature_cache"),
         "epochs": [fold["epochs"] for fold in per_fold],

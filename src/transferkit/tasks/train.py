@@ -82,7 +82,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.data.get("folds"):
         check_fold_seed(cfg)
         if cfg.data.get("fold") is None:
-            resolve_seed(cfg)  # once: every fold cuts the same pool the same way
             return cross_validate(cfg, train_once)
     return train_once(cfg)[0]
 
