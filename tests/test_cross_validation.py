@@ -178,3 +178,8 @@ def test_a_cross_validation_shares_one_cache_and_reports_every_fold(
         assert resumed[key] == pytest.approx(results[key], abs=1e-6), key
     with open(results["oof"], newline="") as f:
         assert list(csv.DictReader(f)) == oof
+    # one fold alone (a job of a fold sweep) trains what the cross-validation's fold 1 trained
+    alone = train(compose_train(tmp_path / "alone", [*run, "data.fold=1"]))
+    assert alone["val/acc"] == pytest.approx(per_fold[1]["val/acc"], abs=1e-6)
+    with open(tmp_path / "alone" / "run" / "oof.csv", newline="") as f:
+        assert list(csv.DictReader(f)) == [r for r in oof if r["fold"] == "1"]

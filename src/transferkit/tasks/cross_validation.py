@@ -158,14 +158,20 @@ def run_fold(cfg: DictConfig, fold: int, train_once: TrainOnce) -> tuple[dict[st
         with open_dict(fold_cfg):
             fold_cfg.ckpt_path = str(last)
     results, run = train_once(fold_cfg, fold == 0)  # the config tree once
-    probs, names = held_out_probabilities(run), run.model.class_names
+    rows = write_held_out(run, fold_dir)
+    write_json(fold_dir / "results.json", results)
+    return results, rows
+
+
+def write_held_out(run: TrainingRun, directory: Path) -> list[list[str]]:
+    """A fold's oof.csv (its held-out images' probabilities) in `directory`; returns its rows."""
+    probs, names, fold = held_out_probabilities(run), run.model.class_names, run.cfg.data.fold
     rows = [
         [str(path), str(fold), _label_text(label, names), *(f"{x:.6f}" for x in p)]
         for (path, label), p in zip(run.datamodule.splits.val, probs.tolist(), strict=True)
     ]
-    write_out_of_fold(fold_dir / OOF, rows, names)
-    write_json(fold_dir / "results.json", results)
-    return results, rows
+    write_out_of_fold(directory / OOF, rows, names)
+    return rows
 
 
 def cross_validate(cfg: DictConfig, train_once: TrainOnce) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from transferkit.features.cache import weights_fingerprint
 from transferkit.finetune import BlockFinetuning
 from transferkit.module import TransferModule
 from transferkit.run_dirs import resolve_checkpoint
-from transferkit.tasks.cross_validation import cross_validate
+from transferkit.tasks.cross_validation import cross_validate, write_held_out
 from transferkit.tasks.preflight import (
     check_fold_seed,
     check_resume,
@@ -83,6 +83,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_fold_seed(cfg)
         if cfg.data.get("fold") is None:
             return cross_validate(cfg, train_once)
+        results, run = train_once(cfg)  # one fold (a job of a fold sweep): its oof.csv too
+        if run.trainer.is_global_zero:
+            write_held_out(run, run.output_dir)
+        return results
     return train_once(cfg)[0]
 
 
