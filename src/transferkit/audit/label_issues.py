@@ -75,7 +75,7 @@ def find_label_issues(
     class_names: list[str],
     folds: int = 5,
     seed: int = 42,
-    c: float = 1.0,
+    c: float = 100.0,
 ) -> list[LabelIssue]:
     """The images cleanlab flags, most suspect first (lowest self-confidence in the given label)."""
     require("cleanlab", extra="audit", feature="audit.py")

@@ -32,7 +32,7 @@ from transferkit.inference import best_device
 from transferkit.tasks.wrapper import exit_on_user_error, task_wrapper
 
 log = logging.getLogger(__name__)
-AUDIT_ONLY = ("audit.", "device=", "hydra.", "paths.", "task_name=")  # overrides training would not take
+AUDIT_ONLY = ("audit.", "device=", "hydra.", "task_name=")  # overrides training would not take
 
 
 @contextmanager
