@@ -189,6 +189,7 @@ def test_report_files_and_columns(tmp_path: Path) -> None:
 # --- the task ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the first import of the task (Lightning, cleanlab, scikit-learn) takes seconds
 def test_audit_of_a_missing_folder_exits_2_with_one_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
