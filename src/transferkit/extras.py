@@ -1,7 +1,7 @@
 """Optional dependencies. A feature that needs one imports it here, when it is used, so a plain
 `pip install transferkit` imports without them; a missing one is a one-line ConfigError that
 names the pip extra bringing it (pyproject.toml lists the extras: mlflow, wandb, onnx, optuna,
-slurm, all)."""
+slurm, audit, all)."""
 
 from __future__ import annotations
 
