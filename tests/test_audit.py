@@ -17,7 +17,7 @@ import torch
 from conftest import compose_task, main_exits
 from PIL import Image
 
-from transferkit.audit.duplicates import Pair, exact_groups, find_duplicates
+from transferkit.audit.duplicates import Pair, crowded_threshold, exact_groups, find_duplicates
 from transferkit.audit.exclude import suggested_exclusions
 from transferkit.audit.files import read_facts
 from transferkit.audit.items import Item
@@ -90,7 +90,7 @@ def items_and_features() -> tuple[list[Item], torch.Tensor]:
 
 def test_duplicates_leaks_first_train_side_first() -> None:
     items, features = items_and_features()
-    pairs = find_duplicates(items, features, [None] * 6, feature_threshold=0.95, pixel_threshold=0.98)
+    pairs, _ = find_duplicates(items, features, [None] * 6, feature_threshold=0.95, pixel_threshold=0.98)
     assert [(p.a, p.b, p.kind) for p in pairs] == [(3, 0, "near"), (1, 2, "near")]
     assert pairs[0].similarity > pairs[1].similarity > 0.95
 
@@ -339,3 +339,10 @@ def test_audit_of_clean_data_finds_little(tmp_path: Path) -> None:
     assert results["images"] == 165 and not results["feature_cache_reused"]
     again, _ = run_audit(tmp_path, tmp_path / "data")  # a second audit reuses the forward pass
     assert again["feature_cache_reused"] and again["feature_cache"] == results["feature_cache"]
+
+
+def test_a_crowd_of_alike_pictures_raises_the_feature_threshold() -> None:
+    pairs = [(4, 5, 0.96), (0, 1, 0.99), (6, 7, 0.955), (2, 3, 0.97)]
+    raised = crowded_threshold(pairs, n=20, max_share=0.2, floor=0.95)  # 4 images: the 2 best pairs
+    assert 0.96 < raised <= 0.97
+    assert crowded_threshold(pairs, n=20, max_share=0.5, floor=0.95) == 0.95  # 8 images of 20: as set

@@ -4,6 +4,7 @@ trained on) come first."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ class Pair:
     b: int
     kind: str  # exact or near
     feature_similarity: float  # cosine similarity of the backbone's features
-    pixel_similarity: float  # correlation of the 16x16 grey thumbnails (0 when either is flat)
+    pixel_similarity: float  # correlation of the 32x32 grey thumbnails (0 when either is flat)
 
     @property
     def similarity(self) -> float:
@@ -39,7 +40,7 @@ def exact_groups(hashes: Sequence[str | None]) -> list[list[int]]:
 
 
 def thumbnails(facts: Sequence[FileFacts | None]) -> torch.Tensor:
-    """(N, 256) unit thumbnails; zeros for a flat or unreadable picture (similar to nothing)."""
+    """(N, THUMB * THUMB) unit thumbnails; zeros for a flat or unreadable picture (similar to nothing)."""
     rows = np.zeros((len(facts), THUMB * THUMB), dtype=np.float32)
     for index, fact in enumerate(facts):
         if fact is not None and fact.thumbnail is not None:
@@ -61,25 +62,50 @@ def find_duplicates(
     feature_threshold: float,
     pixel_threshold: float,
     per_row: int = 10,
-) -> list[Pair]:
+    max_share: float = 1.0,
+) -> tuple[list[Pair], float]:
     """Every exact pair (each file of a group against the group's first) and every near pair
-    whose features or thumbnails pass their threshold, in report order (`ordered`)."""
+    whose features or thumbnails pass their threshold, in report order (`ordered`); and the
+    feature threshold used.
+
+    Where the features alone would pair off more than `max_share` of the images, the pictures of
+    this data are alike, not copied (MNIST's digits reach 0.98 between different writers): the
+    feature threshold is raised until they pair off `max_share`. Exact and thumbnail matches
+    are kept whatever it does."""
     features, thumbs = normalized(features), thumbnails(facts)
     found: dict[tuple[int, int], Pair] = {}
     for group in exact_groups([f.sha256 if f is not None else None for f in facts]):
         for other in group[1:]:
             a, b = oriented(group[0], other, items)
             found[(a, b)] = Pair(a, b, "exact", 1.0, 1.0)
-    candidates = {(i, j) for i, j, _ in similar_pairs(features, feature_threshold, per_row)}
-    candidates |= {(i, j) for i, j, _ in similar_pairs(thumbs, pixel_threshold, per_row)}
-    for i, j in candidates:
+    confirmed = {(i, j) for i, j, _ in similar_pairs(thumbs, pixel_threshold, per_row)}
+    confirmed |= {tuple(sorted(pair)) for pair in found}
+    by_features = [(i, j, s) for i, j, s in similar_pairs(features, feature_threshold, per_row)]
+    threshold = crowded_threshold(
+        [(i, j, s) for i, j, s in by_features if (i, j) not in confirmed],
+        len(items),
+        max_share,
+        feature_threshold,
+    )
+    for i, j in confirmed | {(i, j) for i, j, s in by_features if s >= threshold}:
         a, b = oriented(i, j, items)
         if (a, b) in found:
             continue
         feature = float(features[a] @ features[b])
         pixel = float(thumbs[a] @ thumbs[b])
         found[(a, b)] = Pair(a, b, "near", round(feature, 4), round(pixel, 4))
-    return ordered(list(found.values()), items)
+    return ordered(list(found.values()), items), threshold
+
+
+def crowded_threshold(pairs: list[tuple[int, int, float]], n: int, max_share: float, floor: float) -> float:
+    """`floor`, or the similarity above which the most similar `pairs` pair off at most
+    `max_share` of the `n` images."""
+    involved: set[int] = set()
+    for i, j, similarity in sorted(pairs, key=lambda p: -p[2]):
+        involved |= {i, j}
+        if len(involved) > max_share * n:
+            return max(floor, math.nextafter(similarity, 2.0))
+    return floor
 
 
 def is_leak(pair: Pair, items: Sequence[Item]) -> bool:

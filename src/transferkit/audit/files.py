@@ -1,5 +1,5 @@
 """What the audit reads from each file in one pass: its content hash (exact duplicates), its
-header (size, mode, format: no full decode) and a 16x16 grey thumbnail (recompressed and resized
+header (size, mode, format: no full decode) and a 32x32 grey thumbnail (recompressed and resized
 copies look alike at that size, however the backbone's features see them)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from rich.progress import Progress
 
-THUMB = 16
+THUMB = 32
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,12 @@ class FileFacts:
 
 
 def thumbnail(image: Image.Image) -> np.ndarray | None:
-    """The picture at 16x16 in grey, centred and scaled to unit length, so a dot product of two
+    """The picture at 32x32 in grey, centred and scaled to unit length, so a dot product of two
     is the correlation of their pixels; None for a flat picture, which matches nothing."""
     image.draft("L", (4 * THUMB, 4 * THUMB))  # JPEG decodes at a fraction of its size: much faster
-    grey = ImageOps.exif_transpose(image).convert("L").resize((THUMB, THUMB), Image.Resampling.BOX)
+    # an antialiasing filter: BOX at a ratio that is not whole aliases, and resized copies of a
+    # picture then correlate less (0.98 on MNIST) than different pictures of a class (0.99)
+    grey = ImageOps.exif_transpose(image).convert("L").resize((THUMB, THUMB), Image.Resampling.BILINEAR)
     pixels = np.asarray(grey, dtype=np.float32).reshape(-1)
     pixels = pixels - pixels.mean()
     norm = float(np.linalg.norm(pixels))

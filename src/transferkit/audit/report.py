@@ -42,6 +42,7 @@ class Findings:
     exclude: list[Path]
     train_command: str
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the audit adapted to this data
 
     def path(self, index: int) -> str:
         return shown_path(self.items[index].path, self.root)
@@ -155,6 +156,7 @@ def markdown(found: Findings, pictures: dict[str, str], show: int) -> str:
     issues = found.label_issues
     lines = [f"# Data audit of `{found.root}`", ""]
     lines += [f"{len(items)} images, {len(found.class_names)} classes.", ""]
+    lines += [*(f"> {note}" for note in found.notes), ""] if found.notes else []
     lines += _table(
         ["finding", "count", "file"],
         [

@@ -49,6 +49,8 @@ def check_settings(audit: DictConfig) -> None:
             raise ConfigError(f"audit.{key}={audit[key]} must lie in [-1, 1] (a cosine similarity).")
     if int(audit.neighbours) < 1 or int(audit.show) < 0:
         raise ConfigError("audit.neighbours must be 1 or more and audit.show 0 or more.")
+    if not 0.0 < float(audit.max_feature_share) <= 1.0:
+        raise ConfigError(f"audit.max_feature_share={audit.max_feature_share} must lie in (0, 1], e.g. 0.05.")
     if not float(audit.probe_c) > 0:
         raise ConfigError(f"audit.probe_c={audit.probe_c} must be a positive number.")
 
@@ -78,9 +80,24 @@ def audit(cfg: DictConfig) -> dict[str, Any]:
         features, cache, reused = image_features(cfg, datamodule, best_device(cfg.device))
     a = cfg.audit
     with timed(timings, "duplicates"):
-        pairs = find_duplicates(
-            items, features, facts, float(a.near_threshold), float(a.pixel_threshold), int(a.neighbours)
+        pairs, near_threshold = find_duplicates(
+            items,
+            features,
+            facts,
+            float(a.near_threshold),
+            float(a.pixel_threshold),
+            int(a.neighbours),
+            float(a.max_feature_share),
         )
+    notes = []
+    if near_threshold > float(a.near_threshold):
+        notes.append(
+            f"At audit.near_threshold={a.near_threshold} the features would pair off more than "
+            f"{float(a.max_feature_share):.0%} of the images (audit.max_feature_share): this data's "
+            f"pictures are alike, not copied. Near duplicates by features are listed from "
+            f"{near_threshold:.4f}; exact and thumbnail matches are listed as always."
+        )
+        log.warning("%s", notes[-1])
     with timed(timings, "label issues"):
         issues = find_label_issues(items, features, names, int(a.folds), int(cfg.seed), float(a.probe_c))
     with timed(timings, "outliers"):
@@ -101,6 +118,7 @@ def audit(cfg: DictConfig) -> dict[str, Any]:
         exclude=exclude,
         train_command=train_command(out / "exclude_suggested.txt"),
         timings=timings,
+        notes=notes,
     )
     with timed(timings, "report"):
         files = write_report(found, out, int(a.show))
@@ -109,6 +127,7 @@ def audit(cfg: DictConfig) -> dict[str, Any]:
         "leaks": len(found.leaks),
         "duplicates_within_splits": sum(not is_leak(p, items) for p in pairs),
         "exact_duplicates": sum(p.kind == "exact" for p in pairs),
+        "near_threshold_used": near_threshold,
         "label_issues": len(issues),
         "outliers": len(outliers),
         "unreadable": len(found.unreadable),
