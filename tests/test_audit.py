@@ -25,6 +25,7 @@ from transferkit.audit.label_issues import check_folds
 from transferkit.audit.outliers import find_outliers
 from transferkit.audit.report import Findings, write_report
 from transferkit.audit.similarity import normalized, similar_pairs
+from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.errors import DataError
 
 CLASSES = ("circle", "square", "triangle")
@@ -320,6 +321,10 @@ def test_audit_finds_planted_leaks_duplicates_and_flipped_labels(tmp_path: Path)
     excluded = (out / "exclude_suggested.txt").read_text().splitlines()
     assert {p for p in excluded if "leak_" in p} >= {p for pair in first for p in pair if "leak_" in p} - {""}
     assert not any(p.startswith("val/") for p in excluded)  # held-out copies stay
+    # acting on it in one step: training with data.exclude= drops exactly those files
+    kept = ImageFolderDataModule(root, exclude=out / "exclude_suggested.txt", num_workers=0).folders
+    kept_paths = {str(path.relative_to(root)) for path, _ in kept.train + kept.val}
+    assert kept_paths.isdisjoint(excluded) and len(kept_paths) == results["images"] - len(excluded)
     assert "data.exclude=" in (out / "audit.md").read_text()
     assert {"duplicates.png", "label_issues.png"} <= {p.name for p in out.glob("*.png")}
     assert results["leaks"] == len(leaks) and set(results["timings_s"]) >= {

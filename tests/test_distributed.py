@@ -67,6 +67,7 @@ def ddp_sim(
     )
 
 
+@pytest.mark.upstream
 @pytest.mark.slow
 def test_lightning_s_own_ddp_lets_replicas_drift_after_an_unfreeze(tmp_path: Path) -> None:
     """Why trainer=ddp uses FinetuneDDPStrategy: the replicas check of the resumed run below can
