@@ -391,6 +391,7 @@ def test_multilabel_without_a_label_file_and_label_from_with_one_are_refused(tmp
         LabelFileDataModule(tmp_path, tmp_path / "labels.csv", class_columns="road")
 
 
+@pytest.mark.slow
 def test_data_csv_composes_builds_and_records_the_label_file_absolute(tmp_path: Path, monkeypatch) -> None:
     labels = make_label_file(tmp_path / "ds")
     monkeypatch.chdir(tmp_path)

@@ -198,6 +198,7 @@ def label_source_commands() -> list[list[str]]:
     return [shlex.split(line)[2:] for line in lines]
 
 
+@pytest.mark.slow
 def test_the_readme_s_label_source_recipes_read_their_data(
     compose_train, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
