@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from conftest import TINY_MODEL, compose_task, make_label_file, tiny_run
-from helpers import SGD
+from helpers import SGD, multilabel_loader, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, TensorDataset
 
 from transferkit.checkpoints import load_model
 from transferkit.module import TransferModule
@@ -65,13 +63,6 @@ def test_tuning_never_cuts_between_equal_scores() -> None:
     assert threshold == pytest.approx(0.45)  # both 0.7s kept: F1 2/3 beats keeping none
 
 
-def _loader(n: int, seed: int) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 32, 32, generator=g)
-    y = (torch.rand(n, 3, generator=g) > 0.5).long()
-    return DataLoader(TensorDataset(x, y), batch_size=8)
-
-
 def multilabel_model(**kwargs) -> TransferModule:
     torch.manual_seed(0)
     return TransferModule(TINY_MODEL, ["a", "b", "c"], weights=None, optimizer=SGD, multilabel=True, **kwargs)
@@ -101,17 +92,9 @@ def test_single_label_state_dict_has_no_thresholds() -> None:
 def test_fit_tunes_thresholds_on_val_and_the_best_checkpoint_carries_them(tmp_path: Path) -> None:
     model = multilabel_model()
     checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/map", mode="max")
-    trainer = L.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[checkpoint],
-        num_sanity_val_steps=2,
-    )
-    val = _loader(16, seed=1)
-    trainer.fit(model, _loader(32, seed=0), val)
+    trainer = quiet_trainer(tmp_path, callbacks=[checkpoint], num_sanity_val_steps=2)
+    val = multilabel_loader(16, seed=1)
+    trainer.fit(model, multilabel_loader(32, seed=0), val)
     logged = trainer.callback_metrics
     assert {"val/map", "val/auroc", "val/f1_micro", "val/f1_macro", "val/map_best", "train/f1_micro"} <= set(
         logged

@@ -9,13 +9,11 @@ import json
 import shutil
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from conftest import TINY_MODEL, compose_task, make_label_file
-from helpers import SGD
+from helpers import SGD, multilabel_loader, predict_both, quiet_trainer, read_csv
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, TensorDataset
 
 from transferkit import reports
 from transferkit.checkpoints import load_model
@@ -29,11 +27,6 @@ from transferkit.tasks.export import metadata
 from transferkit.tasks.predict import csv_header, write_multilabel_predictions, write_predictions
 
 CLASSES = ["circle", "square", "triangle"]
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def logits_of(model: TransferModule, paths: list[Path], mirrored: bool = False) -> torch.Tensor:
@@ -78,20 +71,8 @@ def multilabel_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     model = TransferModule(
         TINY_MODEL, CLASSES, weights=None, multilabel=True, optimizer=SGD, preprocessing={"image_size": 32}
     )
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 3, 32, 32, generator=g) * 2 + 1
-    y = (torch.rand(16, 3, generator=g) > 0.5).long()
-    loader = DataLoader(TensorDataset(x, y), batch_size=8)
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        num_sanity_val_steps=0,
-    )
+    loader = multilabel_loader()
+    trainer = quiet_trainer(root, epochs=1)
     trainer.fit(model, loader, loader)
     probs = scores_of(model, val)
     thresholds = split_between_scores(probs)
@@ -159,7 +140,6 @@ def test_onnx_export_carries_the_thresholds_and_predicts_the_checkpoint_s_labels
     pytest.importorskip("onnxruntime")
     from transferkit.inference import OnnxPredictor
     from transferkit.tasks.export import export
-    from transferkit.tasks.predict import predict
 
     ckpt, inbox = multilabel_run["ckpt"], multilabel_run["inbox"]
     exported = export(
@@ -173,20 +153,7 @@ def test_onnx_export_carries_the_thresholds_and_predicts_the_checkpoint_s_labels
     assert meta["thresholds"] == multilabel_run["thresholds"].tolist()
     assert meta["output"] == {"name": "logits", "shape": ["batch", 3], "activation": "sigmoid"}
 
-    from_ckpt, from_onnx = tmp_path / "ckpt.csv", tmp_path / "onnx.csv"
-    predict(
-        compose_task(
-            "predict", tmp_path / "a", [f"ckpt_path={ckpt}", f"input={inbox}", f"output={from_ckpt}"]
-        )
-    )
-    predict(
-        compose_task(
-            "predict",
-            tmp_path / "b",
-            [f"ckpt_path={exported['model']}", f"input={inbox}", f"output={from_onnx}"],
-        )
-    )
-    a, b = read_csv(from_ckpt), read_csv(from_onnx)
+    a, b = predict_both(ckpt, exported["model"], inbox, tmp_path)
     assert list(a[0]) == list(b[0])
     assert [(r["path"], r["labels"], r["error"]) for r in a] == [
         (r["path"], r["labels"], r["error"]) for r in b

@@ -3,7 +3,6 @@ from a checkpoint or an exported model.onnx; unreadable files get an error row."
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_task, main_exits
+from helpers import predict_both, read_csv
 
 from transferkit.checkpoints import load_model
 from transferkit.data.images import load_rgb
@@ -20,11 +20,6 @@ from transferkit.features import precision
 from transferkit.inference import load_predictor
 from transferkit.tasks.export import export
 from transferkit.tasks.predict import main, predict
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture
@@ -146,20 +141,7 @@ def test_predict_on_the_exported_onnx_gives_the_checkpoint_s_labels(
 ) -> None:
     ckpt = trained_run["best_model_path"]
     exported = export(compose_task("export", tmp_path / "export", [f"ckpt_path={ckpt}", "format=onnx"]))
-    from_ckpt, from_onnx = tmp_path / "ckpt.csv", tmp_path / "onnx.csv"
-    predict(
-        compose_task(
-            "predict", tmp_path / "a", [f"ckpt_path={ckpt}", f"input={messy_folder}", f"output={from_ckpt}"]
-        )
-    )
-    predict(
-        compose_task(
-            "predict",
-            tmp_path / "b",
-            [f"ckpt_path={exported['model']}", f"input={messy_folder}", f"output={from_onnx}"],
-        )
-    )
-    a, b = read_csv(from_ckpt), read_csv(from_onnx)
+    a, b = predict_both(ckpt, exported["model"], messy_folder, tmp_path)
     assert [r["path"] for r in a] == [r["path"] for r in b]
     assert [r["label"] for r in a] == [r["label"] for r in b]
     assert [r["error"] for r in a] == [r["error"] for r in b]

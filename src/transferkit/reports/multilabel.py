@@ -9,7 +9,6 @@ which is what this report shows.
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from rich.table import Table
 
 from transferkit.multilabel import per_class_measures
+from transferkit.reports.per_class import write_csv
 
 REPORT_COLUMNS = ("class", "threshold", "precision", "recall", "f1", "ap", "auroc", "support")
 MEASURES = REPORT_COLUMNS[1:-1]  # the float columns
@@ -70,14 +70,8 @@ def _formatted(value: float, missing: str) -> str:
 
 def write_multilabel_report(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """The report as CSV, floats to 4 decimals; what cannot be measured is an empty cell."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(REPORT_COLUMNS)
-        for row in rows:
-            writer.writerow([row["class"], *(_formatted(row[k], "") for k in MEASURES), row["support"]])
-    return path
+    cells = ([row["class"], *(_formatted(row[k], "") for k in MEASURES), row["support"]] for row in rows)
+    return write_csv(path, REPORT_COLUMNS, cells)
 
 
 def print_multilabel_report(rows: list[dict[str, Any]], title: str = "Per-class report") -> None:

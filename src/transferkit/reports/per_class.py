@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,18 +65,24 @@ def _summary_row(
     }
 
 
-def write_per_class_report(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """The report as CSV, floats to 4 decimals so diffs between runs stay readable."""
+def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """A report's rows under its header, as CSV (its folder made if need be)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(REPORT_COLUMNS)
-        for row in rows:
-            writer.writerow(
-                [row["class"], *(f"{row[key]:.4f}" for key in REPORT_COLUMNS[1:4]), int(row["support"])]
-            )
+        writer.writerow(header)
+        writer.writerows(rows)
     return path
+
+
+def write_per_class_report(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """The report as CSV, floats to 4 decimals so diffs between runs stay readable."""
+    cells = (
+        [row["class"], *(f"{row[key]:.4f}" for key in REPORT_COLUMNS[1:4]), int(row["support"])]
+        for row in rows
+    )
+    return write_csv(path, REPORT_COLUMNS, cells)
 
 
 def print_per_class_report(rows: list[dict[str, Any]], title: str = "Per-class report") -> None:
