@@ -1,0 +1,8 @@
+"""Serving a trained model over HTTP (`python serve.py ckpt_path=...`): the request's bytes,
+the dynamic batcher, and the FastAPI app that joins them."""
+
+from transferkit.serving.app import build_app
+from transferkit.serving.batcher import Batcher
+from transferkit.serving.requests import BadRequest, image_bytes
+
+__all__ = ["BadRequest", "Batcher", "build_app", "image_bytes"]

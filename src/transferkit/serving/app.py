@@ -1,0 +1,105 @@
+"""The FastAPI app: POST /predict (an image, raw or multipart field `file`), GET /health and
+GET /info. An image's probabilities are predict.py's: the same decode, preprocessing, model
+and softmax (sigmoid for a multi-label model)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+import transferkit
+from transferkit.data.images import decode_rgb
+from transferkit.errors import DataError
+from transferkit.inference import Predictions
+from transferkit.serving.batcher import Batcher
+from transferkit.serving.requests import BadRequest, check_length, image_bytes
+
+
+def answer(probs: torch.Tensor, predictor: Any, top_k: int) -> dict[str, Any]:
+    """A single-label model's label, confidence and top-k; a multi-label model's labels at or
+    above their thresholds, then every class's score."""
+    names = predictor.class_names
+    if predictor.multilabel:
+        scores = [
+            {"label": n, "prob": p, "threshold": t}
+            for n, p, t in zip(names, probs.tolist(), predictor.thresholds.tolist(), strict=True)
+        ]
+        return {"labels": [s["label"] for s in scores if s["prob"] >= s["threshold"]], "scores": scores}
+    top_p, top_i = probs.topk(min(top_k, len(names)))
+    ranked = [{"label": names[i], "prob": p} for i, p in zip(top_i.tolist(), top_p.tolist(), strict=True)]
+    return {"label": ranked[0]["label"], "confidence": ranked[0]["prob"], "top_k": ranked}
+
+
+def model_info(predictor: Any, ckpt_path: str | Path, settings: dict[str, Any]) -> dict[str, Any]:
+    path = Path(ckpt_path)
+    return {
+        "model": str(path.resolve()),
+        "format": "onnx" if path.suffix == ".onnx" else "checkpoint",
+        "classes": list(predictor.class_names),
+        "multilabel": bool(predictor.multilabel),
+        "preprocessing": asdict(predictor.preprocessing),
+        "device": str(predictor.device),
+        "version": transferkit.__version__,
+        **settings,
+    }
+
+
+def build_app(
+    predictor: Any,
+    ckpt_path: str | Path,
+    top_k: int = 5,
+    max_batch_size: int = 16,
+    batch_timeout: float = 0.01,
+    workers: int = 1,
+    max_bytes: int = 10_000_000,
+) -> FastAPI:
+    transform = predictor.preprocessing.transforms(train=False)
+    batcher = Batcher(predictor, max_batch_size, batch_timeout, workers)
+    settings = {"top_k": top_k, "max_batch_size": max_batch_size, "batch_timeout": batch_timeout}
+    info = model_info(predictor, ckpt_path, {**settings, "workers": workers, "max_bytes": max_bytes})
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="transferkit", version=transferkit.__version__, lifespan=lifespan)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(_: Request, error: BadRequest) -> JSONResponse:
+        return JSONResponse({"error": str(error)}, status_code=error.status)
+
+    def preprocess(data: bytes, name: str) -> torch.Tensor:
+        try:
+            return transform(decode_rgb(io.BytesIO(data), name))
+        except DataError as error:
+            cause = error.__cause__
+            raise BadRequest(400, f"The body is not an image that can be read ({cause or error}).") from None
+
+    @app.post("/predict")
+    async def predict(request: Request) -> dict[str, Any]:
+        check_length(request.headers.get("content-length"), max_bytes)
+        data = image_bytes(request.headers.get("content-type"), await request.body(), max_bytes)
+        image = await asyncio.to_thread(preprocess, data, "in the request")
+        logits = await batcher.logits(image)
+        probs = Predictions([Path("request")], logits[None], [None], bool(predictor.multilabel)).probs[0]
+        return answer(probs, predictor, top_k)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/info")
+    async def model() -> dict[str, Any]:
+        return info
+
+    return app

@@ -1,0 +1,239 @@
+"""serve.py: the server started as a subprocess on a free port and driven over HTTP: answers,
+every bad input (and the server still up after it), parity with predict.py for a checkpoint and
+its model.onnx, a bounded concurrent run, start-up failures, and a graceful SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, compose_task
+
+from transferkit.inference import load_predictor, predict_files
+
+pytestmark = pytest.mark.slow
+DIRECT = urllib.request.build_opener(
+    urllib.request.ProxyHandler({})
+)  # the dead test proxy is not for localhost
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: str, root: Path, *overrides: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [
+            sys.executable,
+            "serve.py",
+            f"ckpt_path={model}",
+            f"port={self.port}",
+            f"hydra.run.dir={root}",
+        ]
+        self.process = subprocess.Popen(
+            [*command, *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"serve.py exited: {self.process.stdout.read()}")
+            try:
+                if get(self.url + "/health")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError("serve.py did not answer /health in time")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(30)
+
+
+def get(url: str) -> tuple[int, dict]:
+    with DIRECT.open(url, timeout=30) as response:
+        return response.status, json.loads(response.read())
+
+
+def post(url: str, body: bytes, content_type: str | None = "application/octet-stream") -> tuple[int, dict]:
+    headers = {"Content-Type": content_type} if content_type else {}
+    request = urllib.request.Request(url + "/predict", data=body, headers=headers, method="POST")
+    try:
+        with DIRECT.open(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def multipart(field: str, data: bytes) -> tuple[bytes, str]:
+    boundary = "transferkit-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="x.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def images(trained_run: dict) -> list[Path]:
+    return sorted((Path(trained_run["data_root"]) / "val").rglob("*.png"))
+
+
+def reference(model: str, paths: list[Path]) -> list[list[float]]:
+    """predict.py's probabilities (its predictor, loop and softmax) for `paths`."""
+    return predict_files(load_predictor(model), paths, batch_size=32).probs.tolist()
+
+
+def assert_parity(server: Server, model: str, paths: list[Path]) -> None:
+    expected = reference(model, paths)
+    names = load_predictor(model).class_names
+    for path, probs in zip(paths, expected, strict=True):
+        status, body = post(server.url, path.read_bytes(), "image/png")
+        assert status == 200, body
+        assert len(body["top_k"]) == len(names)  # top_k=5 > 3 classes: all listed
+        served = {r["label"]: r["prob"] for r in body["top_k"]}
+        assert [served[n] for n in names] == pytest.approx(probs, abs=1e-5)
+        assert body["label"] == names[max(range(len(probs)), key=probs.__getitem__)]
+
+
+@pytest.fixture(scope="module")
+def served(trained_run: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = Server(trained_run["best_model_path"], tmp_path_factory.mktemp("serve"), "max_bytes=200000")
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+def test_predict_raw_and_multipart_match_predict_py(served: Server, trained_run: dict) -> None:
+    paths = images(trained_run)
+    assert_parity(served, trained_run["best_model_path"], paths)
+    raw = post(served.url, paths[0].read_bytes())
+    body, content_type = multipart("file", paths[0].read_bytes())
+    assert post(served.url, body, content_type) == raw
+    assert raw[1]["confidence"] == raw[1]["top_k"][0]["prob"]
+
+
+def test_health_and_info(served: Server, trained_run: dict) -> None:
+    assert get(served.url + "/health") == (200, {"status": "ok"})
+    status, info = get(served.url + "/info")
+    assert status == 200
+    assert info["classes"] == trained_run["class_names"]
+    assert info["format"] == "checkpoint"
+    assert info["preprocessing"]["image_size"] == 32
+    assert {"model", "version", "max_batch_size", "top_k"} <= set(info)
+
+
+def test_bad_inputs_answer_4xx_and_the_server_stays_up(served: Server, trained_run: dict) -> None:
+    good = images(trained_run)[0].read_bytes()
+    jpeg = subprocess.run(  # a real JPEG, cut short
+        [
+            sys.executable,
+            "-c",
+            "import io,sys;from PIL import Image;b=io.BytesIO();"
+            "Image.new('RGB',(64,64),'red').save(b,'JPEG');sys.stdout.buffer.write(b.getvalue())",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
+    file_missing, file_missing_type = multipart("image", good)
+    cases = {
+        "not an image": (b"hello, not an image", "application/octet-stream", 400, "not an image"),
+        "empty body": (b"", "image/png", 400, "empty"),
+        "too large": (b"\0" * 300_000, "image/png", 413, "over the limit"),
+        "unsupported type": (b'{"a": 1}', "application/json", 415, "not supported"),
+        "truncated jpeg": (jpeg[: len(jpeg) // 2], "image/jpeg", 400, "truncated"),
+        "no file field": (file_missing, file_missing_type, 400, "field named file"),
+    }
+    for name, (body, content_type, status, words) in cases.items():
+        got, answer = post(served.url, body, content_type)
+        assert (got, list(answer)) == (status, ["error"]), name
+        assert words in answer["error"].lower(), (name, answer)
+        assert post(served.url, good)[0] == 200, f"not answered after {name}"
+
+
+def test_load_test_script_runs_bounded_without_errors(served: Server, trained_run: dict) -> None:
+    started = time.monotonic()
+    out = subprocess.run(
+        [
+            sys.executable,
+            "scripts/load_test.py",
+            f"--images={Path(trained_run['data_root']) / 'val'}",
+            f"--port={served.port}",
+            "--concurrency=8",
+            "--requests=48",
+            "--seconds=20",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    results = json.loads(out)
+    assert (results["ok"], results["errors"]) == (48, {})
+    assert results["p50_ms"] <= results["p95_ms"] <= results["p99_ms"]
+    assert time.monotonic() - started < 25
+    refused = subprocess.run(
+        [sys.executable, "scripts/load_test.py", "--images=.", "--host=example.com"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0 and "this machine" in refused.stderr
+
+
+def test_onnx_parity_and_sigterm_with_a_request_in_flight(trained_run: dict, tmp_path: Path) -> None:
+    from transferkit.tasks.export import export
+
+    ckpt = trained_run["best_model_path"]
+    onnx = export(compose_task("export", tmp_path / "export", [f"ckpt_path={ckpt}", "format=onnx"]))["model"]
+    # A long batch window holds a lone request in the batcher: it is in flight when SIGTERM comes.
+    server = Server(onnx, tmp_path / "serve", "batch_timeout=1.0", "max_batch_size=64")
+    try:
+        server.wait_ready()
+        assert get(server.url + "/info")[1]["format"] == "onnx"
+        assert_parity(server, onnx, images(trained_run)[:2])
+        answered: list[tuple[int, dict]] = []
+        thread = threading.Thread(
+            target=lambda: answered.append(post(server.url, images(trained_run)[0].read_bytes()))
+        )
+        thread.start()
+        time.sleep(0.4)
+        server.process.send_signal(signal.SIGTERM)
+        thread.join(30)
+        assert answered and answered[0][0] == 200
+        assert server.process.wait(30) == -signal.SIGTERM  # uvicorn re-raises the signal once all is answered
+        assert "Traceback" not in server.process.stdout.read()
+    finally:
+        server.stop()
+
+
+def test_a_model_that_cannot_be_served_fails_before_binding(tmp_path: Path) -> None:
+    bad = tmp_path / "not_a_model.ckpt"
+    bad.write_text("nothing here")
+    server = Server(str(bad), tmp_path / "serve")
+    out, _ = server.process.communicate(timeout=60)
+    assert server.process.returncode == 2
+    errors = [line for line in out.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "not_a_model.ckpt" in errors[0], out
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", server.port)) != 0
