@@ -156,7 +156,12 @@ def test_bad_inputs_answer_4xx_and_the_server_stays_up(served: Server, trained_r
     ).stdout
     file_missing, file_missing_type = multipart("image", good)
     cases = {
-        "not an image": (b"hello, not an image", "application/octet-stream", 400, "not an image"),
+        "not an image": (
+            b"hello, not an image",
+            "application/octet-stream",
+            400,
+            "(cannot identify image file)",
+        ),
         "empty body": (b"", "image/png", 400, "empty"),
         "too large": (b"\0" * 300_000, "image/png", 413, "over the limit"),
         "unsupported type": (b'{"a": 1}', "application/json", 415, "not supported"),

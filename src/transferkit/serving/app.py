@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -82,8 +83,8 @@ def build_app(
         try:
             return transform(decode_rgb(io.BytesIO(data), name))
         except DataError as error:
-            cause = error.__cause__
-            raise BadRequest(400, f"The body is not an image that can be read ({cause or error}).") from None
+            reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error.__cause__ or error))
+            raise BadRequest(400, f"The body is not an image that can be read ({reason}).") from None
 
     @app.post("/predict")
     async def predict(request: Request) -> dict[str, Any]:
