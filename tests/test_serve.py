@@ -242,3 +242,44 @@ def test_a_model_that_cannot_be_served_fails_before_binding(tmp_path: Path) -> N
     assert len(errors) == 1 and "not_a_model.ckpt" in errors[0], out
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", server.port)) != 0
+
+
+def test_a_multilabel_model_answers_every_label_at_or_above_its_threshold(tmp_path: Path) -> None:
+    """In process (FastAPI's TestClient drives the same app serve.py runs): each class's score is
+    predict.py's sigmoid, and the labels are those at or above the checkpoint's thresholds, set
+    here between the scores so that the images get different labels."""
+    import torch
+    from conftest import TINY_MODEL, make_label_file
+    from fastapi.testclient import TestClient
+
+    from transferkit.inference.predictors import TorchPredictor
+    from transferkit.module import TransferModule
+    from transferkit.serving import build_app
+
+    make_label_file(tmp_path, multilabel=True, splits={"val": 4})
+    paths = sorted((tmp_path / "images").glob("val_*.png"))
+    torch.manual_seed(0)
+    classes = ["circle", "square", "triangle"]
+    model = TransferModule(
+        TINY_MODEL, classes, weights=None, multilabel=True, preprocessing={"image_size": 32}
+    )
+    predictor = TorchPredictor(model, torch.device("cpu"), torch.float32)
+    probs = predict_files(predictor, paths, batch_size=32).probs
+    middle = probs.median(dim=0).values
+    model.thresholds.copy_(middle)
+    predictor.thresholds = middle.clone()
+    expected = [[c for c, p, t in zip(classes, row, middle, strict=True) if p >= t] for row in probs.tolist()]
+    assert len({tuple(labels) for labels in expected}) > 1  # the thresholds split the images
+
+    with TestClient(build_app(predictor, tmp_path / "model.ckpt")) as client:
+        assert client.get("/info").json()["multilabel"] is True
+        for path, row, labels in zip(paths, probs.tolist(), expected, strict=True):
+            response = client.post(
+                "/predict", content=path.read_bytes(), headers={"Content-Type": "image/png"}
+            )
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["labels"] == labels
+            assert [s["label"] for s in body["scores"]] == classes
+            assert [s["prob"] for s in body["scores"]] == pytest.approx(row, abs=1e-5)
+            assert [s["threshold"] for s in body["scores"]] == pytest.approx(middle.tolist())
