@@ -2,6 +2,12 @@
 bounded in requests and seconds; prints throughput, p50/p95/p99 latency and errors.
 
     python scripts/load_test.py --images data/demo/val --concurrency 16 --requests 400 --seconds 60
+
+With --model (no server), it times the model alone on the same images at batch 1 and at
+--batch-size: the ratio is the most dynamic batching can gain on this machine, since a server
+batching perfectly still runs that model.
+
+    python scripts/load_test.py --images data/demo/val --model best.ckpt --batch-size 16
 """
 
 from __future__ import annotations
@@ -83,6 +89,35 @@ def run(url: str, images: list[bytes], concurrency: int, requests: int, seconds:
     }
 
 
+def model_alone(path: Path, images: list[bytes], batch_size: int, seconds: float) -> dict:
+    """Images per second of the model's forward pass alone (predict.py's predictor, decoded and
+    preprocessed images) at batch 1 and at `batch_size`, each for about `seconds` / 2."""
+    import io
+
+    import torch
+
+    from transferkit.data.images import decode_rgb
+    from transferkit.inference import load_predictor
+
+    predictor = load_predictor(path)
+    transform = predictor.preprocessing.transforms(train=False)
+    tensors = [transform(decode_rgb(io.BytesIO(data), "an image")) for data in images]
+    rates = {}
+    for size in (1, batch_size):
+        batch = torch.stack([tensors[i % len(tensors)] for i in range(size)])
+        predictor.logits(batch)  # warm-up
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds / 2 or done < 4 * size:
+            predictor.logits(batch)
+            done += size
+        rates[size] = done / (time.perf_counter() - started)
+    return {
+        "batch_1_ips": round(rates[1], 1),
+        f"batch_{batch_size}_ips": round(rates[batch_size], 1),
+        "ratio": round(rates[batch_size] / rates[1], 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -94,7 +129,20 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="at most this many requests")
     parser.add_argument("--seconds", type=float, default=60.0, help="and for at most this long")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line")
+    parser.add_argument("--model", type=Path, help="no server: time this checkpoint or model.onnx alone")
+    parser.add_argument("--batch-size", type=int, default=16, help="with --model: the batch to compare to 1")
     args = parser.parse_args()
+    if args.model is not None:
+        alone = model_alone(args.model, image_files(args.images), args.batch_size, min(args.seconds, 20.0))
+        print(
+            json.dumps(alone)
+            if args.json
+            else (
+                f"model alone: {alone['batch_1_ips']} images/s at batch 1, "
+                f"{alone[f'batch_{args.batch_size}_ips']} at batch {args.batch_size}: {alone['ratio']}x"
+            )
+        )
+        return
     if args.host not in LOCAL:
         sys.exit(f"--host={args.host}: the load test only targets this machine ({', '.join(LOCAL)}).")
     host = f"[{args.host}]" if ":" in args.host else args.host

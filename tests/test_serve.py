@@ -283,3 +283,15 @@ def test_a_multilabel_model_answers_every_label_at_or_above_its_threshold(tmp_pa
             assert [s["label"] for s in body["scores"]] == classes
             assert [s["prob"] for s in body["scores"]] == pytest.approx(row, abs=1e-5)
             assert [s["threshold"] for s in body["scores"]] == pytest.approx(middle.tolist())
+
+
+def test_load_test_times_the_model_alone_at_batch_1_and_at_the_batch_size(trained_run: dict) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("load_test", ROOT / "scripts" / "load_test.py")
+    load_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_test)
+    files = load_test.image_files(Path(trained_run["data_root"]) / "val")
+    alone = load_test.model_alone(Path(trained_run["best_model_path"]), files, batch_size=4, seconds=0.2)
+    assert alone["batch_1_ips"] > 0 and alone["batch_4_ips"] > 0
+    assert alone["ratio"] == pytest.approx(alone["batch_4_ips"] / alone["batch_1_ips"], rel=0.03)
