@@ -214,13 +214,22 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def test_a_2x2_multirun_writes_a_leaderboard_of_4_and_a_failed_job_does_not_stop_the_others(
     tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The basic launcher's one command-line run: jobs 1 and 3 fail, jobs 2 and 4 still train."""
+    """The basic launcher's one command-line run: jobs 1 and 3 fail, jobs 2 and 4 still train, in
+    batches of 2 (Hydra's own sweeper stops after the batch with a failure). The sweep ends with
+    the board, how many failed and where the board is, then exits 1, without a traceback."""
     proc = run_sweep(
         tmp_path, monkeypatch, f"data.root={image_folder}", "optimizer.lr=0.01,0.1", "data.batch_size=8,0",
-        flags=("-m",),
+        "hydra.sweeper.max_batch_size=2", flags=("-m",),
     )  # fmt: skip
-    assert proc.returncode != 0  # a job failed: the sweep says so at the end
     directory = sweep_dir(tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    end = proc.stdout[proc.stdout.index("Leaderboard (") :]
+    assert end.count("ConfigError") == 2 and "val/acc" in end  # the board, its failures with their errors
+    assert end.rstrip().splitlines()[-2:] == [
+        "2 of 4 jobs failed: see the error column.",
+        f"Leaderboard: {directory / 'leaderboard.md'}",
+    ]
+    assert "Traceback" not in proc.stdout + proc.stderr and "Error executing job" not in proc.stderr
     board = read_board(directory)
     assert len(board) == 4
     assert [b["status"] for b in board] == ["ok", "ok", "failed", "failed"]
@@ -260,6 +269,7 @@ def test_an_optuna_study_records_a_failed_trial_reports_the_best_and_resumes_fro
     best = read_yaml(directory / "optimization_results.yaml")
     board = read_board(directory)
     assert len(board) == 3 and "Leaderboard" in proc.stdout
+    assert "1 of 3 jobs failed: see the error column." in proc.stdout  # Optuna goes on: exit 0
     assert [b["status"] for b in board] == ["ok", "ok", "failed"]
     assert board[2]["job"] == "1" and "data.batch_size=0" in board[2]["overrides"]  # recorded, then job 2 ran
     assert "data.batch_size=0 must be a positive integer" in board[2]["error"]

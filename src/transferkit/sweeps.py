@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from rich import get_console
 from rich.table import Table
 
+from transferkit.errors import UserError
 from transferkit.run_dirs import write_json
 
 try:
@@ -233,6 +234,14 @@ def rebuild(sweep_dir: Path, direction: str) -> list[dict[str, str]]:
         return write_leaderboard(sweep_dir, rank(rows, direction)) if rows else []
 
 
+def summary(rows: list[dict[str, Any]]) -> str:
+    """One line under the board: how many jobs failed, where to see why."""
+    failed = sum(row["status"] == "failed" for row in rows)
+    if failed:
+        return f"{failed} of {len(rows)} jobs failed: see the error column."
+    return f"{len(rows)} jobs, none failed."
+
+
 class Leaderboard(Callback):
     """`mode`: max or min for `optimized_metric`, or auto (min for losses, else max)."""
 
@@ -252,7 +261,10 @@ class Leaderboard(Callback):
         write_json(Path(row["run_dir"]) / ROW_FILE, row)  # before the lock: a later rebuild sees it
         rebuild(Path(config.hydra.sweep.dir), _direction(row["metric"], self.mode))
         if row["status"] == "failed":
-            log.error("Job %d (%s) failed: %s", row["job"], " ".join(row["overrides"]), row["error"])
+            error = job_return._return_value
+            bug = None if isinstance(error, UserError) else error  # its traceback: how to fix it
+            overrides = " ".join(row["overrides"])
+            log.error("Job %d (%s) failed: %s", row["job"], overrides, row["error"], exc_info=bug)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not HydraConfig.initialized():  # the sweep dir may interpolate ${hydra:runtime.cwd}
@@ -270,4 +282,7 @@ class Leaderboard(Callback):
             view.add_column(column, overflow="fold")
         for cells in table:
             view.add_row(*(cells[c] for c in shown))
-        get_console().print(view)
+        console = get_console()
+        console.print(view)
+        for line in (summary(read_rows(sweep_dir)), f"Leaderboard: {sweep_dir / 'leaderboard.md'}"):
+            console.print(line, soft_wrap=True, markup=False, highlight=False)  # paths whole, to be copied
