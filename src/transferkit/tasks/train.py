@@ -25,6 +25,7 @@ from transferkit.features.cache import weights_fingerprint
 from transferkit.finetune import BlockFinetuning
 from transferkit.module import TransferModule
 from transferkit.run_dirs import resolve_checkpoint
+from transferkit.swa import refuse_stochastic_weight_averaging
 from transferkit.tasks.cross_validation import cross_validate, write_held_out
 from transferkit.tasks.preflight import (
     check_fold_seed,
@@ -107,6 +108,7 @@ def set_up(cfg: DictConfig, show_config: bool = True) -> TrainingRun:
     """Settle the checkpoint, run directory and seed, then build data, trainer and model; every
     setting is checked before the images are."""
     refuse_eval_only(cfg)
+    refuse_stochastic_weight_averaging(cfg.get("callbacks"))
     resolve_checkpoint(cfg)
     resolve_seed(cfg)
     if show_config:
