@@ -16,7 +16,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from transferkit.config import instantiate_group
+from transferkit.config_types import check_types
 from transferkit.errors import ConfigError
+from transferkit.tasks.settings import SETTINGS
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
@@ -43,9 +45,11 @@ def test_design_groups_and_options_exist() -> None:
     ],
 )
 def test_every_option_composes(group: str, option: str, compose_train, tmp_path: Path) -> None:
-    """Every option composes; what it sets under trainer reaches Lightning's Trainer by name (true
-    on any Lightning release that keeps these arguments, however many a release adds)."""
+    """Every option composes, and its values are of the types what they build takes; what it sets
+    under trainer reaches Lightning's Trainer by name (true on any Lightning release that keeps
+    these arguments, however many a release adds)."""
     cfg = compose_train(tmp_path, [f"{group}={option}"])
+    check_types(cfg, SETTINGS["train"])
     assert cfg.model.name and cfg.trainer._target_ == "lightning.pytorch.Trainer"
     assert set(cfg.trainer) - {"_target_"} <= TRAINER_ARGUMENTS, set(cfg.trainer) - TRAINER_ARGUMENTS
     if group in ("callbacks", "logger"):

@@ -1,0 +1,115 @@
+"""The types of each task's own keys (conf/<task>.yaml), which no `_target_` states: what a value
+given on the command line is checked against before any work (`transferkit.config_types`).
+The yaml files hold the defaults and say what each key means; tests keep the two in step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Train:
+    task_name: str
+    seed: int | None
+    train: bool
+    test: bool
+    ckpt_path: str | None
+    tune_lr: bool
+    print_config: bool
+    monitor: str
+    optimized_metric: str | None
+
+
+@dataclass
+class EvalData:
+    root: str | None  # null: the checkpoint's own data
+
+
+@dataclass
+class Eval:
+    task_name: str
+    ckpt_path: str
+    seed: int | None
+    split: str | None
+    data: EvalData | None  # data=<option> is checked against its _target_
+    batch_size: int
+    num_workers: int | None
+    device: str
+    precision: str | None
+    misclassified: int
+
+
+@dataclass
+class Predict:
+    task_name: str
+    ckpt_path: str
+    input: str
+    output: str
+    top_k: int
+    tta: bool
+    batch_size: int
+    num_workers: int | None
+    device: str
+    precision: str | None
+
+
+@dataclass
+class Parity:
+    images: str | None
+    count: int
+    atol: float
+
+
+@dataclass
+class Export:
+    task_name: str
+    ckpt_path: str
+    format: str
+    output: str
+    parity: Parity
+
+
+@dataclass
+class Serve:
+    task_name: str
+    ckpt_path: str
+    host: str
+    port: int
+    workers: int
+    max_batch_size: int
+    batch_timeout: float
+    max_bytes: int
+    top_k: int
+    graceful_s: float
+    device: str
+    precision: str | None
+
+
+@dataclass
+class AuditOptions:
+    near_threshold: float
+    pixel_threshold: float
+    max_feature_share: float
+    neighbours: int
+    folds: int
+    probe_c: float
+    outlier_z: float
+    show: int
+
+
+@dataclass
+class Audit:
+    task_name: str
+    seed: int
+    device: str
+    audit: AuditOptions
+
+
+SETTINGS: dict[str, type] = {
+    "train": Train,
+    "eval": Eval,
+    "predict": Predict,
+    "export": Export,
+    "serve": Serve,
+    "audit": Audit,
+}
