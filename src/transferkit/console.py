@@ -1,7 +1,11 @@
-"""What the tasks print: the composed config as a tree and a results table, from rank zero only."""
+"""What the tasks print: the composed config as a tree and a results table, from rank zero only,
+on a console that says only what matters: whole lines and no colour codes in a file or a pipe, and
+none of Lightning's messages that are false or useless for these runs."""
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -10,6 +14,34 @@ from rich import get_console
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.tree import Tree
+
+# Not a terminal (a file, a pipe, CI): Rich would cut every line at 80 columns, paths included.
+PIPED_WIDTH = 1000
+
+# Lightning's info lines that are false or useless here, by their start: a model summary callback
+# is configured on purpose (callbacks.rich_model_summary), and an advert for a cloud service.
+DROPPED_LIGHTNING_INFO = (
+    "Trainer already configured with model summary callbacks",
+    "💡 Tip: For seamless cloud logging",
+)
+
+
+class _DropLightningInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(DROPPED_LIGHTNING_INFO)
+
+
+def set_up_console() -> None:
+    """Lines whole (and without colour, which Rich leaves out off a terminal) when the output is
+    not a terminal; Lightning's useless info lines dropped where Lightning logs them.
+
+    The width goes through COLUMNS, which every Rich console reads: Lightning's progress bar
+    replaces Rich's global console with a new one of its own."""
+    if not get_console().is_terminal:
+        os.environ["COLUMNS"] = str(PIPED_WIDTH)
+    lightning_info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLightningInfo) for f in lightning_info.filters):
+        lightning_info.addFilter(_DropLightningInfo())
 
 
 @rank_zero_only

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import netrc
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from transferkit.extras import require
 
 class CSVLogger(LightningCSVLogger):
     """Lightning's CSVLogger, except that a run resumed in its directory keeps the rows it
-    logged before (Lightning's deletes metrics.csv) and appends to them."""
+    logged before (Lightning's deletes metrics.csv) and appends to them; so Lightning's warning
+    that the run directory's files "will be deleted" is false, and left out."""
 
     @property
     @rank_zero_experiment
@@ -32,7 +34,9 @@ class CSVLogger(LightningCSVLogger):
             with open(path, newline="") as f:
                 reader = csv.DictReader(f)
                 header, rows = reader.fieldnames, list(reader)
-        experiment = super().experiment  # removes metrics.csv
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            experiment = super().experiment  # removes metrics.csv
         if header:
             with open(path, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=header)

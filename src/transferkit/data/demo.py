@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -18,6 +19,8 @@ from transferkit.errors import DataError
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 _VERSION = 1
 _MARKER = ".complete.json"
+
+log = logging.getLogger(__name__)
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -138,6 +141,13 @@ def generate_demo(
             f"{root} is not the generated demo set, and data=demo would replace it. "
             f"To train on it, use data=imagefolder data.root={root}."
         )
+    log.info(
+        "Generating the demo data in %s (%d shapes, %d train + %d val images each): once, reused after.",
+        root,
+        len(SHAPES),
+        train_per_class,
+        val_per_class,
+    )
     staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):

@@ -66,13 +66,16 @@ class TrainingRun:
 def known_warnings_silenced() -> Iterator[None]:
     """Lightning's warnings that are false for this module and data: frozen parts are in eval mode
     on purpose (`hold_frozen_in_eval`), epoch metrics are torchmetrics objects that sync themselves,
-    and a run resumed mid-epoch skips what it trained (`data.position`), though Lightning says the
-    loader "is not resumable"."""
+    a run resumed mid-epoch skips what it trained (`data.position`), though Lightning says the
+    loader "is not resumable", and metrics are logged per epoch, so few batches per epoch lose no
+    step's log; and torch's deprecation of an isinstance check inside Lightning's own code."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable")
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
         sync_dist = r".*recommended to use `self.log\('(train|val|test)/.*sync_dist"
         warnings.filterwarnings("ignore", message=sync_dist)
+        warnings.filterwarnings("ignore", message=r"The number of training batches .* logging interval")
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
         yield
 
 
@@ -111,7 +114,7 @@ def set_up(cfg: DictConfig, show_config: bool = True) -> TrainingRun:
     refuse_stochastic_weight_averaging(cfg.get("callbacks"))
     resolve_checkpoint(cfg)
     resolve_seed(cfg)
-    if show_config:
+    if show_config and cfg.get("print_config"):
         print_config_tree(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule: ImageFolderDataModule = build(cfg.data)

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from transferkit.config_types import check_types
-from transferkit.console import print_results
+from transferkit.console import print_results, set_up_console
 from transferkit.errors import UserError
 from transferkit.interrupts import Interrupted, exit_code
 from transferkit.run_dirs import write_json
@@ -65,6 +65,7 @@ def exit_on_user_error(main: Callable[[DictConfig], Any]) -> Callable[[DictConfi
 
     @functools.wraps(main)
     def boundary(cfg: DictConfig) -> Any:
+        set_up_console()
         try:
             task = cfg.get("task_name")
             check_types(cfg, SETTINGS.get(task), f"{task}.py")
