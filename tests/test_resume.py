@@ -276,3 +276,22 @@ def test_a_gradual_checkpoint_from_before_unfreeze_last_resumes_only_as_it_train
         train(compose_train(tmp_path, default))
     results = train(compose_train(tmp_path, [*default, "finetune.unfreeze_last=null"]))
     assert results["epochs"] == 3
+
+
+def test_last_ckpt_linked_to_best_ckpt_is_written_as_a_file_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write into one name of a hard link would change the other: the save unshares it first
+    (Lightning writes in place where its temporary file is on another filesystem)."""
+    from transferkit.callbacks import link_or_copy, unshare
+
+    best, last = tmp_path / "best.ckpt", tmp_path / "last.ckpt"
+    best.write_bytes(b"epoch 0")
+    link_or_copy(best, last)
+    assert os.stat(best).st_ino == os.stat(last).st_ino
+    unshare(last)
+    last.write_bytes(b"epoch 1")
+    assert best.read_bytes() == b"epoch 0"
+    monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError("no hard links here")))
+    link_or_copy(best, last)  # a copy where the filesystem has no hard links
+    assert last.read_bytes() == b"epoch 0" and os.stat(best).st_ino != os.stat(last).st_ino

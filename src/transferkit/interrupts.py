@@ -15,6 +15,8 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from transferkit.callbacks import unshare
+
 log = logging.getLogger(__name__)
 
 
@@ -72,6 +74,8 @@ class CheckpointOnInterrupt(L.Callback):
             reason = "SIGTERM"
         else:
             return
+        if trainer.is_global_zero:
+            unshare(self.path)  # last.ckpt may be best.ckpt too: write a file of its own
         trainer.save_checkpoint(self.path)
         self.on_train_end(trainer, module)
         log.warning(
