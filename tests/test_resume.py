@@ -295,3 +295,46 @@ def test_last_ckpt_linked_to_best_ckpt_is_written_as_a_file_of_its_own(
     monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError("no hard links here")))
     link_or_copy(best, last)  # a copy where the filesystem has no hard links
     assert last.read_bytes() == b"epoch 0" and os.stat(best).st_ino != os.stat(last).st_ino
+
+
+@pytest.mark.slow
+def test_a_resume_from_a_last_ckpt_keeping_the_backbone_by_reference_equals_the_whole_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gradual: epoch 0's last.ckpt (one file with best.ckpt) keeps the whole frozen backbone by
+    reference; resumed, epoch 1 trains the last block from it exactly as the whole run did, and
+    the final checkpoint keeps that block's tensors (the ones that trained) in itself."""
+    from conftest import TINY_MODEL
+    from helpers import SGD
+    from test_backbone_reference import backbone_keys, ship_tiny_weights
+
+    from transferkit.backbones.blocks import backbone_blocks
+    from transferkit.callbacks import ModelCheckpoint
+    from transferkit.finetune import Gradual
+    from transferkit.module import TransferModule
+
+    ship_tiny_weights(monkeypatch, tmp_path / "tiny_weights.pth")
+
+    def model() -> TransferModule:
+        torch.manual_seed(0)
+        module = TransferModule(TINY_MODEL, ["a", "b", "c"], weights="shipped", optimizer=SGD)
+        module.keep_backbone_by_reference()
+        return module
+
+    def saver(run: str) -> ModelCheckpoint:
+        return ModelCheckpoint(
+            tmp_path / run, "best", "val/acc", mode="max", save_last=True, enable_version_counter=False
+        )
+
+    whole = model()
+    fit(whole, tmp_path / "whole", callbacks=(Gradual(), saver("whole")), epochs=2)
+    fit(model(), tmp_path / "first", callbacks=(Gradual(), saver("first")), epochs=2, max_steps=3)  # epoch 0
+    last = tmp_path / "first" / "last.ckpt"
+    assert os.stat(last).st_ino == os.stat(tmp_path / "first" / "best.ckpt").st_ino
+    assert backbone_keys(last) == []
+    resumed = model()
+    fit(resumed, tmp_path / "resumed", callbacks=(Gradual(),), epochs=2, ckpt_path=str(last))
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
+    trained = {f"backbone.{p}" for p in backbone_blocks(whole.backbone)[-1].params}
+    assert trained <= set(backbone_keys(tmp_path / "whole" / "last.ckpt")) < set(whole.state_dict())

@@ -47,11 +47,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path) -> TransferModule:
-    """The model rebuilt from the checkpoint alone (nothing is downloaded), in eval mode, with
-    the run's record restored: `data_config`, `run_record`, and `frozen_dtype` set to the
-    precision validation ran the backbone in (fp32 for checkpoints that predate the record)."""
+    """The model rebuilt from the checkpoint (and the named weights it keeps a frozen backbone
+    by, read from this machine: nothing is downloaded), in eval mode, with the run's record
+    restored: `data_config`, `run_record`, and `frozen_dtype` set to the precision validation ran
+    the backbone in (fp32 for checkpoints that predate the record)."""
     checkpoint = read_checkpoint(path)
-    hparams = {**checkpoint["hyper_parameters"], "weights": None}  # the weights are in the state dict
+    hparams = {**checkpoint["hyper_parameters"], "weights": None}  # the state dict has or names them
     if hparams.get("preprocessing") is not None:  # saved before crop modes: evaluated with a centre crop
         hparams["preprocessing"] = {"crop_mode": "center", **hparams["preprocessing"]}
     record = checkpoint.get(RECORD_KEY) or {}
@@ -64,6 +65,7 @@ def load_model(path: str | Path) -> TransferModule:
     )
     if "augment" in record:  # known as the fit started
         model.run_record["augment"] = record["augment"]
+    model.on_load_checkpoint(checkpoint)  # the tensors kept by reference
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:

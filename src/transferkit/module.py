@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from transferkit.backbone_reference import RECORD_ENTRY, BackboneReference, put_back
 from transferkit.backbones import build_backbone
 from transferkit.errors import ConfigError, TrainingDiverged
 from transferkit.features import training_augment
@@ -87,6 +88,7 @@ class TransferModule(L.LightningModule):
         self.data_config = data_config
         recorded = {"seed": seed, "finetune": finetune}  # and `augment`, known as the fit starts
         self.run_record: dict[str, Any] = {k: v for k, v in recorded.items() if v is not None}
+        self.backbone_reference: BackboneReference | None = None  # see keep_backbone_by_reference
         self.head = build_head(backbone.num_features, len(class_names), **(head or {}))
         num_classes = len(class_names)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
@@ -150,6 +152,11 @@ class TransferModule(L.LightningModule):
         if hasattr(datamodule, "feature_sets"):
             self.run_record["augment"] = training_augment(datamodule)
 
+    def keep_backbone_by_reference(self) -> None:
+        """From now on checkpoints leave out the backbone tensors still equal to the named weights
+        it was built with (none if it was not built from named weights); called as built."""
+        self.backbone_reference = BackboneReference.of(self.hparams.name, self.hparams.weights, self.backbone)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record what eval needs to find the data again and reproduce the logged metrics."""
         checkpoint[RECORD_KEY] = {
@@ -157,6 +164,13 @@ class TransferModule(L.LightningModule):
             "data": self.data_config,
             "precision": self.validation_precision,
         }
+        if self.backbone_reference is not None:
+            reference = self.backbone_reference.leave_out(checkpoint["state_dict"])
+            checkpoint[RECORD_KEY].update({RECORD_ENTRY: reference} if reference else {})
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put back the backbone tensors a checkpoint keeps by reference."""
+        put_back(checkpoint.get(RECORD_KEY), checkpoint["state_dict"], self.backbone)
 
     def train(self, mode: bool = True) -> TransferModule:
         """Frozen parts stay in eval mode whoever switches the model to training."""

@@ -8,6 +8,11 @@ from dataclasses import dataclass
 
 
 @dataclass
+class Checkpoint:
+    self_contained: bool
+
+
+@dataclass
 class Train:
     task_name: str
     seed: int | None
@@ -18,6 +23,7 @@ class Train:
     print_config: bool
     monitor: str
     optimized_metric: str | None
+    checkpoint: Checkpoint
 
 
 @dataclass

@@ -145,6 +145,8 @@ def prepare_model(
     model = build_model(cfg, datamodule, features.dtype(trainer.strategy.root_device))
     check_input_size(model.backbone, model.preprocessing.image_size, model.hparams.name)
     check_resume(cfg, model)
+    if not cfg.checkpoint.self_contained:
+        model.keep_backbone_by_reference()
     finetune.freeze_before_training(model)  # what trains decides whether features can be cached
     finetune.check(trainer)
     return model
