@@ -4,7 +4,9 @@ the type expected; what the shipped configs hold is never refused."""
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -20,13 +22,17 @@ CHECKPOINT_TASKS = {"eval", "predict", "export", "serve"}
 
 
 @pytest.fixture(scope="module")
-def composed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, DictConfig]:
-    """Each task's config, composed once (a composition takes half a second): a checkpoint that
-    is not there, so any work the task began would fail otherwise."""
+def composed(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], DictConfig]:
+    """A task's config, composed once per test worker (a composition takes half a second), with
+    a checkpoint that is not there: any work the task began would fail otherwise."""
     root = tmp_path_factory.mktemp("composed")
-    given = {task: [f"ckpt_path={root / 'missing.ckpt'}"] for task in CHECKPOINT_TASKS}
-    given["predict"].append(f"input={root}")
-    return {task: compose_task(task, root, given.get(task, [])) for task in SETTINGS}
+
+    @functools.cache
+    def compose(task: str) -> DictConfig:
+        given = [f"ckpt_path={root / 'missing.ckpt'}"] if task in CHECKPOINT_TASKS else []
+        return compose_task(task, root, [*given, f"input={root}"] if task == "predict" else given)
+
+    return compose
 
 
 @pytest.mark.parametrize(
@@ -56,7 +62,7 @@ def test_a_value_of_the_wrong_type_is_refused_before_any_work(
     tasks = importlib.import_module(f"transferkit.tasks.{task}")
     if task == "train":  # nothing of the run is set up: no data generated or loaded, nothing built
         monkeypatch.setattr(tasks, "set_up", lambda *a: pytest.fail("the run was set up"))
-    cfg = copy.deepcopy(composed[task])
+    cfg = copy.deepcopy(composed(task))
     OmegaConf.update(cfg, key, value)
     cfg.paths.output_dir = str(tmp_path)
     code, lines = main_exits(tasks.main, cfg, caplog)
@@ -71,7 +77,7 @@ def test_each_task_s_own_keys_have_a_type_and_its_defaults_are_accepted(task: st
     own = OmegaConf.to_container(OmegaConf.load(CONF / f"{task}.yaml"))
     plain = {k for k, v in own.items() if k != "defaults" and not isinstance(v, dict)}
     assert plain <= set(SETTINGS[task].__dataclass_fields__), plain - set(SETTINGS[task].__dataclass_fields__)
-    check_types(composed[task], SETTINGS[task])
+    check_types(composed(task), SETTINGS[task])
 
 
 def test_hints_as_constructors_write_them() -> None:
