@@ -16,6 +16,7 @@ import inspect
 import os
 import types
 import typing
+from collections.abc import Callable, Mapping
 from pathlib import PurePath
 from typing import Any, Literal, Union
 
@@ -37,13 +38,21 @@ class Parameter:
     prefix: str = ""  # a task's nested key: export.py's parity.count
 
 
-def check_types(cfg: DictConfig, settings: type | None = None, task: str = "the task") -> None:
+def check_types(
+    cfg: DictConfig,
+    settings: type | None = None,
+    task: str = "the task",
+    passed_on: Mapping[str, Callable[..., Any]] | None = None,
+) -> None:
     """Raise ConfigError for the first value whose type what takes it does not accept; the task's
-    own keys are checked against `settings` (a dataclass)."""
-    _check_node(cfg, "", _parameters(settings, task) if settings else {})
+    own keys are checked against `settings` (a dataclass), and the keys of a node in `passed_on`
+    (`model.head`) also against the callable its builder hands them to as a dict or **kwargs."""
+    _check_node(cfg, "", _parameters(settings, task) if settings else {}, passed_on or {})
 
 
-def _check_node(node: DictConfig, path: str, parameters: dict[str, Parameter]) -> None:
+def _check_node(
+    node: DictConfig, path: str, parameters: dict[str, Parameter], passed_on: Mapping[str, Callable[..., Any]]
+) -> None:
     for key in node:
         key = str(key)
         if key.startswith("_"):
@@ -56,11 +65,17 @@ def _check_node(node: DictConfig, path: str, parameters: dict[str, Parameter]) -
                 f"({parameter.owner}'s {parameter.prefix}{key}), got {_kind(value)}."
             )
         if isinstance(value, DictConfig):
-            _check_node(value, f"{full_key}.", _node_parameters(value, parameter, full_key))
+            inner = _node_parameters(value, parameter, full_key)
+            if full_key in passed_on:
+                taker = passed_on[full_key]
+                inner = {**_parameters(taker, f"{taker.__module__}.{taker.__qualname__}"), **inner}
+            _check_node(value, f"{full_key}.", inner, passed_on)
         elif isinstance(value, ListConfig):
             for index, item in enumerate(value):
                 if isinstance(item, DictConfig):
-                    _check_node(item, f"{full_key}[{index}].", _node_parameters(item, None, full_key))
+                    _check_node(
+                        item, f"{full_key}[{index}].", _node_parameters(item, None, full_key), passed_on
+                    )
 
 
 def _read(node: DictConfig | ListConfig, key: str | int) -> Any:

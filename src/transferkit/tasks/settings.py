@@ -4,7 +4,13 @@ The yaml files hold the defaults and say what each key means; tests keep the two
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+from lightning.pytorch.tuner import Tuner
+
+from transferkit.heads import build_head
 
 
 @dataclass
@@ -119,3 +125,7 @@ SETTINGS: dict[str, type] = {
     "serve": Serve,
     "audit": Audit,
 }
+
+# Nodes whose builder hands their keys on, as a dict or **kwargs, to a callable of their own: the
+# model's head options to build_head, the lr finder's to Lightning's Tuner.lr_find.
+PASSED_ON: dict[str, Callable[..., Any]] = {"model.head": build_head, "lr_finder": Tuner.lr_find}

@@ -23,7 +23,7 @@ from transferkit.console import print_results, set_up_console
 from transferkit.errors import UserError
 from transferkit.interrupts import Interrupted, exit_code
 from transferkit.run_dirs import write_json
-from transferkit.tasks.settings import SETTINGS
+from transferkit.tasks.settings import PASSED_ON, SETTINGS
 
 log = logging.getLogger(__name__)
 Task = Callable[[DictConfig], dict[str, Any]]
@@ -68,7 +68,7 @@ def exit_on_user_error(main: Callable[[DictConfig], Any]) -> Callable[[DictConfi
         set_up_console()
         try:
             task = cfg.get("task_name")
-            check_types(cfg, SETTINGS.get(task), f"{task}.py")
+            check_types(cfg, SETTINGS.get(task), f"{task}.py", PASSED_ON)
             return main(cfg)
         except (Interrupted, SIGTERMException) as error:  # last.ckpt is saved and the log says how to resume
             sys.exit(exit_code(error))
