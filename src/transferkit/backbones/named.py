@@ -5,6 +5,7 @@ from, and loads them again, from this machine only, or says how to get them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from importlib import metadata
@@ -55,8 +56,11 @@ class NamedWeights:
         never downloaded (a checkpoint loads the same offline and on)."""
         missing = self._missing()
         if missing is None:
+            from transferkit.backbones.timm_models import _hub_cache_only
+
             try:
-                return build_backbone(self.model, self.weights).model.state_dict()
+                with _hub_cache_only() if self.timm else contextlib.nullcontext():
+                    return build_backbone(self.model, self.weights).model.state_dict()
             except WeightsError as error:
                 missing = first_line(error)
         raise WeightsError(
