@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from transferkit import sweeps
+from transferkit.errors import ConfigError
 from transferkit.run_dirs import write_json
 from transferkit.sweeps import Leaderboard, rank, swept, write_leaderboard
 
@@ -128,6 +129,20 @@ def _job_config(sweep: Path, job: int) -> DictConfig:
 
 def _finish_job(config: DictConfig, errors: Any) -> None:
     Leaderboard().on_job_end(config, JobReturn(status=JobStatus.COMPLETED))
+
+
+@pytest.mark.parametrize("error", [ConfigError("data.batch_size=0 must be positive."), KeyError("x")])
+def test_a_failed_job_is_logged_in_one_line_unless_it_is_a_bug(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, error: Exception
+) -> None:
+    """A user error's line is all a user needs; a crash keeps its traceback, to be fixed."""
+    failed = JobReturn(status=JobStatus.FAILED)
+    failed.return_value = error
+    Leaderboard().on_job_end(_job_config(tmp_path, 3), failed)
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert record.getMessage().startswith(f"Job 3 (optimizer.lr=3) failed: {type(error).__name__}: ")
+    assert (record.exc_info is not None) == (not isinstance(error, ConfigError))
+    assert sweeps.summary(sweeps.read_rows(tmp_path)) == "1 of 1 jobs failed: see the error column."
 
 
 @pytest.mark.slow
