@@ -9,14 +9,13 @@ object that takes them.
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 import enum
 import inspect
 import os
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import PurePath
 from typing import Any, Literal, Union
 
@@ -27,8 +26,10 @@ from omegaconf.errors import OmegaConfBaseException
 from transferkit.errors import ConfigError
 
 _MISSING = object()  # a value that cannot be read yet (???, an interpolation Hydra resolves later)
-_SEQUENCES = (list, tuple, collections.abc.Sequence)
-_MAPPINGS = (dict, collections.abc.Mapping)
+_SEQUENCES = (list, tuple, Sequence)
+_MAPPINGS = (dict, Mapping)
+_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_PLURALS = {bool: "true or false values", int: "integers", float: "numbers", str: "strings"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +72,7 @@ def _check_node(
                 inner = {**_parameters(taker, f"{taker.__module__}.{taker.__qualname__}"), **inner}
             _check_node(value, f"{full_key}.", inner, passed_on)
         elif isinstance(value, ListConfig):
-            for index, item in enumerate(value):
+            for index, item in enumerate(_items(value)):
                 if isinstance(item, DictConfig):
                     _check_node(
                         item, f"{full_key}[{index}].", _node_parameters(item, None, full_key), passed_on
@@ -201,9 +202,8 @@ def describe(hint: Any) -> str:
         return described[0] if len(described) == 1 else ", ".join(described[:-1]) + " or " + described[-1]
     if origin is Literal:
         return "one of " + ", ".join(dict.fromkeys(_shown(choice) for choice in args))
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    if hint in names:
-        return names[hint]
+    if hint in _NAMES:
+        return _NAMES[hint]
     if hint is type(None):
         return "null"
     if origin in _SEQUENCES or hint in _SEQUENCES:
@@ -223,21 +223,20 @@ def _settable(hint: Any) -> bool:
     return plain or typing.get_origin(hint) is not None
 
 
-_PLURALS = {bool: "true or false values", int: "integers", float: "numbers", str: "strings"}
-
-
 def _shown(value: Any) -> str:
     if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value, resolve=True)
+        try:
+            value = OmegaConf.to_container(value, resolve=True)
+        except OmegaConfBaseException:  # an item resolved later: shown as written
+            value = OmegaConf.to_container(value, resolve=False)
     if isinstance(value, bool) or value is None:
         return {True: "true", False: "false", None: "null"}[value]
     return str(value)
 
 
 def _kind(value: Any) -> str:
-    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     if isinstance(value, ListConfig):
         return "a list"
     if isinstance(value, DictConfig):
         return "a mapping"
-    return kinds.get(type(value), "null" if value is None else type(value).__name__)
+    return _NAMES.get(type(value), "null" if value is None else type(value).__name__)
