@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_MODEL
@@ -19,7 +21,7 @@ from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.data.images import load_rgb
 from transferkit.data.sampling import EpochSampler
 from transferkit.errors import ConfigError
-from transferkit.features import precision
+from transferkit.features import precision, store
 from transferkit.features.precision import resolve_precision
 from transferkit.module import TransferModule
 from transferkit.tasks.train import train
@@ -32,12 +34,17 @@ def passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     extract = cache_module.extract
 
     def counting(backbone, loader, *args, **kwargs):
-        out = extract(backbone, loader, *args, **kwargs)
-        counted.append(len(out))
-        return out
+        ran = extract(backbone, loader, *args, **kwargs)
+        counted.append(ran)
+        return ran
 
     monkeypatch.setattr(cache_module, "extract", counting)
     return counted
+
+
+def cached(path: str | Path, split: str) -> torch.Tensor:
+    """A cache's (views, N, ...) features of `split`, as written."""
+    return torch.from_numpy(store.open_array(store.features_file(Path(path), split)))
 
 
 def backbone_calls(model: TransferModule) -> list[int]:
@@ -51,7 +58,7 @@ def test_frozen_run_caches_once_and_a_second_run_reuses_it(
     compose_train, tmp_path: Path, tiny_overrides: list[str], image_folder: Path, passes: list[int]
 ) -> None:
     first = train(compose_train(tmp_path / "a", [*tiny_overrides, f"features.dir={tmp_path}/cache"]))
-    assert first["feature_cache"] and Path(first["feature_cache"]).is_file()
+    assert first["feature_cache"] and Path(first["feature_cache"]).is_dir()
     n_images = sum(1 for _ in image_folder.rglob("*.png"))
     assert sum(passes) == n_images  # train + val, one pass
     second = train(compose_train(tmp_path / "b", [*tiny_overrides, f"features.dir={tmp_path}/cache"]))
@@ -92,40 +99,180 @@ def test_any_change_in_the_key_rebuilds(
     assert len(passes) == 3 * 2
 
 
-@pytest.mark.parametrize("damage", ["garbage", "old_format", "truncated"])
-def test_a_damaged_cache_is_rebuilt_not_trusted(tmp_path: Path, image_folder: Path, damage: str) -> None:
-    """The cache file of the same key, damaged three ways: loading it rebuilds the same features."""
-    from transferkit.backbones import build_backbone
-
-    backbone = build_backbone(TINY_MODEL, None)
-    transform = backbone.preprocessing.transforms(train=False)
-    splits = {
+def tiny_splits(image_folder: Path, per_class: int = 3) -> dict[str, list[tuple[Path, int]]]:
+    return {
         split: [(path, label) for label, name in enumerate(("circle", "square")) for path in
-                sorted((image_folder / split / name).glob("*.png"))[:3]]
+                sorted((image_folder / split / name).glob("*.png"))[:per_class]]
         for split in ("train", "val")
     }  # fmt: skip
 
-    def build() -> tuple[dict, Path, bool]:
-        return cache_module.build_or_load(
-            backbone.model, splits, transform, transform, tmp_path / "cache", views=1,
-            dtype=torch.float32, device=torch.device("cpu"), seed=0, batch_size=4, num_workers=0,
-        )  # fmt: skip
 
-    first, path, reused = build()
-    assert not reused and build()[2]  # built, then reused as it is
+def build_tiny(directory: Path, image_folder: Path, **kwargs) -> tuple[dict, Path, bool]:
+    """The cache of 3 + 3 train and val images, through a stand-in backbone (a linear map of
+    pooled pixels: the format, not the network, is under test)."""
+    from torchvision.transforms import v2
+
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 8))
+    transform = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+    return cache_module.build_or_load(
+        backbone, tiny_splits(image_folder), transform, transform, directory, views=1,
+        dtype=torch.float32, device=torch.device("cpu"), seed=0, batch_size=4, num_workers=0, **kwargs,
+    )  # fmt: skip
+
+
+def mapped_file(tensor: torch.Tensor) -> str | None:
+    """The file whose memory map holds `tensor`'s data, if any (from /proc/self/maps)."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end:
+            return fields[5] if len(fields) == 6 else None
+    return None
+
+
+@pytest.mark.parametrize("damage", ["garbage", "old_format", "truncated", "no_meta", "labels"])
+def test_a_damaged_cache_is_rebuilt_not_trusted(tmp_path: Path, image_folder: Path, damage: str) -> None:
+    """The cache of the same key, damaged five ways: loading it rebuilds the same features."""
+    built, path, reused = build_tiny(tmp_path / "cache", image_folder)
+    first = {split: built[split].features.clone() for split in built}  # read before the damage
+    assert not reused and build_tiny(tmp_path / "cache", image_folder)[2]  # built, then reused
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [path.name]  # no lock, no temporary
+    features = store.features_file(path, "train")
     if damage == "garbage":
-        path.write_bytes(b"not a cache")
+        features.write_bytes(b"not a cache")
     elif damage == "truncated":
-        path.write_bytes(path.read_bytes()[:200])
+        features.write_bytes(features.read_bytes()[:200])
+    elif damage == "no_meta":  # as a writer leaves it before its last step
+        (path / store.META).unlink()
+    elif damage == "labels":
+        np.save(store.labels_file(path, "val"), np.zeros(6, dtype=np.int64))
     else:
-        data = torch.load(path, weights_only=True)
-        data["format"] = 0
-        torch.save(data, path)
-    second, again, reused = build()
+        meta = json.loads((path / store.META).read_text())
+        (path / store.META).write_text(json.dumps({**meta, "format": 3}))
+    second, again, reused = build_tiny(tmp_path / "cache", image_folder)
     assert again == path and not reused
-    for split in splits:
-        torch.testing.assert_close(second[split].features, first[split].features, rtol=0, atol=0)
-    assert torch.load(path, weights_only=True)["format"] == cache_module.FORMAT_VERSION
+    for split in ("train", "val"):
+        torch.testing.assert_close(second[split].features, first[split], rtol=0, atol=0)
+    assert json.loads((path / store.META).read_text())["format"] == store.FORMAT_VERSION
+
+
+def test_the_cache_is_memory_mapped_files_beside_their_metadata(tmp_path: Path, image_folder: Path) -> None:
+    """(views, N, D) fp16 train and fp32 val features in .npy files, opened as maps of them (no
+    copy in memory), labels beside them, shapes and dtypes in meta.json."""
+    sets, path, _ = build_tiny(tmp_path / "cache", image_folder)
+    meta = json.loads((path / store.META).read_text())
+    assert meta["format"] == store.FORMAT_VERSION and meta["key"].startswith(path.name)
+    train_features = np.load(store.features_file(path, "train"), mmap_mode="r")
+    assert meta["splits"]["train"] == {"shape": list(train_features.shape), "dtype": "float16"}
+    assert meta["splits"]["val"]["dtype"] == "float32" and train_features.shape == (1, 6, 8)
+    assert np.load(store.labels_file(path, "train")).tolist() == [0, 0, 0, 1, 1, 1]
+    opened = build_tiny(tmp_path / "cache", image_folder)[0]
+    for split in ("train", "val"):
+        assert mapped_file(opened[split].features) == str(store.features_file(path, split))
+        assert torch.equal(opened[split].features, sets[split].features)
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_the_write_with_one_line_and_the_run_trains_uncached(
+    tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ENOSPC when the space is reserved (before any image is decoded): CacheNotWritten, one
+    line naming the directory and the fix; nothing is left that a later run would load."""
+    import errno
+
+    from transferkit.data.datamodule import ImageFolderDataModule
+    from transferkit.features import FrozenFeatures
+    from transferkit.finetune import Freeze
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(cache_module.CacheNotWritten) as error:
+        build_tiny(tmp_path / "cache", image_folder)
+    message = str(error.value)
+    assert "\n" not in message and "No space left on device" in message and str(tmp_path / "cache") in message
+    assert list((tmp_path / "cache").iterdir()) == []  # no temporary directory, no lock
+    model = TransferModule(TINY_MODEL, ["circle", "square"], weights=None)
+    datamodule = ImageFolderDataModule(image_folder, num_workers=0, image_size=32, augment=False)
+    datamodule.preprocessing = model.preprocessing
+    freeze = Freeze()
+    freeze.freeze_before_training(model)
+    trainer = L.Trainer(accelerator="cpu", logger=False)
+    with caplog.at_level("WARNING", logger="transferkit"):
+        used = FrozenFeatures(dir=tmp_path / "cache").use(model, datamodule, trainer, freeze)
+    assert used is None and datamodule.feature_sets is None
+    assert "Training without a feature cache: The feature cache could not be written under" in caplog.text
+    with pytest.raises(cache_module.CacheNotWritten):
+        FrozenFeatures(cache=True, dir=tmp_path / "cache").use(model, datamodule, trainer, freeze)
+
+
+def test_a_cache_another_live_run_is_writing_is_waited_for_and_reused(
+    tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    passes: list[int],
+) -> None:  # fmt: skip
+    """A lock held by a live process: the run waits (says so), and once that writer has
+    published, reuses its cache without computing anything."""
+    import subprocess
+
+    from transferkit.features import lock as lock_module
+
+    done, path, _ = build_tiny(tmp_path / "done", image_folder)  # what the other writer will publish
+    passes.clear()
+    target = tmp_path / "cache" / path.name
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        target.parent.mkdir()
+        lock = lock_module.CacheLock(target)
+        lock.path.write_text(json.dumps({"host": lock_module.socket.gethostname(), "pid": holder.pid}))
+        polls: list[float] = []
+
+        def writer_finishes(seconds: float) -> None:  # the other run publishes, then unlocks
+            polls.append(seconds)
+            if len(polls) == 3:
+                shutil.copytree(path, target)
+                lock.path.unlink()
+
+        monkeypatch.setattr(lock_module.time, "sleep", writer_finishes)
+        with caplog.at_level("INFO", logger="transferkit"):
+            sets, again, reused = build_tiny(tmp_path / "cache", image_folder)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert reused and again == target and len(polls) == 3 and passes == []
+    assert f"pid {holder.pid}" in caplog.text and "waiting for it, to reuse it" in caplog.text
+    assert torch.equal(sets["train"].features, done["train"].features)
+
+
+def test_a_lock_whose_holder_is_gone_is_taken_over(
+    tmp_path: Path, image_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lock of a process that died (same host), or one untouched for STALE_S: broken, and the
+    cache built here; a crashed writer's temporary directory is cleared."""
+    import subprocess
+
+    from transferkit.features import lock as lock_module
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    target = cache_module.cache_path(tmp_path / "cache", "x" * 32)
+    lock = lock_module.CacheLock(target)
+    target.parent.mkdir()
+    lock.path.write_text(json.dumps({"host": lock_module.socket.gethostname(), "pid": dead.pid}))
+    assert lock.stale() and lock.acquire()
+    lock.release()
+    lock.path.write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    assert not lock.stale()
+    old = lock.path.stat().st_mtime - lock_module.STALE_S - 1
+    os.utime(lock.path, (old, old))
+    assert lock.stale()
+    leftover = store.temporary_dir(target)
+    leftover.mkdir()
+    with caplog.at_level("INFO", logger="transferkit"):
+        store.remove_leftovers(target)
+    assert not leftover.exists()
 
 
 @pytest.mark.slow
@@ -157,13 +304,13 @@ def test_views_cache_k_augmented_copies_and_draw_one_per_item(
     compose_train, tmp_path: Path, tiny_overrides: list[str], passes: list[int]
 ) -> None:
     results = train(compose_train(tmp_path, [*tiny_overrides, "features.views=3"]))
-    data = torch.load(results["feature_cache"], weights_only=True)
-    train_features = data["splits"]["train"]["features"]
-    assert train_features.shape[0] == 3 and data["splits"]["val"]["features"].shape[0] == 1
+    train_features, val_features = (cached(results["feature_cache"], split) for split in ("train", "val"))
+    assert train_features.shape[0] == 3 and val_features.shape[0] == 1
     assert not torch.equal(train_features[0], train_features[1])  # different augmentations
     assert train_features.dtype == torch.float16  # views are many: half the memory
-    assert data["splits"]["val"]["features"].dtype == torch.float32  # val metrics are the model's own
-    feature_set = cache_module.FeatureSet(train_features, data["splits"]["train"]["labels"], seed=0)
+    assert val_features.dtype == torch.float32  # val metrics are the model's own
+    labels = torch.from_numpy(np.load(store.labels_file(Path(results["feature_cache"]), "train")))
+    feature_set = cache_module.FeatureSet(train_features, labels, seed=0)
     n = len(feature_set)
     assert torch.equal(feature_set[4 * n][0], feature_set[4 * n][0])  # a function of (seed, epoch, index)
     drawn = {tuple(feature_set[epoch * n][0].tolist()) for epoch in range(30)}
@@ -183,8 +330,8 @@ def test_cached_views_are_seeded_and_train_batch_png_shows_the_view_each_image_t
     overrides = [*tiny_overrides, "features.views=2", f"features.dir={tmp_path}/cache"]
     results = train(compose_train(tmp_path, overrides))
     assert results["augment"] == "basic"
-    first = torch.load(results["feature_cache"], weights_only=True)["splits"]["train"]["features"]
-    os.unlink(results["feature_cache"])
+    first = cached(results["feature_cache"], "train").clone()
+    shutil.rmtree(results["feature_cache"])
     model = load_model(results["best_model_path"])
     datamodule = ImageFolderDataModule(tiny_overrides[1].split("=", 1)[1], num_workers=0, image_size=32)
     datamodule.preprocessing = model.preprocessing
@@ -192,7 +339,7 @@ def test_cached_views_are_seeded_and_train_batch_png_shows_the_view_each_image_t
     freeze = Freeze()
     freeze.freeze_before_training(model)
     FrozenFeatures(views=2, dir=tmp_path / "cache").use(model, datamodule, trainer, freeze, seed=42)
-    rebuilt = torch.load(results["feature_cache"], weights_only=True)["splits"]["train"]["features"]
+    rebuilt = cached(results["feature_cache"], "train")
     assert torch.equal(first, rebuilt)
 
     images, labels = training_batch(datamodule, model, count=4)

@@ -18,7 +18,7 @@ from torch import nn
 from transferkit.checkpoints import load_model
 from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.errors import ConfigError
-from transferkit.features import FrozenFeatures
+from transferkit.features import FrozenFeatures, store
 from transferkit.features.cache import FORMAT_VERSION, _files, cache_key, weights_fingerprint
 from transferkit.features.frozen import NoCache, frozen_blocks
 from transferkit.features.prefix import NoPrefixSplit, eval_mode, split_backbone
@@ -178,9 +178,9 @@ def test_the_key_follows_everything_that_changes_the_activations(image_folder: P
     assert len({base, *changed}) == 1 + len(changed)
 
 
-def test_the_whole_backbone_key_is_unchanged(image_folder: Path) -> None:
-    """Users' existing feature caches stay valid: the key of a frozen backbone's features is
-    the one it has always been."""
+def test_the_whole_backbone_key_is_unchanged_but_for_the_format(image_folder: Path) -> None:
+    """The key of a frozen backbone's features is the one it has always been, with format 4
+    (memory-mapped .npy files): a cache of format 3 (one torch.save file) is never misread."""
     model = TransferModule(TINY_MODEL, ["a", "b"], weights=None)
     files = {"val": sorted((p, 1) for p in (image_folder / "val" / "square").glob("*.png"))}
     transforms = {"eval": "T", "train": None}
@@ -194,7 +194,7 @@ def test_the_whole_backbone_key_is_unchanged(image_folder: Path) -> None:
         "seed": None,
     }
     before = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-    assert FORMAT_VERSION == 3
+    assert FORMAT_VERSION == 4
     assert cache_key(model.backbone, files, transforms, 1, torch.float32, 7) == before
 
 
@@ -217,7 +217,7 @@ def test_a_partial_run_on_the_prefix_cache_matches_an_uncached_one(
     assert cached["feature_cache"] and plain["feature_cache"] is None and calls == []
     assert abs(cached["val/acc"] - plain["val/acc"]) <= 0.01
     assert cached["val/loss"] == pytest.approx(plain["val/loss"], abs=1e-5)
-    stored = torch.load(cached["feature_cache"], weights_only=True)["splits"]["train"]["features"]
+    stored = torch.from_numpy(store.open_array(store.features_file(Path(cached["feature_cache"]), "train")))
     assert stored.dtype == torch.float32 and stored.ndim == 5  # (views, N, C, H, W)
     states = [torch.load(r["best_model_path"], weights_only=True)["state_dict"] for r in (plain, cached)]
     assert list(states[0]) == list(states[1])

@@ -36,6 +36,7 @@ from transferkit.data.sampling import (
     positive_weights,
 )
 from transferkit.errors import ConfigError, DataError
+from transferkit.features.loading import feature_loader
 from transferkit.preprocessing import CROP_SCALE, Preprocessing, augment_policy, crop_scale_range
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.bad_images: dict[Path, str] = {}  # skipped with on_bad_image=skip
         self.datasets: dict[str, ImageListDataset] = {}
         self.feature_sets: dict[str, Dataset] | None = None
+        self.feature_batch_size = self.batch_size
         self.position = EpochPosition()
 
     @cached_property
@@ -244,18 +246,28 @@ class ImageFolderDataModule(L.LightningDataModule):
         if splits.test is not None:
             self.datasets["test"] = ImageListDataset(splits.test, evaluate)
 
-    def use_features(self, feature_sets: dict[str, Dataset] | None) -> None:
-        """Serve cached backbone features instead of images (None: images again)."""
+    def use_features(self, feature_sets: dict[str, Dataset] | None, batch_size: int | None = None) -> None:
+        """Serve cached backbone features instead of images (None: images again), in batches of
+        `batch_size` (None: `batch_size`, as images)."""
         self.feature_sets = feature_sets
+        self.feature_batch_size = batch_size or self.batch_size
+
+    @property
+    def train_batch_size(self) -> int:
+        """The batch training runs in: the images', or the one chosen for cached features."""
+        return self.batch_size if self.feature_sets is None else self.feature_batch_size
 
     def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
-        """`split`'s loader; val and test are split between DDP ranks without repeats."""
-        if self.feature_sets is not None:  # tensors in memory: workers would only add overhead
-            dataset, workers = self.feature_sets[split], 0
-        else:
-            if split not in self.datasets:
-                self.setup()
-            dataset, workers = self.datasets[split], self.num_workers
+        """`split`'s loader; val and test are split between DDP ranks without repeats. Cached
+        features come a whole batch at a time (`features.loading`)."""
+        if self.feature_sets is not None:
+            dataset = self.feature_sets[split]
+            if sampler is None and split != "train":
+                sampler = self._eval_sampler(split, dataset)
+            return feature_loader(dataset, sampler, self.feature_batch_size)
+        if split not in self.datasets:
+            self.setup()
+        dataset, workers = self.datasets[split], self.num_workers
         if sampler is None and split != "train":
             sampler = self._eval_sampler(split, dataset)
         return DataLoader(
@@ -311,7 +323,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         weights = balanced_weights(labels) if self.balance == "sampler" else None
         world, rank = self._replicas()
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        skip = self.position.resumed_samples(self.trainer, len(labels), self.batch_size, world)
+        skip = self.position.resumed_samples(self.trainer, len(labels), self.train_batch_size, world)
         sampler = EpochSampler(len(labels), self.seed, weights, skip, world, rank, epoch)
         return self._loader("train", sampler=sampler)
 
@@ -319,7 +331,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         """Saved in every checkpoint: how far the epoch in progress got (see `EpochPosition`)."""
         if self.trainer is None:
             return {}
-        return self.position.state_dict(self.trainer, self.batch_size, self._replicas()[0])
+        return self.position.state_dict(self.trainer, self.train_batch_size, self._replicas()[0])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.position.load_state_dict(state_dict)

@@ -4,11 +4,12 @@ The same holds for a frozen prefix of the backbone (the blocks below the lowest 
 see `features.prefix`): its activations at the boundary are cached, and only the top runs each
 epoch.
 
-The cache file is named by a key of everything that changes the features: the backbone's (or
-the prefix's) weights (a hash of its tensors), the preprocessing and transforms, every image's
-path, size and modification time, the number of views, the precision, for augmented views the
-seed, and for a prefix the boundary (block and node) and the prefix's code. A file whose key,
-format or shapes do not check out is rebuilt, never trusted.
+The cache (a directory of memory-mapped files, `features.store`) is named by a key of everything
+that changes the features: the backbone's (or the prefix's) weights (a hash of its tensors), the
+preprocessing and transforms, every image's path, size and modification time, the number of
+views, the precision, for augmented views the seed, and for a prefix the boundary (block and
+node) and the prefix's code. A cache whose key, format or shapes do not check out is rebuilt,
+never trusted; one run writes it (`features.lock`) while others wait for it.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import json
 import logging
 import os
 import random
-import tempfile
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.progress import Progress
 from torch import nn
@@ -29,11 +33,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from transferkit.data.images import ImageListDataset
 from transferkit.data.sampling import epoch_seed
+from transferkit.errors import DataError
+from transferkit.features import store
+from transferkit.features.decode import EncodedImages, decode_batch, encoded_batch
+from transferkit.features.lock import CacheLock
 from transferkit.features.precision import frozen_forward
+from transferkit.features.store import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # 3: augmented views seeded by (seed, view, image)
 # Training views in half precision (half the disk and memory; bf16 results are exact in it in
 # practice); val and test in fp32, so the logged metrics are the model's own on those images.
 # A prefix's training activations computed in fp32 stay fp32: the top trains on them, and fp16
@@ -78,9 +86,22 @@ class FeatureSet(Dataset):
         rows = torch.tensor(indices, dtype=torch.long)
         return FeatureSet(self.features[:, rows], self.labels[rows], self.seed)
 
-    def __getitem__(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row, or with a list of keys (`features.loading`) the batch of them, sliced at once."""
+        if isinstance(key, list):
+            return self.batch(key)
         epoch, index = divmod(key, len(self))
         return self.features[self.view(epoch, index), index].float(), self.labels[index]
+
+    def batch(self, keys: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of `keys` (as `__getitem__` gives them one by one), stacked."""
+        indices = torch.tensor(keys, dtype=torch.long) % len(self)
+        if self.views == 1:
+            rows = self.features[0][indices]
+        else:
+            views = torch.tensor([self.view(key // len(self), key % len(self)) for key in keys])
+            rows = self.features[views, indices]
+        return rows.float(), self.labels[indices]
 
 
 def label_tensor(items: list[tuple[Path, Any]]) -> torch.Tensor:
@@ -132,17 +153,22 @@ def cache_key(
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+class CacheNotWritten(DataError):
+    """The cache could not be written (a full disk, no permission): the run can train without it."""
+
+
 def load(path: Path, key: str, splits: dict[str, list[tuple[Path, int]]]) -> dict[str, FeatureSet] | None:
-    """The cached sets, or None when there is no usable file (missing, corrupt, other format)."""
-    if not path.is_file():
+    """The cached sets, memory-mapped, or None when there is no usable cache (missing,
+    incomplete, another format or key, files that do not match the metadata or the file list)."""
+    if not path.is_dir():
         return None
+    meta = store.read_meta(path, key)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        if data["format"] != FORMAT_VERSION or data["key"] != key:
-            raise ValueError("format or key differs")
+        if meta is None:
+            raise ValueError(f"no complete {store.META} of format {store.FORMAT_VERSION} and this key")
         sets = {}
         for split, items in splits.items():
-            features, labels = data["splits"][split]["features"], data["splits"][split]["labels"]
+            features, labels = store.open_split(path, split, meta)
             if (
                 features.ndim < 3
                 or features.shape[1] != len(items)
@@ -154,24 +180,6 @@ def load(path: Path, key: str, splits: dict[str, list[tuple[Path, int]]]) -> dic
     except Exception as error:  # noqa: BLE001 - any unreadable cache is rebuilt
         log.warning("Feature cache %s is unusable (%s); rebuilding it.", path, error)
         return None
-
-
-def _save(path: Path, key: str, sets: dict[str, FeatureSet]) -> None:
-    """Atomically: a crash mid-write leaves no half file under the real name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {
-        "format": FORMAT_VERSION,
-        "key": key,
-        "splits": {s: {"features": fs.features, "labels": fs.labels} for s, fs in sets.items()},
-    }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(data, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _stored(values: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
@@ -190,25 +198,171 @@ def extract(
     dtype: torch.dtype,
     progress: Progress,
     description: str,
+    shard: store.Shard,
+    view: int,
     channels_last: bool = False,
     storage: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """(N, ...) features of the loader's images, in loader order, stored as `storage`."""
-    chunks = []
-    task = progress.add_task(description, total=len(loader.dataset))
-    for images, _ in loader:
+    heartbeat: Callable[[], None] | None = None,
+    decoded: Callable[[Any], torch.Tensor] | None = None,
+) -> int:
+    """Write the loader's images' features, in loader order, into `shard`'s `view` as `storage`;
+    returns how many images ran. `decoded` makes images of what the loader yields (encoded
+    files, decoded on the GPU: `features.decode`)."""
+    done = 0
+    task = progress.add_task(description, total=len(loader.sampler))
+    for inputs, _ in loader:
+        images = inputs if decoded is None else decoded(inputs)
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        chunks.append(_stored(frozen_forward(backbone, images, dtype), storage))
+        shard.write(view, done, _stored(frozen_forward(backbone, images, dtype), storage))
+        done += len(images)
         progress.advance(task, len(images))
-    return torch.cat(_widened(chunks))
+        if heartbeat is not None:
+            heartbeat()
+    return done
 
 
-def _widened(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """All in the widest dtype among them (a chunk kept in fp32 by `_stored` widens the rest)."""
-    widest = max((t.dtype for t in tensors), key=lambda d: torch.finfo(d).bits)
-    return [t.to(widest) for t in tensors]
+def batch_keys(n: int, batch_size: int, rank: int, world: int, offset: int = 0) -> list[int]:
+    """Rank `rank`'s batches of keys `offset .. offset + n`: batches rank, rank + world, ...,
+    each the batch one process would run, so its features are the same bytes whoever computes
+    them (batched kernels may round differently in another batch)."""
+    keys: list[int] = []
+    for start in range(rank * batch_size, n, world * batch_size):
+        keys.extend(range(offset + start, offset + min(start + batch_size, n)))
+    return keys
+
+
+@dataclass
+class Extraction:
+    """What to compute: `backbone` (or a prefix of it cut at `boundary`) over every split's
+    images; train through `train_transform` with `views` > 1 (view v of image i augmented as
+    key v * N + i), else every split through `eval_transform`; val and test in `eval_dtype`
+    when given, else in `dtype` like train."""
+
+    backbone: nn.Module
+    splits: dict[str, list[tuple[Path, Any]]]
+    train_transform: Any
+    eval_transform: Any
+    views: int
+    dtype: torch.dtype
+    device: torch.device
+    seed: int | None
+    batch_size: int
+    num_workers: int
+    channels_last: bool = False
+    boundary: dict[str, Any] | None = None
+    eval_dtype: torch.dtype | None = None
+    decode: str = "pil"  # or a device: evaluation passes decode JPEGs there (`features.decode`)
+
+    @property
+    def same(self) -> bool:
+        """Cross-validation caches one pool as train and as val: with one view both are the
+        evaluation transform's features of the same images, computed once (stored as each
+        split is)."""
+        return (
+            self.views == 1
+            and self.splits.get("train") == self.splits.get("val")
+            and self.eval_dtype in (None, self.dtype)
+        )
+
+    def passes(self, split: str) -> int:
+        return self.views if split == "train" and self.views > 1 else 1
+
+    def write_shards(
+        self, directory: Path, rank: int = 0, world: int = 1, heartbeat: Callable[[], None] | None = None
+    ) -> None:
+        """This rank's batches of every split into `directory` (one process: the whole files)."""
+        original_device = next(self.backbone.parameters()).device
+        modes = {m: m.training for m in self.backbone.modules()}  # a prefix shares the model's modules
+        self.backbone.eval().to(self.device)
+        order = sorted(self.splits, key=lambda s: s != "val") if self.same else list(self.splits)
+        try:
+            with Progress(transient=False, disable=rank != 0) as progress:
+                for split in order:
+                    self._write_split(split, directory, rank, world, progress, heartbeat)
+        finally:
+            self.backbone.to(original_device)
+            for module, mode in modes.items():
+                module.training = mode
+
+    def _write_split(
+        self,
+        split: str,
+        directory: Path,
+        rank: int,
+        world: int,
+        progress: Progress,
+        heartbeat: Callable[[], None] | None,
+    ) -> None:
+        items, passes = self.splits[split], self.passes(split)
+        keys = batch_keys(len(items), self.batch_size, rank, world)
+        own = rank if world > 1 else None  # one process writes the whole file
+        shard = store.Shard(store.features_file(directory, split, own), passes, len(keys))
+        storage = storage_dtype(split, self.dtype, self.boundary is not None)
+        if self.same and split == "train":  # val's fp32 features, stored as train's
+            if not keys:
+                return
+            computed = store.open_array(store.features_file(directory, "val", own))
+            for start in range(0, len(keys), self.batch_size):
+                rows = torch.from_numpy(np.array(computed[0, start : start + self.batch_size]))
+                shard.write(0, start, _stored(rows, storage))
+            shard.close()
+            return
+        dataset = ImageListDataset(items, self.train_transform, self.seed) if passes > 1 else None
+        encoded = dataset is None and self.decode != "pil"
+        for v in range(passes):
+            extract(
+                self.backbone,
+                DataLoader(
+                    dataset
+                    or (EncodedImages(items) if encoded else ImageListDataset(items, self.eval_transform)),
+                    batch_size=self.batch_size,
+                    sampler=[key + v * len(items) for key in keys] if dataset else keys,
+                    num_workers=self.num_workers,
+                    pin_memory=self.device.type == "cuda" and not encoded,
+                    collate_fn=encoded_batch if encoded else None,
+                ),
+                self.device,
+                self.dtype if split == "train" or self.eval_dtype is None else self.eval_dtype,
+                progress,
+                f"Caching {split} {'activations' if self.boundary else 'features'}"
+                + (f" (view {v + 1}/{passes})" if passes > 1 else ""),
+                shard,
+                v,
+                self.channels_last,
+                torch.float32 if self.same else storage,
+                heartbeat,
+                (lambda data: decode_batch(data, self.eval_transform, self.decode)) if encoded else None,
+            )
+        shard.close()
+
+    def assemble(self, directory: Path, world: int) -> None:
+        """Every split's whole file from the ranks' shards (batch b is rank b % world's), and the
+        labels beside it; one process wrote the whole files already."""
+        for split, items in self.splits.items():
+            store.write_labels(directory, split, label_tensor(items))
+            if world == 1:
+                continue
+            shards = [store.features_file(directory, split, rank) for rank in range(world)]
+            arrays = [store.open_array(path) if path.exists() else None for path in shards]
+            whole = store.Shard(store.features_file(directory, split), self.passes(split), len(items))
+            widest = max((a for a in arrays if a is not None), key=lambda a: a.dtype.itemsize).dtype
+            for batch, start in enumerate(range(0, len(items), self.batch_size)):
+                rows = arrays[batch % world][:, (batch // world) * self.batch_size :][:, : self.batch_size]
+                for view in range(self.passes(split)):
+                    whole.write(view, start, torch.from_numpy(np.array(rows[view], dtype=widest)))
+            whole.close()
+            del arrays
+            for path in shards:
+                path.unlink(missing_ok=True)
+
+
+def not_written(directory: Path, error: OSError) -> CacheNotWritten:
+    return CacheNotWritten(
+        f"The feature cache could not be written under {directory} ({error.strerror or error}); "
+        "free space there or point features.dir at a disk with room, or set features.cache=false."
+    )
 
 
 def build_or_load(
@@ -227,72 +381,95 @@ def build_or_load(
     boundary: dict[str, Any] | None = None,
     eval_dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, FeatureSet], Path, bool]:
-    """The feature sets of every split, from the cache or computed now; returns (sets, path,
-    whether it was reused). Train uses `views` augmented passes when views > 1, else the
-    deterministic evaluation transform, like val and test. `backbone` is the whole backbone, or
-    a prefix of it cut at `boundary` (see `cache_key`); val and test run in `eval_dtype` when
-    given, else in `dtype` like train."""
-    transforms = {"eval": repr(eval_transform), "train": repr(train_transform) if views > 1 else None}
-    key = cache_key(backbone, splits, transforms, views, dtype, seed, boundary, eval_dtype)
+    """The feature sets of every split, from the cache or computed now (see `Extraction`);
+    returns (sets, path, whether it was reused)."""
+    job = Extraction(
+        backbone, splits, train_transform, eval_transform, views, dtype, device, seed, batch_size,
+        num_workers, channels_last, boundary, eval_dtype,
+    )  # fmt: skip
+    return load_or_build(job, directory)
+
+
+def load_or_build(job: Extraction, directory: str | Path) -> tuple[dict[str, FeatureSet], Path, bool]:
+    """`job`'s cache under `directory`, loaded or built by this process; another run writing
+    it is waited for. Raises CacheNotWritten when the disk refuses it."""
+    splits = job.splits
+    key = job_key(job)
     path = cache_path(directory, key)
     sets = load(path, key, splits)
     if sets is not None:
         log.info("Feature cache reused: %s", path)
         return sets, path, True
-    original_device = next(backbone.parameters()).device
-    modes = {m: m.training for m in backbone.modules()}  # a prefix shares the model's modules
-    backbone.eval().to(device)
-    sets = {}
-    # Cross-validation caches one pool as train and as val: with one view both are the
-    # evaluation transform's features of the same images, computed once (stored as each split is).
-    same = views == 1 and splits.get("train") == splits.get("val") and eval_dtype in (None, dtype)
-    computed: torch.Tensor | None = None
+    lock = CacheLock(path)
     try:
-        with Progress(transient=False) as progress:
-            for split, items in splits.items():
-                storage = storage_dtype(split, dtype, boundary is not None)
-                if same and split == "val" and computed is not None:
-                    sets[split] = FeatureSet(_stored(computed, storage), label_tensor(items))
-                    continue
-                passes = views if split == "train" and views > 1 else 1
-                dataset = ImageListDataset(items, train_transform, seed) if passes > 1 else None
-                features = torch.stack(
-                    _widened(
-                        [
-                            extract(
-                                backbone,
-                                DataLoader(
-                                    dataset or ImageListDataset(items, eval_transform),
-                                    batch_size=batch_size,
-                                    # view v of image i is augmented as key v * N + i: seeded by
-                                    # (seed, v, i), so a rebuild under the same key is the same
-                                    sampler=range(v * len(items), (v + 1) * len(items)) if dataset else None,
-                                    num_workers=num_workers,
-                                    pin_memory=device.type == "cuda",
-                                ),
-                                device,
-                                dtype if split == "train" or eval_dtype is None else eval_dtype,
-                                progress,
-                                f"Caching {split} {'activations' if boundary else 'features'}"
-                                + (f" (view {v + 1}/{passes})" if passes > 1 else ""),
-                                channels_last,
-                                torch.float32 if same else storage,
-                            )
-                            for v in range(passes)
-                        ]
-                    )
-                )
-                if same:
-                    computed, features = features, _stored(features, storage)
-                sets[split] = FeatureSet(features, label_tensor(items))
+        sets = claim(lock, path, key, splits)
+        if sets is not None:
+            return sets, path, True
+        tmp = store.temporary_dir(path)
+        try:
+            tmp.mkdir()
+            job.write_shards(tmp, heartbeat=lock.heartbeat)
+            job.assemble(tmp, world=1)
+            store.publish(tmp, path, key, list(splits))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as error:
+        raise not_written(Path(directory), error) from error
     finally:
-        backbone.to(original_device)
-        for module, mode in modes.items():
-            module.training = mode
-    _save(path, key, sets)
+        lock.release()
     log.info("Feature cache written: %s", path)
+    sets = load(path, key, splits)
+    assert sets is not None, "a cache just written must load"
     return sets, path, False
 
 
+def claim(
+    lock: CacheLock, path: Path, key: str, splits: dict[str, list[tuple[Path, Any]]]
+) -> dict[str, FeatureSet] | None:
+    """Take `lock` to build `path`, waiting while another run writes it. Returns that run's
+    cache if it published one meanwhile (the lock given back); else None, holding the lock,
+    with what a crashed writer left removed."""
+    while not lock.acquire():
+        log.info(
+            "Feature cache %s is being written by another run (%s); waiting for it, to reuse it.",
+            path, lock.describe(),
+        )  # fmt: skip
+        lock.wait()
+    sets = load(path, key, splits)
+    if sets is not None:
+        lock.release()
+        log.info("Feature cache reused: %s", path)
+        return sets
+    shutil.rmtree(path, ignore_errors=True)  # unusable (load said why); this run holds the lock
+    store.remove_leftovers(path)
+    warn_old_caches(path.parent)
+    return None
+
+
+def job_key(job: Extraction) -> str:
+    """The cache key of an extraction (see `cache_key`)."""
+    transforms = {
+        "eval": repr(job.eval_transform),
+        "train": repr(job.train_transform) if job.views > 1 else None,
+    }
+    if job.decode != "pil":  # tensor resizing differs from PIL's in the last bits
+        transforms["decode"] = job.decode
+    return cache_key(
+        job.backbone, job.splits, transforms, job.views, job.dtype, job.seed, job.boundary, job.eval_dtype
+    )
+
+
+def warn_old_caches(directory: Path) -> None:
+    """Caches of format 3 and before (`<key>.pt`) are never read: say they can go."""
+    old = list(directory.glob("*.pt"))
+    if old:
+        size = sum(path.stat().st_size for path in old)
+        log.info(
+            "%d feature cache file(s) of an older format (*.pt, %.1f MB) in %s are no longer read; "
+            "delete them to free the space.",
+            len(old), size / 1e6, directory,
+        )  # fmt: skip
+
+
 def cache_path(directory: str | Path, key: str) -> Path:
-    return Path(directory) / f"{key[:32]}.pt"
+    return Path(directory) / key[:32]

@@ -2,11 +2,11 @@
 whether what its frozen part computes is computed once and cached.
 
 `cache: auto` (the default) caches whenever part of the backbone stays frozen for the whole
-run (finetune.bn=frozen or fixed_stats), no batch mixing is on, the run is on one device and the cache
-fits `max_gb`. When the whole backbone is frozen (finetune=freeze) the cache holds its features
-and only the head trains; when only top blocks train (finetune=partial or gradual) it holds the
-activations below the lowest block that ever trains, and each epoch runs the trainable top on
-them (`features.prefix`).
+run (finetune.bn=frozen or fixed_stats), no batch mixing is on and the cache fits `max_gb`;
+under DDP every rank extracts its share (`features.parallel`). When the whole backbone is frozen
+(finetune=freeze) the cache holds its features and only the head trains; when only top blocks
+train (finetune=partial or gradual) it holds the activations below the lowest block that ever
+trains, and each epoch runs the trainable top on them (`features.prefix`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,15 @@ import lightning as L
 import torch
 
 from transferkit.errors import ConfigError
-from transferkit.features.cache import build_or_load
+from transferkit.features.cache import (
+    CacheNotWritten,
+    Extraction,
+    FeatureSet,
+    load_or_build,
+)
+from transferkit.features.decode import choose_decode
+from transferkit.features.loading import head_batch_size
+from transferkit.features.parallel import ParallelCache
 from transferkit.features.precision import PRECISIONS, frozen_forward, resolve_precision
 from transferkit.features.prefix import NoPrefixSplit, PrefixSplit, eval_mode, split_backbone
 from transferkit.features.size import GB, cache_bytes, default_limit, readable
@@ -49,7 +57,8 @@ class FrozenFeatures:
     """`cache`: auto, true (refuse a run that cannot use it) or false. `views`: cached views per
     training image (1: the evaluation transform; K > 1: K augmented views, one drawn per epoch).
     `precision`: auto (bf16 where the hardware has it natively, else fp32), bf16, fp16 or fp32.
-    `max_gb`: the largest cache to build (None: a quarter of the free memory or disk)."""
+    `max_gb`: the largest cache to build (None: a quarter of the free memory or disk).
+    `batch_size`: the largest batch the head trains in on cached features (`features.loading`)."""
 
     def __init__(
         self,
@@ -58,6 +67,7 @@ class FrozenFeatures:
         precision: str = "auto",
         dir: str | Path = ".cache/features",
         max_gb: float | None = None,
+        batch_size: int = 4096,
     ) -> None:
         if not (cache == "auto" or isinstance(cache, bool)):  # 0 and 1 are not false and true here
             raise ConfigError(f"features.cache={cache!r} must be auto, true or false.")
@@ -72,8 +82,14 @@ class FrozenFeatures:
                 f"features.max_gb={max_gb} must be a positive number of GB (null: a quarter of the "
                 "free memory or disk)."
             )
+        if int(batch_size) < 1:
+            raise ConfigError(
+                f"features.batch_size={batch_size} must be a positive integer (the largest batch the "
+                "head trains in on cached features; 4096 by default)."
+            )
         self.cache, self.views, self.precision, self.dir = cache, int(views), precision, Path(dir)
         self.max_gb = None if max_gb is None else float(max_gb)
+        self.batch_size = int(batch_size)
 
     def dtype(self, device: torch.device) -> torch.dtype:
         """The dtype the frozen backbone runs in on `device`."""
@@ -100,8 +116,6 @@ class FrozenFeatures:
             raise NoCache(
                 "MixUp/CutMix mix images, not features (set data.mixup_alpha=0 data.cutmix_alpha=0)"
             )
-        if trainer.world_size > 1:
-            raise NoCache("it is built by one process (use one device)")
         if frozen == len(finetune.blocks):
             return None
         try:
@@ -176,12 +190,11 @@ class FrozenFeatures:
             log.info("Training without a feature cache: %s.", reason)
             return None
         preprocessing = datamodule.preprocessing
-        sets, path, _ = build_or_load(
+        job = Extraction(
             model.backbone if split is None else split.prefix(),
             splits,
             train_transform=preprocessing.transforms(True, datamodule.augment, datamodule.crop_scale),
             eval_transform=preprocessing.transforms(train=False),
-            directory=self.dir,
             views=self.views,
             dtype=model.frozen_dtype,
             device=trainer.strategy.root_device,
@@ -192,12 +205,44 @@ class FrozenFeatures:
             boundary=None if split is None else split.boundary,
             eval_dtype=None if split is None else torch.float32,
         )
+        paths = [path for items in splits.values() for path, _ in items]
+        if trainer.world_size == 1:  # ranks measuring apart could choose apart: other keys
+            job.decode = choose_decode(job.device, paths, job.num_workers, job.eval_transform)
+        if job.decode != "pil":
+            log.info(
+                "Extraction decodes the JPEGs on %s (measured faster than the loader workers).", job.decode
+            )
+        if trainer.world_size > 1:  # the ranks exist once the fit starts: rank 0 decides for all
+            attach = lambda sets: self.attach(sets, model, datamodule, split, seed)  # noqa: E731
+            parallel = ParallelCache(job, self.dir, attach, required=self.cache is True)
+            trainer.callbacks.append(parallel)
+            return parallel.path
+        try:
+            sets, path, _ = load_or_build(job, self.dir)
+        except CacheNotWritten as error:
+            if self.cache is True:
+                raise
+            log.warning("Training without a feature cache: %s", error)
+            return None
+        self.attach(sets, model, datamodule, split, seed)
+        return path
+
+    def attach(
+        self,
+        sets: dict[str, FeatureSet],
+        model: TransferModule,
+        datamodule: ImageFolderDataModule,
+        split: PrefixSplit | None,
+        seed: int | None,
+    ) -> None:
+        """Train and evaluate on `sets`: a cross-validation fold takes its rows of the pool."""
+        data = datamodule.splits
         if data.pool is not None:
             row = {path: i for i, (path, _) in enumerate(data.pool)}
             for name in ("train", "val"):
                 sets[name] = sets[name].subset([row[path] for path, _ in getattr(data, name)])
         sets["train"].seed = seed  # which view each epoch draws
-        datamodule.use_features(sets)
+        datamodule.use_features(sets, self.head_batch_size(datamodule, split, len(sets["train"])))
         model.use_prefix(split)
         if self.views == 1 and datamodule.augment is not None:
             log.info(
@@ -206,7 +251,21 @@ class FrozenFeatures:
                 datamodule.augment,
                 "features" if split is None else "activations",
             )
-        return path
+
+    def head_batch_size(self, datamodule: ImageFolderDataModule, split: PrefixSplit | None, rows: int) -> int:
+        """The batch training runs in on the cache: on features (only the head trains) up to
+        `batch_size`; on a prefix's activations the images' (the top's blocks train on them)."""
+        if split is not None:
+            return datamodule.batch_size
+        batch = head_batch_size(rows, datamodule.batch_size, self.batch_size)
+        if batch != datamodule.batch_size:
+            log.info(
+                "The head trains on cached features in batches of %d (%d rows, up to "
+                "features.batch_size=%d for %d steps an epoch; data.batch_size=%d); optimizer.lr is "
+                "not scaled.",
+                batch, rows, self.batch_size, -(-rows // batch), datamodule.batch_size,
+            )  # fmt: skip
+        return batch
 
 
 def training_augment(datamodule: ImageFolderDataModule) -> str | None:

@@ -186,7 +186,8 @@ def measure(run: TrainingRun, best: str | None) -> dict[str, Any]:
         class_names=model.class_names,
         seed=run.cfg.seed,
         augment=model.run_record.get("augment", datamodule.augment),
-        feature_cache=str(run.feature_cache) if run.feature_cache else None,
+        # under DDP the cache is built as the fit starts, and a full disk leaves the run uncached
+        feature_cache=str(run.feature_cache) if datamodule.feature_sets is not None else None,
         epochs=trainer.current_epoch,
     )
     return results
