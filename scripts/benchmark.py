@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py                       # 480 images, 224 px, 10 epochs, auto device
     python scripts/benchmark.py --images 40 --epochs 2 --size 64 --out /tmp/tk-small   # a quick try
+    python scripts/benchmark.py scale                 # head epochs on 10k, 100k, 1M cached rows
 
 One generated image folder (circles vs triangles drawn by transferkit.data.demo, with distractor
 stickers, colour jitter and pixel noise; split 80/20 into train/ and val/, written once under
@@ -44,6 +45,7 @@ import platform
 import resource
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -575,6 +577,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["scale"]:  # the feature cache's scale rows: scripts/benchmark_scale.py
+        from benchmark_scale import main as scale
+
+        scale(sys.argv[2:])
+        return
     args = parse_args()
     args.out = args.out.resolve()
     load_at_start = load_average()
