@@ -15,6 +15,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import transferkit.run_dirs  # noqa: F401 - registers the config's resolvers, as every task does
 from transferkit.config import instantiate_group
 from transferkit.config_types import check_types
 from transferkit.errors import ConfigError
