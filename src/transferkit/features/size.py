@@ -3,8 +3,9 @@
 The estimate, made before anything is built: the values per image (one forward of one image)
 x the images x the views x the bytes they are stored in (`features.cache.storage_dtype`).
 The limit, `features.max_gb`, is by default a quarter of the free memory or of the free disk
-under the cache directory, whichever is smaller: the file is written there, then held in
-memory for the whole run.
+under the cache directory, whichever is smaller: the cache is written there, and each epoch
+reads all of it, at memory speed while the page cache holds it (it is memory-mapped, so a larger
+one still works when `max_gb` allows it, at the disk's speed).
 """
 
 from __future__ import annotations
