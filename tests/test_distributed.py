@@ -104,6 +104,7 @@ def test_a_ddp_run_interrupted_mid_epoch_and_resumed_trains_and_measures_what_on
         "data.batch_size=2",
         "trainer.max_epochs=3",
         "finetune.milestones=[1,2]",
+        "features.cache=false",  # augmented images, not a prefix cache's activations (test_parallel_cache)
     ]
     signal = ["+callbacks.signal._target_=helpers.SendSignal", "+callbacks.signal.at_step=4"]
     part = ddp_sim(tmp_path, data, *common, f"+callbacks.record.path={tmp_path / 'part.jsonl'}", *signal)
