@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -103,4 +104,6 @@ class EpochSampler(DistributedSampler):
         skip, self.skip = self.skip, 0
         left = math.ceil(max(self.n - skip, 0) / self.num_replicas)  # per rank: all ranks step together
         positions = torch.arange(left) * self.num_replicas + skip + self.rank
-        return iter((order[positions % max(self.n, 1)] + self.epoch * self.n).tolist())
+        keys = order[positions % max(self.n, 1)] + self.epoch * self.n
+        # Chunk by chunk: a million keys as Python ints at once take tens of MB.
+        return itertools.chain.from_iterable(chunk.tolist() for chunk in keys.split(65_536))

@@ -16,6 +16,7 @@ scaled (docs/speed.md says when and how to raise it).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator, Sized
 
@@ -46,9 +47,9 @@ class KeyBatches(DistributedSampler):
         return math.ceil(len(self.keys) / self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        keys = list(self.keys)
-        for start in range(0, len(keys), self.batch_size):
-            yield keys[start : start + self.batch_size]
+        keys = iter(self.keys)  # batch by batch: a million keys are never held at once
+        while batch := list(itertools.islice(keys, self.batch_size)):
+            yield batch
 
 
 def feature_loader(dataset: Dataset, keys: Iterable[int] | None, batch_size: int) -> DataLoader:
