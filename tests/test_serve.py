@@ -232,16 +232,22 @@ def test_onnx_parity_and_sigterm_with_a_request_in_flight(trained_run: dict, tmp
         server.stop()
 
 
-def test_a_model_that_cannot_be_served_fails_before_binding(tmp_path: Path) -> None:
+def test_a_model_that_cannot_be_served_fails_before_binding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In process, as serve.py's main runs it: one line, exit code 2, and no socket was made."""
+    from transferkit.tasks import serve
+
     bad = tmp_path / "not_a_model.ckpt"
     bad.write_text("nothing here")
-    server = Server(str(bad), tmp_path / "serve")
-    out, _ = server.process.communicate(timeout=60)
-    assert server.process.returncode == 2
-    errors = [line for line in out.splitlines() if "ERROR" in line]
-    assert len(errors) == 1 and "not_a_model.ckpt" in errors[0], out
-    with socket.socket() as sock:
-        assert sock.connect_ex(("127.0.0.1", server.port)) != 0
+    bound: list[tuple] = []
+    monkeypatch.setattr(serve, "bind", lambda *args: bound.append(args))
+    cfg = compose_task("serve", tmp_path, [f"ckpt_path={bad}", f"port={free_port()}"])
+    with pytest.raises(SystemExit) as ended:
+        serve.main(cfg)
+    assert ended.value.code == 2 and bound == []
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "not_a_model.ckpt" in errors[0], errors
 
 
 def test_a_multilabel_model_answers_every_label_at_or_above_its_threshold(tmp_path: Path) -> None:
