@@ -24,13 +24,13 @@ PYTEST_WORKERS ?= auto
 XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --maxprocesses 4 --dist worksteal)
 
 test: install ## Run every test that guards behaviour (what CI runs)
-	$(BIN)/pytest $(XDIST) -m "not models and not upstream"
+	$(BIN)/pytest $(XDIST) -m "not models and not upstream and not launchers"
 
 test-fast: install ## Run the tests not marked slow, in about a minute: the one to run while editing
-	$(BIN)/pytest $(XDIST) -m "not slow and not models and not upstream"
+	$(BIN)/pytest $(XDIST) -m "not slow and not models and not upstream and not launchers"
 
-test-models: install ## The minutes-long checks: every full-size model config exported with parity, inductor compile; upstream behaviour
-	$(BIN)/pytest -m "models or upstream"
+test-models: install ## The minutes-long checks: every full-size model config exported with parity, inductor compile; upstream behaviour; the submitit and Optuna sweeps
+	$(BIN)/pytest -m "models or upstream or launchers"
 
 lint: install ## Check style with ruff
 	$(BIN)/ruff check src tests scripts train.py eval.py predict.py export.py

@@ -268,6 +268,7 @@ OPTUNA_PARAMS = {
 
 
 @pytest.mark.slow
+@pytest.mark.launchers
 def test_an_optuna_study_records_a_failed_trial_reports_the_best_and_resumes_from_its_storage(
     tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -307,6 +308,7 @@ def test_an_optuna_study_records_a_failed_trial_reports_the_best_and_resumes_fro
 
 
 @pytest.mark.slow
+@pytest.mark.launchers
 def test_submitit_local_runs_2_jobs(
     tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
