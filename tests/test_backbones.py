@@ -37,6 +37,7 @@ def test_the_issue_s_model_configs_exist() -> None:
     assert required <= set(MODEL_CONFIGS)
 
 
+@pytest.mark.slow  # about a second a model: make test-fast keeps its minute
 @pytest.mark.parametrize("option", MODEL_CONFIGS)
 def test_every_model_config_builds_and_maps_a_batch_to_class_scores(option: str) -> None:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
@@ -71,6 +72,7 @@ def test_torchvision_state_dict_with_its_classifier_loads(tmp_path: Path) -> Non
     assert backbone.num_features == 512
 
 
+@pytest.mark.slow
 def test_weights_of_another_model_are_refused(tmp_path: Path) -> None:
     import torchvision
 

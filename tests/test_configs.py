@@ -24,7 +24,13 @@ from transferkit.tasks.settings import PASSED_ON, SETTINGS
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 TRAINER_ARGUMENTS = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
-SLOW_TO_BUILD = {("logger", "many"), ("logger", "mlflow")}  # importing MLflow takes seconds
+# Importing MLflow takes seconds; a Trainer or a large model takes about one.
+SLOW_TO_BUILD = {
+    ("logger", "many"),
+    ("logger", "mlflow"),
+    ("trainer", "default"),
+    ("model", "mobilenet_v3_large"),
+}
 
 
 def test_design_groups_and_options_exist() -> None:

@@ -66,6 +66,7 @@ MATRIX = [
 ]
 
 
+@pytest.mark.slow  # up to a second a case: make test-fast keeps its minute
 @pytest.mark.parametrize(("strategy", "name"), MATRIX)
 def test_prefix_and_top_give_the_whole_model_s_logits(name: str, strategy: str) -> None:
     """In eval mode, as validation runs; strategies that train every block have no prefix."""
