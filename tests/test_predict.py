@@ -123,9 +123,9 @@ def test_predict_one_image_a_list_file_and_tta(trained_run: dict, tmp_path: Path
 def test_predict_gives_the_checkpoint_s_numbers_on_a_cpu_with_native_bf16(
     trained_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """predict's default precision is the one the checkpoint was validated in (what eval.py
-    uses), not the machine's: on a CPU with native bf16 it still gives the recorded numbers."""
-    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    """predict's default precision is the one the checkpoint recorded (what eval.py uses), not
+    the machine's: on a CPU with native bf16 it still gives the recorded numbers."""
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     ckpt = trained_run["best_model_path"]
     image = Path(trained_run["data_root"]) / "val" / "square" / "003.png"
     output = tmp_path / "one.csv"

@@ -180,8 +180,9 @@ def test_the_key_follows_everything_that_changes_the_activations(image_folder: P
 
 
 def test_the_whole_backbone_key_is_unchanged_but_for_the_format(image_folder: Path) -> None:
-    """The key of a frozen backbone's features is the one it has always been, with format 4
-    (memory-mapped .npy files): a cache of format 3 (one torch.save file) is never misread."""
+    """The key of a frozen backbone's features is the one it has always been, with format 5
+    (fp32 results stored as fp32): a cache of format 4 (fp32 results stored as fp16) or 3 (one
+    torch.save file) is never misread."""
     model = TransferModule(TINY_MODEL, ["a", "b"], weights=None)
     files = {"val": sorted((p, 1) for p in (image_folder / "val" / "square").glob("*.png"))}
     transforms = {"eval": "T", "train": None}
@@ -195,7 +196,7 @@ def test_the_whole_backbone_key_is_unchanged_but_for_the_format(image_folder: Pa
         "seed": None,
     }
     before = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-    assert FORMAT_VERSION == 4
+    assert FORMAT_VERSION == 5
     assert cache_key(model.backbone, files, transforms, 1, torch.float32, 7) == before
 
 

@@ -338,3 +338,33 @@ def test_a_resume_from_a_last_ckpt_keeping_the_backbone_by_reference_equals_the_
         assert torch.equal(resumed.state_dict()[name], tensor), name
     trained = {f"backbone.{p}" for p in backbone_blocks(whole.backbone)[-1].params}
     assert trained <= set(backbone_keys(tmp_path / "whole" / "last.ckpt")) < set(whole.state_dict())
+
+
+@pytest.mark.slow
+def test_a_resume_that_would_change_the_feature_cache_or_precision_is_refused_naming_the_keys(
+    compose_train, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    """A cached run resumed uncached would train epoch 1 on augmented images and report one
+    augmentation for the whole run; other views or precision would build another cache mid-run.
+    Where the cache lives may change; a limit it no longer fits under is refused as what it
+    changes: the augmentation."""
+    from transferkit.tasks.train import train
+
+    first = train(compose_train(tmp_path, [*tiny_overrides, "trainer.max_epochs=1"]))
+    assert first["feature_cache"] and first["augment"] is None and first["precision"] == "fp32"
+    resume = [*tiny_overrides, "trainer.max_epochs=2", "ckpt_path=last"]
+    refusals = {
+        "features.cache=false": ["features.cache: 'auto' there, False here"],
+        "features.views=3": ["features.views: 1 there, 3 here"],
+        "features.precision=bf16": ["features.precision (as run): 'fp32' there, 'bf16' here"],
+        "features.batch_size=16": ["features.batch_size: 4096 there, 16 here"],
+        "features.max_gb=1e-9": ["trained on cached features of one view", "images under data.augment=basic"],
+    }
+    for override, named in refusals.items():
+        with pytest.raises(ConfigError) as refused:
+            train(compose_train(tmp_path, [*resume, override]))
+        assert all(part in str(refused.value) for part in named), (override, str(refused.value))
+        assert "\n" not in str(refused.value)
+    moved = train(compose_train(tmp_path, [*resume, f"features.dir={tmp_path / 'elsewhere'}"]))
+    assert moved["epochs"] == 2 and moved["augment"] is None
+    assert Path(moved["feature_cache"]).parent == tmp_path / "elsewhere"

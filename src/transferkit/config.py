@@ -14,8 +14,6 @@ from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from transferkit.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
-    import torch
-
     from transferkit.data.datamodule import ImageFolderDataModule
     from transferkit.module import TransferModule
 
@@ -56,12 +54,11 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [build(node) for node in cfg.values() if node is not None and "_target_" in node]
 
 
-def build_model(
-    cfg: DictConfig, datamodule: ImageFolderDataModule, frozen_dtype: torch.dtype
-) -> TransferModule:
+def build_model(cfg: DictConfig, datamodule: ImageFolderDataModule) -> TransferModule:
     """The LightningModule from the model, optimizer and scheduler groups, for the data's
     classes, with the data's preprocessing overrides and class weights, and what the run records
-    beside it: the data, seed and fine-tuning, and the frozen backbone's dtype on this device."""
+    beside it: the data, seed and fine-tuning (the frozen part's dtype is set once the strategy
+    has frozen the model: `FrozenFeatures.dtype`)."""
     return build(
         cfg.model,
         class_names=list(datamodule.class_names),
@@ -72,7 +69,6 @@ def build_model(
         data_config=recorded_data_config(cfg.data, datamodule),
         seed=cfg.seed,
         finetune=plain(cfg.finetune),
-        frozen_dtype=frozen_dtype,
         multilabel=datamodule.multilabel,
         _recursive_=False,
         _convert_="all",

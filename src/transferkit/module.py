@@ -49,7 +49,8 @@ class TransferModule(L.LightningModule):
 
     The last four arguments are what the run records beside the model, in its checkpoints'
     `transferkit` entry: `data_config` (where eval finds the data again), `seed`, `finetune`
-    (the strategy's config) and `frozen_dtype` (the frozen backbone's forward in this run).
+    (the strategy's config) and `frozen_dtype` (what the frozen backbone computes in: fp32 in a
+    run that trains blocks of it, `features.precision.run_precision`).
     """
 
     def __init__(
@@ -136,11 +137,6 @@ class TransferModule(L.LightningModule):
     def backbone_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.backbone.parameters())
 
-    @property
-    def validation_precision(self) -> str:
-        """The precision validation runs the backbone in: `frozen_dtype` while it is frozen."""
-        return precision_name(self.frozen_dtype if self.backbone_frozen else torch.float32)
-
     def configure_callbacks(self) -> list[L.Callback]:
         """The callbacks that carry what a resumed fit goes on with: the curves so far, the random
         generators, the running metrics (attached once: Lightning logs each swap)."""
@@ -162,7 +158,7 @@ class TransferModule(L.LightningModule):
         checkpoint[RECORD_KEY] = {
             **self.run_record,
             "data": self.data_config,
-            "precision": self.validation_precision,
+            "precision": precision_name(self.frozen_dtype),
         }
         if self.backbone_reference is not None:
             reference = self.backbone_reference.leave_out(checkpoint["state_dict"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -28,7 +28,7 @@ from transferkit.features.cache import (
 from transferkit.features.decode import choose_decode
 from transferkit.features.loading import head_batch_size
 from transferkit.features.parallel import ParallelCache
-from transferkit.features.precision import PRECISIONS, frozen_forward, resolve_precision
+from transferkit.features.precision import PRECISIONS, frozen_forward, run_precision
 from transferkit.features.prefix import NoPrefixSplit, PrefixSplit, eval_mode, split_backbone
 from transferkit.features.size import GB, cache_bytes, default_limit, readable
 
@@ -56,7 +56,8 @@ def frozen_blocks(finetune: BlockFinetuning) -> int:
 class FrozenFeatures:
     """`cache`: auto, true (refuse a run that cannot use it) or false. `views`: cached views per
     training image (1: the evaluation transform; K > 1: K augmented views, one drawn per epoch).
-    `precision`: auto (bf16 where the hardware has it natively, else fp32), bf16, fp16 or fp32.
+    `precision`: auto (fp32 on every CPU, bf16 on a CUDA device with it), bf16, fp16 or fp32:
+    what a backbone frozen for the whole run computes in (a run that trains blocks: fp32).
     `max_gb`: the largest cache to build (None: a quarter of the free memory or disk).
     `batch_size`: the largest batch the head trains in on cached features (`features.loading`)."""
 
@@ -91,9 +92,20 @@ class FrozenFeatures:
         self.max_gb = None if max_gb is None else float(max_gb)
         self.batch_size = int(batch_size)
 
-    def dtype(self, device: torch.device) -> torch.dtype:
-        """The dtype the frozen backbone runs in on `device`."""
-        return resolve_precision(self.precision, device)
+    def recorded(self) -> dict[str, Any]:
+        """The settings a resume must keep: each changes what trains (cached views replace the
+        augmentation, the head batch the steps). The precision is compared as resolved (auto and
+        fp32 are one on a CPU); `dir` and `max_gb` say where and how large, and what the limit
+        decided is compared as the augmentation training gets."""
+        return {"cache": self.cache, "views": self.views, "batch_size": self.batch_size}
+
+    def dtype(self, device: torch.device, finetune: BlockFinetuning) -> torch.dtype:
+        """The one dtype the frozen part of the backbone runs in on `device` this run, cached or
+        not (`precision.run_precision`); known once `finetune` has frozen the model."""
+        strategy = (
+            "finetune.bn=train" if finetune.bn == "train" else f"finetune={type(finetune).__name__.lower()}"
+        )
+        return run_precision(self.precision, device, not finetune.backbone_always_frozen, strategy)
 
     def source(
         self,

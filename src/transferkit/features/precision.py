@@ -1,7 +1,9 @@
-"""The dtype a frozen backbone runs in: bf16 where the hardware does it natively, else fp32.
+"""The dtype a frozen backbone runs in: one decision per run, the same on every CPU.
 
-bf16 autocast on a CPU without native bf16 is emulated and several times slower than fp32
-(4x for Lite0 on an AVX2-only EPYC), so `auto` only picks it where it pays.
+`auto` is fp32 on a CPU whatever its kind, so a command gives the same numbers on an AVX2-only
+CPU and on one with native bf16 (AVX512-BF16/AMX), and bf16 on a CUDA device that has it.
+Reduced precision applies only to a backbone frozen for the whole run: a strategy that trains
+blocks of it runs fp32 throughout, cached or not, so the cache never changes what trains.
 """
 
 from __future__ import annotations
@@ -45,23 +47,43 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device, key: str = "features.precision") -> torch.dtype:
-    """`precision` (auto, bf16, fp16, fp32; the config `key`) as the dtype to run on `device`."""
+    """`precision` (auto, bf16, fp16, fp32; the config `key`) as the dtype to run on `device`:
+    `auto` is bf16 on a CUDA device with bf16 and fp32 on every CPU (never read from its kind)."""
     if precision == "auto":
-        return torch.bfloat16 if native_bf16(device) else torch.float32
+        return torch.bfloat16 if device.type == "cuda" and native_bf16(device) else torch.float32
     if precision not in PRECISIONS:
         raise ConfigError(f"{key}={precision!r} is not one of: auto, {', '.join(PRECISIONS)}.")
     return PRECISIONS[precision]
 
 
+def run_precision(precision: str, device: torch.device, trains_backbone: bool, strategy: str) -> torch.dtype:
+    """The one precision the frozen part of this run's backbone runs in, on the cached and the
+    uncached path alike. A run that trains blocks of the backbone (`strategy` names how) runs its
+    frozen blocks in fp32, as the trained ones: a reduced precision there would make the prefix
+    cache (computed once, in that precision) train on other numbers than the images do."""
+    if not trains_backbone:
+        return resolve_precision(precision, device)
+    if precision not in ("auto", "fp32"):
+        resolve_precision(precision, device)  # an unknown name is refused as such first
+        raise ConfigError(
+            f"features.precision={precision} runs a wholly frozen backbone in {precision}, but {strategy} "
+            "trains blocks of it, which run in fp32: use features.precision=auto (or fp32)."
+        )
+    return torch.float32
+
+
 def checkpoint_precision(precision: str | None, recorded: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype eval and predict run a checkpoint's backbone in. `precision` None: the one
-    validation ran in during training (so the numbers match the logged ones on any machine),
-    unless that is bf16 and this device only emulates it (several times slower): then fp32."""
+    """The dtype eval and predict run a checkpoint's backbone in. `precision` None: the one the
+    run recorded (so the numbers match the logged ones on any machine), even where this device
+    only emulates it (bf16 on an AVX2-only CPU: slower, said in one line)."""
     if precision is not None:
         return resolve_precision(precision, device, "precision")
     if recorded == torch.bfloat16 and not native_bf16(device):
-        log.info("Training validated in bf16; %s has no native bf16, so running in fp32.", device)
-        return torch.float32
+        log.info(
+            "The run trained in bf16, which %s only emulates: slower, with the run's numbers "
+            "(precision=fp32 runs faster, with numbers close to them).",
+            device,
+        )
     return recorded
 
 

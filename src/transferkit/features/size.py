@@ -27,10 +27,7 @@ def cache_bytes(
     """The bytes a cache of `images` per split takes, with `views` training views, computed in
     `dtype` (activations of a prefix when `prefix`)."""
     return sum(
-        values_per_image
-        * count
-        * storage_dtype(split, dtype, prefix).itemsize
-        * (views if split == "train" else 1)
+        values_per_image * count * storage_dtype(dtype).itemsize * (views if split == "train" else 1)
         for split, count in images.items()
     )
 

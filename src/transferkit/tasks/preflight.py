@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, open_dict
 
-from transferkit.checkpoints import recorded_seed, resume_differences
+from transferkit.checkpoints import recorded_augment, recorded_seed, resume_differences
 from transferkit.errors import ConfigError
+from transferkit.features import training_augment
 from transferkit.module import TransferModule
 from transferkit.rng import draw_seed
+
+if TYPE_CHECKING:
+    from transferkit.data.datamodule import ImageFolderDataModule
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,27 @@ def check_resume(cfg: DictConfig, model: TransferModule) -> None:
             "Resume with the run's own settings (drop those overrides), or leave out ckpt_path to start "
             "a new run (trainer.*, data.root, data.num_workers and data.batch_size may change)."
         )
+
+
+def check_resumed_augment(cfg: DictConfig, datamodule: ImageFolderDataModule) -> None:
+    """A resume trains on what the run trained on: images under its augmentation, or cached
+    views. The settings are compared before (`check_resume`); this compares what they decided
+    here, which a smaller disk or features.max_gb can change (a cache that no longer fits)."""
+    if not cfg.get("ckpt_path"):
+        return
+    recorded, there = recorded_augment(cfg.ckpt_path)
+    here = training_augment(datamodule)
+    if recorded and there != here:
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path} trained on {_training_data(there)}, but this run would train on "
+            f"{_training_data(here)} (the feature cache was {'not ' if here is not None else ''}built "
+            "here: see the Feature cache line above). Resume where the run's cache fits, with its "
+            "features.max_gb, or start a new run."
+        )
+
+
+def _training_data(augment: str | None) -> str:
+    return "cached features of one view" if augment is None else f"images under data.augment={augment}"
 
 
 def optimized_value(cfg: DictConfig, results: dict[str, Any]) -> float | None:
