@@ -71,3 +71,36 @@ def test_the_decode_jpeg_path_gives_pil_s_features_under_its_own_key(tmp_path: P
         )
     torch.testing.assert_close(features["cpu"][0], features["pil"][0], atol=2e-2, rtol=0)
     assert job_key(features["cpu"][1]) != job_key(features["pil"][1])
+
+
+def photo(path: Path, orientation: int) -> Path:
+    """A 48 x 32 JPEG (wider than tall, so a transposition shows in the shape) whose pixels say
+    where they are (red grows rightwards, green downwards), tagged with EXIF `orientation`."""
+    x = torch.linspace(0, 255, 48).expand(32, 48)
+    y = torch.linspace(0, 255, 32)[:, None].expand(32, 48)
+    pixels = torch.stack([x, y, torch.full_like(x, 96)], dim=-1).round().byte().numpy()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, quality=95, exif=exif)
+    return path
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_the_decode_jpeg_path_turns_photos_upright_as_pil_does(tmp_path: Path, orientation: int) -> None:
+    """A phone photo's EXIF orientation (6: rotated 90 degrees, 3: upside down, ...) is applied
+    on the decode_jpeg path as load_rgb applies it (ImageOps.exif_transpose): the same shape, and
+    the same pixels to within 3 levels of 255 (two JPEG decoders' rounding; a wrong turn is off
+    by over 100)."""
+    from torchvision.transforms import v2
+
+    from transferkit.data.images import load_rgb
+    from transferkit.features.decode import EncodedImages, decode_batch, encoded_batch
+
+    path = photo(tmp_path / f"{orientation}.jpg", orientation)
+    transform = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+    expected = transform(load_rgb(path))
+    data, labels = encoded_batch([EncodedImages([(path, 7)])[0]])
+    decoded = decode_batch(data, transform, "cpu")
+    assert expected.shape == ((3, 48, 32) if orientation >= 5 else (3, 32, 48))
+    assert decoded.shape == (1, *expected.shape) and labels == [7]
+    torch.testing.assert_close(decoded[0], expected, atol=3 / 255, rtol=0)

@@ -408,7 +408,7 @@ def load_or_build(job: Extraction, directory: str | Path) -> tuple[dict[str, Fea
         tmp = store.temporary_dir(path)
         try:
             tmp.mkdir()
-            job.write_shards(tmp, heartbeat=lock.heartbeat)
+            job.write_shards(tmp)
             job.assemble(tmp, world=1)
             store.publish(tmp, path, key, list(splits))
         finally:
@@ -428,13 +428,13 @@ def claim(
 ) -> dict[str, FeatureSet] | None:
     """Take `lock` to build `path`, waiting while another run writes it. Returns that run's
     cache if it published one meanwhile (the lock given back); else None, holding the lock,
-    with what a crashed writer left removed."""
-    while not lock.acquire():
+    with what a dead writer left removed (no other run can be writing then)."""
+    if not lock.acquire(blocking=False):
         log.info(
             "Feature cache %s is being written by another run (%s); waiting for it, to reuse it.",
             path, lock.describe(),
         )  # fmt: skip
-        lock.wait()
+        lock.acquire()  # until that run ends: the OS frees its lock however it ends
     sets = load(path, key, splits)
     if sets is not None:
         lock.release()

@@ -7,18 +7,26 @@ and the GPU measured faster at decode + transform than all the loader workers to
 (`decode_rates` times a few files each way). Tensor resizing is not PIL's to the last bit, so
 the choice is part of the cache key. Augmented views always decode on the CPU: their random
 transforms are seeded per image in the workers.
+
+Photos are turned upright as on the PIL path (`ImageOps.exif_transpose` in `load_rgb`, which
+evaluation, predict and serve use): nvJPEG ignores EXIF, and decode_jpeg's
+`apply_exif_orientation` works on the CPU only, so the workers read each file's orientation
+with PIL (its header only, as exif_transpose reads it) and the decoded tensor is flipped or
+turned to match.
 """
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from PIL import ExifTags, Image
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from transferkit.data.images import load_rgb
 
@@ -44,9 +52,54 @@ def decode_device(
     return str(device) if gpu > cpu_per_worker * max(1, workers) else "pil"
 
 
+class Encoded(NamedTuple):
+    """A JPEG file's bytes (a uint8 tensor) and its EXIF orientation (1: upright)."""
+
+    data: torch.Tensor
+    orientation: int
+
+
+def exif_orientation(raw: bytes) -> int:
+    """The orientation exif_transpose would apply (EXIF tag 0x0112, or XMP's, as Pillow's
+    getexif reads them), from the header alone; 1 when there is none or it cannot be read (the
+    decode then says what is wrong with the file)."""
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            return int(image.getexif().get(ExifTags.Base.Orientation, 1))
+    except (OSError, ValueError, SyntaxError, TypeError):
+        return 1
+
+
+def encode(path: Path) -> Encoded:
+    """A file as the GPU decode takes it: its bytes, and its orientation read here (in a worker)."""
+    raw = Path(path).read_bytes()
+    return Encoded(torch.frombuffer(bytearray(raw), dtype=torch.uint8), exif_orientation(raw))
+
+
+def upright(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A decoded (C, H, W) image turned as exif_transpose turns the PIL image: orientation 2 is
+    mirrored, 3 upside down, 6 turned 90 degrees clockwise to be upright, ...; 1 and unknown
+    values are left alone, as there."""
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-2, -1)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-2, -1)
+    if orientation == 6:
+        return image.rot90(-1, (-2, -1))
+    if orientation == 7:
+        return image.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return image.rot90(1, (-2, -1))
+    return image
+
+
 class EncodedImages(Dataset):
-    """(the file's bytes as a uint8 tensor, label) for a key `epoch * n + index`: what the
-    workers hand over when the GPU decodes."""
+    """(`Encoded` file, label) for a key `epoch * n + index`: what the workers hand over when
+    the GPU decodes."""
 
     def __init__(self, items: Sequence[tuple[Path, Any]]) -> None:
         self.items = list(items)
@@ -54,23 +107,24 @@ class EncodedImages(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, key: int) -> tuple[torch.Tensor, Any]:
+    def __getitem__(self, key: int) -> tuple[Encoded, Any]:
         path, label = self.items[key % len(self.items)]
-        return read_file(str(path)), label
+        return encode(path), label
 
 
-def encoded_batch(samples: list[tuple[torch.Tensor, Any]]) -> tuple[list[torch.Tensor], list[Any]]:
-    """The loader's collate: the files' bytes stay a list (each its own length)."""
-    data, labels = zip(*samples, strict=True)
-    return list(data), list(labels)
+def encoded_batch(samples: list[tuple[Encoded, Any]]) -> tuple[list[Encoded], list[Any]]:
+    """The loader's collate: the files stay a list (each its own length)."""
+    files, labels = zip(*samples, strict=True)
+    return list(files), list(labels)
 
 
-def decode_batch(
-    data: list[torch.Tensor], transform: Callable[[Any], torch.Tensor], device: str
-) -> torch.Tensor:
-    """Decode a batch of JPEG files on `device` and run `transform` on each image there."""
-    images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    return torch.stack([transform(image) for image in images])
+def decode_batch(files: list[Encoded], transform: Callable[[Any], torch.Tensor], device: str) -> torch.Tensor:
+    """Decode a batch of JPEG files on `device`, turn each upright as its EXIF says (as the PIL
+    path does), and run `transform` on each image there."""
+    images = decode_jpeg([file.data for file in files], mode=ImageReadMode.RGB, device=device)
+    return torch.stack(
+        [transform(upright(image, file.orientation)) for image, file in zip(images, files, strict=True)]
+    )
 
 
 def decode_rates(
@@ -83,7 +137,7 @@ def decode_rates(
     for path in sample:
         transform(load_rgb(path))
     cpu = len(sample) / (time.perf_counter() - started)
-    data = [read_file(str(path)) for path in sample]
+    data = [encode(path) for path in sample]
     decode_batch(data[:2], transform, str(device))  # warm-up: nvJPEG's handles, kernels
     torch.cuda.synchronize(device)
     started = time.perf_counter()

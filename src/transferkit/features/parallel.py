@@ -7,7 +7,8 @@ rank b % world's: the batches one process would run, so the bytes are the same) 
 of its own; when all ranks say they succeeded, rank 0 assembles the shards into the whole files
 and publishes the directory, and every rank opens it. A rank that dies stops the others at the
 next collective, before anything is published: what is left is a temporary directory no run
-reads, and a lock the next run finds stale. `features.dir` must be a directory every node sees.
+reads (the lock's next holder removes it); the lock is freed as rank 0's process ends.
+`features.dir` must be a directory every node sees.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class ParallelCache(L.Callback):
         """Every rank's shards, then (rank 0) the whole cache, published; {} or the error."""
         error = None
         try:
-            self.job.write_shards(tmp, rank, world, heartbeat=lock.heartbeat)
+            self.job.write_shards(tmp, rank, world)
         except OSError as failure:
             error = str(not_written(self.directory, failure))
         if not strategy.reduce_boolean_decision(error is None, all=True):

@@ -10,7 +10,9 @@ reads a tensor whole into memory.
 A directory is built under a temporary name in the same parent (each rank writing its shards,
 `Shard`), every file flushed and fsynced, `meta.json` written last, and only then renamed to
 its key: a crash, a full disk or a concurrent writer leaves a `*.tmp-*` directory that no
-run reads, never a cache that loads.
+run reads, never a cache that loads. A build directory is its builder's (named with its host and
+pid): only the holder of the cache's lock (`features.lock`) makes one, and it removes those of
+dead holders before making its own, never while another run could hold the lock.
 """
 
 from __future__ import annotations
@@ -44,8 +46,26 @@ def labels_file(directory: Path, split: str) -> Path:
 
 
 def temporary_dir(final: Path) -> Path:
-    """A fresh name beside `final` for building it (same filesystem: the rename is atomic)."""
+    """A fresh name beside `final` for building it (same filesystem: the rename is atomic), its
+    builder's own: `<final>.tmp-<host>-<pid>-<random>`."""
     return final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def build_dirs(final: Path) -> list[Path]:
+    """`final`'s build directories, newest first (while its lock is held: the holder's)."""
+    found = []
+    for build in final.parent.glob(f"{final.name}.tmp-*"):
+        try:
+            found.append((build.stat().st_mtime, build))
+        except OSError:  # removed meanwhile
+            continue
+    return [build for _, build in sorted(found, reverse=True)]
+
+
+def builder(build: Path) -> str:
+    """Who makes a build directory, from its name (see `temporary_dir`): "pid 4242 on node3"."""
+    parts = build.name.partition(".tmp-")[2].rsplit("-", 2)
+    return f"pid {parts[1]} on {parts[0]}" if len(parts) == 3 else f"the writer of {build.name}"
 
 
 def fsync(path: Path) -> None:
@@ -170,6 +190,7 @@ def open_split(directory: Path, split: str, meta: dict[str, Any]) -> tuple[torch
 
 
 def remove_leftovers(final: Path) -> None:
-    """Temporary directories of `final` left by crashed writers (called holding its lock)."""
+    """Build directories of `final` left by dead writers. Only the lock's holder may call it:
+    every other build directory is then a dead process's (its lock was freed when it died)."""
     for leftover in final.parent.glob(f"{final.name}.tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
