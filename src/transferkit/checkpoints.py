@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from transferkit.errors import ConfigError
-from transferkit.features.precision import PRECISIONS
+from transferkit.features.precision import PRECISIONS, precision_name
 from transferkit.module import RECORD_KEY, TransferModule
 from transferkit.preprocessing import CROP_SCALE
 
@@ -86,6 +86,8 @@ _RESUMABLE = {
     "data.num_workers",
     "data.persistent_workers",
     "data.scan_cache_dir",
+    "features.dir",  # where the cache lives; what max_gb decided is compared as the augmentation
+    "features.max_gb",
 }
 _OWN_GROUPS = ("optimizer", "scheduler", "preprocessing")  # hyper-parameters named as their config group
 
@@ -129,6 +131,12 @@ def recorded_seed(path: str | Path) -> int | None:
     return None if seed is None else int(seed)
 
 
+def recorded_splits(path: str | Path) -> dict[str, Any] | None:
+    """Each split's file count and digest as the run of a training checkpoint recorded them
+    (`transferkit.data.digests`; None for checkpoints that predate them)."""
+    return (_peek(path).get(RECORD_KEY) or {}).get("splits")
+
+
 def resume_differences(path: str | Path, model: TransferModule) -> list[str]:
     """What `model` (built from this command's config, with its run record) would train
     differently from the run `path` checkpointed: one "key: there -> here" line each.
@@ -145,8 +153,20 @@ def resume_differences(path: str | Path, model: TransferModule) -> list[str]:
         model.data_config if "data" in record else None,
         model.run_record.get("finetune") if "finetune" in record else None,
     )
+    there.update(_flat(record.get("features") or {}, "features"))
+    here.update(_flat(model.run_record.get("features") or {}, "features"))
+    if "precision" in record:  # what the settings resolved to on the machine of each
+        there["features.precision (as run)"] = record["precision"]
+        here["features.precision (as run)"] = precision_name(model.frozen_dtype)
     return [
         f"{key}: {there.get(key)!r} there, {here.get(key)!r} here"
         for key in sorted(there)  # a key newer than the checkpoint is not compared
         if key not in _RESUMABLE and there[key] != here.get(key)
     ]
+
+
+def recorded_augment(path: str | Path) -> tuple[bool, str | None]:
+    """Whether the run `path` checkpointed recorded the augmentation its training got, and
+    which (None: none, as on cached features of one view)."""
+    record = _peek(path).get(RECORD_KEY) or {}
+    return "augment" in record, record.get("augment")

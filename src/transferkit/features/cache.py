@@ -42,18 +42,17 @@ from transferkit.features.store import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
-# Training views in half precision (half the disk and memory; bf16 results are exact in it in
-# practice); val and test in fp32, so the logged metrics are the model's own on those images.
-# A prefix's training activations computed in fp32 stay fp32: the top trains on them, and fp16
-# rounding would lead its weights away from the uncached run's.
-STORAGE_DTYPES = {"train": torch.float16, "val": torch.float32, "test": torch.float32}
+# What the frozen part computed, stored so that it reads back as computed: the cache must never
+# change what trains. fp32 stays fp32 (fp16 rounding would lead the head, or a prefix's top,
+# away from the uncached run); bf16 or fp16 results are stored as fp16, which holds them
+# exactly in its range (`_stored` widens a batch to fp32 where it would not).
 
 
-def storage_dtype(split: str, dtype: torch.dtype, prefix: bool) -> torch.dtype:
-    """What `split`'s features (or a prefix's activations), computed in `dtype`, are stored as."""
-    if prefix and split == "train" and dtype == torch.float32:
-        return torch.float32
-    return STORAGE_DTYPES[split]
+def storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What features (or a prefix's activations) computed in `dtype` are stored as: fp16 when
+    computed in half precision, else fp32, for every split: val's and test's metrics are the
+    model's own, and what trains is what the uncached run sees."""
+    return torch.float32 if dtype == torch.float32 else torch.float16
 
 
 class FeatureSet(Dataset):
@@ -183,11 +182,12 @@ def load(path: Path, key: str, splits: dict[str, list[tuple[Path, int]]]) -> dic
 
 
 def _stored(values: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
-    """`values` as `storage`, or as fp32 where they would overflow it (activations of a
-    randomly initialised prefix can exceed fp16's 65504)."""
-    if storage.is_floating_point and values.abs().max() > torch.finfo(storage).max:
-        storage = torch.float32
-    return values.to(storage).cpu().contiguous()
+    """`values` as `storage`, or as fp32 where `storage` would not hold them exactly (bf16
+    values past fp16's range, such as a randomly initialised prefix's, or below its normals)."""
+    stored = values.to(storage)
+    if storage != values.dtype and not torch.equal(stored.to(values.dtype), values):
+        stored = values.to(torch.float32)
+    return stored.cpu().contiguous()
 
 
 @torch.no_grad()
@@ -299,7 +299,8 @@ class Extraction:
         keys = batch_keys(len(items), self.batch_size, rank, world)
         own = rank if world > 1 else None  # one process writes the whole file
         shard = store.Shard(store.features_file(directory, split, own), passes, len(keys))
-        storage = storage_dtype(split, self.dtype, self.boundary is not None)
+        dtype = self.dtype if split == "train" or self.eval_dtype is None else self.eval_dtype
+        storage = storage_dtype(dtype)
         if self.same and split == "train":  # val's fp32 features, stored as train's
             if not keys:
                 return
@@ -324,7 +325,7 @@ class Extraction:
                     collate_fn=encoded_batch if encoded else None,
                 ),
                 self.device,
-                self.dtype if split == "train" or self.eval_dtype is None else self.eval_dtype,
+                dtype,
                 progress,
                 f"Caching {split} {'activations' if self.boundary else 'features'}"
                 + (f" (view {v + 1}/{passes})" if passes > 1 else ""),

@@ -32,7 +32,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 4  # 4: a directory of memory-mapped .npy files (3: one torch.save file)
+FORMAT_VERSION = 5  # 5: fp32 results stored as fp32; 4: a directory of .npy files; 3: one torch.save file
 META = "meta.json"
 
 

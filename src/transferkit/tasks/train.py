@@ -22,6 +22,7 @@ from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.errors import ConfigError
 from transferkit.features import FrozenFeatures
 from transferkit.features.cache import weights_fingerprint
+from transferkit.features.precision import precision_name
 from transferkit.finetune import BlockFinetuning
 from transferkit.module import TransferModule
 from transferkit.run_dirs import resolve_checkpoint
@@ -30,6 +31,7 @@ from transferkit.tasks.cross_validation import cross_validate, write_held_out
 from transferkit.tasks.preflight import (
     check_fold_seed,
     check_resume,
+    check_resumed_augment,
     check_run,
     optimized_value,
     refuse_eval_only,
@@ -130,6 +132,7 @@ def set_up(cfg: DictConfig, show_config: bool = True) -> TrainingRun:
     _ = datamodule.splits  # every image checked, now that the config is known to work
     write_bad_images(datamodule, Path(cfg.paths.output_dir))
     feature_cache = features.use(model, datamodule, trainer, finetune, seed=cfg.seed)
+    check_resumed_augment(cfg, datamodule)
     return TrainingRun(cfg, datamodule, finetune, trainer, model, feature_cache)
 
 
@@ -142,13 +145,15 @@ def prepare_model(
 ) -> TransferModule:
     """The model for this data and device, frozen as the strategy starts it; refused if it
     cannot take the image size or would not continue the run it resumes."""
-    model = build_model(cfg, datamodule, features.dtype(trainer.strategy.root_device))
+    model = build_model(cfg, datamodule)
     check_input_size(model.backbone, model.preprocessing.image_size, model.hparams.name)
-    check_resume(cfg, model)
     if not cfg.checkpoint.self_contained:
         model.keep_backbone_by_reference()
-    finetune.freeze_before_training(model)  # what trains decides whether features can be cached
+    finetune.freeze_before_training(model)  # what trains decides the precision and the cache
     finetune.check(trainer)
+    model.frozen_dtype = features.dtype(trainer.strategy.root_device, finetune)
+    model.run_record["features"] = features.recorded()
+    check_resume(cfg, model)
     return model
 
 
@@ -186,6 +191,7 @@ def measure(run: TrainingRun, best: str | None) -> dict[str, Any]:
         class_names=model.class_names,
         seed=run.cfg.seed,
         augment=model.run_record.get("augment", datamodule.augment),
+        precision=precision_name(model.frozen_dtype),  # of the frozen backbone (or blocks)
         # under DDP the cache is built as the fit starts, and a full disk leaves the run uncached
         feature_cache=str(run.feature_cache) if datamodule.feature_sets is not None else None,
         epochs=trainer.current_epoch,
