@@ -202,7 +202,6 @@ def extract(
     view: int,
     channels_last: bool = False,
     storage: torch.dtype = torch.float32,
-    heartbeat: Callable[[], None] | None = None,
     decoded: Callable[[Any], torch.Tensor] | None = None,
 ) -> int:
     """Write the loader's images' features, in loader order, into `shard`'s `view` as `storage`;
@@ -218,8 +217,6 @@ def extract(
         shard.write(view, done, _stored(frozen_forward(backbone, images, dtype), storage))
         done += len(images)
         progress.advance(task, len(images))
-        if heartbeat is not None:
-            heartbeat()
     return done
 
 
@@ -269,9 +266,7 @@ class Extraction:
     def passes(self, split: str) -> int:
         return self.views if split == "train" and self.views > 1 else 1
 
-    def write_shards(
-        self, directory: Path, rank: int = 0, world: int = 1, heartbeat: Callable[[], None] | None = None
-    ) -> None:
+    def write_shards(self, directory: Path, rank: int = 0, world: int = 1) -> None:
         """This rank's batches of every split into `directory` (one process: the whole files)."""
         original_device = next(self.backbone.parameters()).device
         modes = {m: m.training for m in self.backbone.modules()}  # a prefix shares the model's modules
@@ -280,7 +275,7 @@ class Extraction:
         try:
             with Progress(transient=False, disable=rank != 0) as progress:
                 for split in order:
-                    self._write_split(split, directory, rank, world, progress, heartbeat)
+                    self._write_split(split, directory, rank, world, progress)
         finally:
             self.backbone.to(original_device)
             for module, mode in modes.items():
@@ -293,7 +288,6 @@ class Extraction:
         rank: int,
         world: int,
         progress: Progress,
-        heartbeat: Callable[[], None] | None,
     ) -> None:
         items, passes = self.splits[split], self.passes(split)
         keys = batch_keys(len(items), self.batch_size, rank, world)
@@ -333,7 +327,6 @@ class Extraction:
                 v,
                 self.channels_last,
                 torch.float32 if self.same else storage,
-                heartbeat,
                 (lambda data: decode_batch(data, self.eval_transform, self.decode)) if encoded else None,
             )
         shard.close()
