@@ -301,3 +301,55 @@ def test_load_test_times_the_model_alone_at_batch_1_and_at_the_batch_size(traine
     alone = load_test.model_alone(Path(trained_run["best_model_path"]), files, batch_size=4, seconds=0.2)
     assert alone["batch_1_ips"] > 0 and alone["batch_4_ips"] > 0
     assert alone["ratio"] == pytest.approx(alone["batch_4_ips"] / alone["batch_1_ips"], rel=0.03)
+
+
+def test_the_multipart_parser_finds_the_file_field_within_max_parts() -> None:
+    """In process: a preamble, a part without headers and other fields are passed over; more
+    than max_parts parts, or a body cut before its last delimiter, is refused."""
+    from transferkit.serving.requests import BadRequest, multipart_file
+
+    kind = "multipart/form-data; boundary=xyz"
+
+    def part(headers: str, content: bytes) -> bytes:
+        return f"--xyz\r\n{headers}\r\n".encode() + content + b"\r\n"
+
+    note = part('Content-Disposition: form-data; name="note"\r\n', b"hi")
+    image = part('Content-Disposition: form-data; name="file"; filename="a.png"\r\n', b"PNG--xy\r\n-")
+    body = b"preamble\r\n" + part("", b"no headers") + note + image + b"--xyz--\r\n"
+    assert multipart_file(kind, body, max_parts=3) == b"PNG--xy\r\n-"
+    for cut, status, words in [
+        (lambda b: b, 413, "more than 2 parts"),
+        (lambda b: b[: b.rindex(b"\r\n--xyz--")], 400, "could not be parsed"),
+        (lambda b: b.replace(b"--xyz\r\n", b"--xyzz\r\n"), 400, "could not be parsed"),
+    ]:
+        with pytest.raises(BadRequest) as refused:
+            multipart_file(kind, cut(body), max_parts=2 if status == 413 else 3)
+        assert refused.value.status == status and words in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("max_parts=0", "max_parts=0 must be 1 or more."),
+        ("max_pixels=200000000", "max_pixels=200000000 must be from 1 to 178956970"),
+        ("max_concurrent_decodes=0", "max_concurrent_decodes=0 must be 1 or more (or null"),
+        ("max_parts=abc", "max_parts=abc"),  # by type (tasks/settings.py), or else as no whole number
+    ],
+)
+def test_a_limit_that_cannot_work_is_refused_before_binding(
+    override: str,
+    words: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from transferkit.tasks import serve
+
+    bound: list[tuple] = []
+    monkeypatch.setattr(serve, "bind", lambda *args: bound.append(args))
+    cfg = compose_task("serve", tmp_path, [f"ckpt_path={tmp_path / 'model.ckpt'}", override])
+    with pytest.raises(SystemExit) as ended:
+        serve.main(cfg)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert ended.value.code == 2 and bound == [] and len(errors) == 1, errors
+    assert errors[0].startswith(words), errors

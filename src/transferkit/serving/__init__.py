@@ -3,6 +3,6 @@ the dynamic batcher, and the FastAPI app that joins them."""
 
 from transferkit.serving.app import build_app
 from transferkit.serving.batcher import Batcher
-from transferkit.serving.requests import BadRequest, image_bytes
+from transferkit.serving.requests import BadRequest, Limits, image_bytes
 
-__all__ = ["BadRequest", "Batcher", "build_app", "image_bytes"]
+__all__ = ["BadRequest", "Batcher", "Limits", "build_app", "image_bytes"]

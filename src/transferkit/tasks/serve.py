@@ -10,23 +10,56 @@ from __future__ import annotations
 
 import logging
 import socket
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
+from PIL import Image
 
 from transferkit.errors import ConfigError
 from transferkit.extras import require
 from transferkit.inference import load_predictor
 from transferkit.tasks.wrapper import exit_on_user_error
 
+if TYPE_CHECKING:
+    from transferkit.serving import Limits
+
 log = logging.getLogger(__name__)
+PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses to open any image larger
+
+
+def whole(cfg: DictConfig, key: str, high: int | None = None, why: str = "") -> None:
+    """ConfigError in one line unless cfg[key] is a whole number from 1 (to `high`): a limit
+    that is not would leave the server open to what it guards."""
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}={value} must be a whole number.")
+    if value < 1 or (high is not None and value > high):
+        raise ConfigError(
+            f"{key}={value} must be " + (f"from 1 to {high}" if high else "1 or more") + f"{why}."
+        )
 
 
 def check_settings(cfg: DictConfig) -> None:
-    for key in ("workers", "max_batch_size", "top_k", "max_bytes"):
-        if int(cfg[key]) < 1:
-            raise ConfigError(f"{key}={cfg[key]} must be 1 or more.")
+    for key in ("workers", "max_batch_size", "top_k", "max_bytes", "max_parts"):
+        whole(cfg, key)
+    whole(cfg, "max_pixels", PILLOW_MAX_PIXELS, " (Pillow refuses to open a larger image)")
+    if cfg.max_concurrent_decodes is not None:
+        whole(cfg, "max_concurrent_decodes", why=" (or null: one per CPU core)")
     if float(cfg.batch_timeout) < 0:
         raise ConfigError(f"batch_timeout={cfg.batch_timeout} must be 0 or more seconds.")
+
+
+def limits(cfg: DictConfig) -> Limits:
+    """What one request may make the server read, parse and decode."""
+    from transferkit.serving import Limits  # needs FastAPI
+
+    decodes = cfg.max_concurrent_decodes
+    return Limits(
+        max_bytes=int(cfg.max_bytes),
+        max_parts=int(cfg.max_parts),
+        max_pixels=int(cfg.max_pixels),
+        **({} if decodes is None else {"max_concurrent_decodes": int(decodes)}),
+    )
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -57,7 +90,7 @@ def serve(cfg: DictConfig) -> None:
         max_batch_size=int(cfg.max_batch_size),
         batch_timeout=float(cfg.batch_timeout),
         workers=int(cfg.workers),
-        max_bytes=int(cfg.max_bytes),
+        limits=limits(cfg),
     )
     sock = bind(str(cfg.host), int(cfg.port))
     log.info(
