@@ -91,6 +91,9 @@ class Serve:
     max_batch_size: int
     batch_timeout: float
     max_bytes: int
+    max_parts: int
+    max_pixels: int
+    max_concurrent_decodes: int | None
     top_k: int
     graceful_s: float
     device: str
