@@ -17,37 +17,42 @@ from conftest import compose_task, main_exits, make_image_folder, tiny_run
 from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.data.folders import Splits
 from transferkit.data.folds import assign_folds, cross_validation_fold
+from transferkit.data.splitting import numbering
 from transferkit.errors import ConfigError, DataError
 from transferkit.sweeps import group_folds, write_leaderboard
 
+ROOT = Path("/d")
+
 
 def pool(n_per_class: int = 10, classes: int = 3) -> list[tuple[Path, int]]:
-    return [(Path(f"/d/{c}_{i:02d}.png"), c) for c in range(classes) for i in range(n_per_class)]
+    return [(ROOT / f"{c}_{i:02d}.png", c) for c in range(classes) for i in range(n_per_class)]
 
 
-def test_folds_are_stratified_seeded_and_blind_to_listing_order() -> None:
-    samples = pool()
-    folds = assign_folds(samples, 3, seed=7)
-    assert sorted(Counter(folds.values()).values()) == [10, 10, 10]
-    for fold in range(3):  # each class dealt evenly: 10 images of a class over 3 folds
-        per_class = Counter(label for path, label in samples if folds[path] == fold)
-        assert set(per_class.values()) <= {3, 4} and len(per_class) == 3
-    assert assign_folds(list(reversed(samples)), 3, seed=7) == folds
-    assert assign_folds(samples, 3, seed=8) != folds
+def test_folds_are_seeded_per_file_and_blind_to_listing_order() -> None:
+    """A file's fold is floor(its number * k): a share of every class in every fold, within a
+    hash's spread (test_splits.py: no file changes fold when others come or go)."""
+    samples = pool(30)
+    folds = assign_folds(samples, 3, seed=7, root=ROOT)
+    number = numbering(ROOT, seed=7)
+    assert folds == {path: int(number(path) * 3) for path, _ in samples}
+    for fold in range(3):
+        assert len(Counter(label for path, label in samples if folds[path] == fold)) == 3
+    assert assign_folds(list(reversed(samples)), 3, seed=7, root=ROOT) == folds
+    assert assign_folds(samples, 3, seed=8, root=ROOT) != folds
 
 
 def test_a_fold_validates_on_its_part_of_the_pool_and_tests_on_the_held_out_split() -> None:
     samples = pool()
     held_out = [(Path("/d/val.png"), 0)]
     own_val = Splits(["a", "b", "c"], samples, held_out, None, val_from_train=False)
-    parts = [cross_validation_fold(own_val, 3, fold, seed=1) for fold in range(3)]
+    parts = [cross_validation_fold(own_val, 3, fold, 1, ROOT) for fold in range(3)]
     assert all(p.test == held_out and p.pool == sorted(samples) for p in parts)
     assert sorted(s for p in parts for s in p.val) == sorted(samples)  # every image held out once
     assert all(set(p.train).isdisjoint(p.val) and len(p.train) + len(p.val) == 30 for p in parts)
     # a val cut from train goes back into the pool; a test split is what stays held out
     cut = Splits(["a", "b", "c"], samples[:20], samples[20:], held_out, val_from_train=True)
-    assert cross_validation_fold(cut, 3, 0, seed=1).pool == sorted(samples)
-    assert cross_validation_fold(cut, 3, 0, seed=1).test == held_out
+    assert cross_validation_fold(cut, 3, 0, 1, ROOT).pool == sorted(samples)
+    assert cross_validation_fold(cut, 3, 0, 1, ROOT).test == held_out
 
 
 def test_fold_settings_and_a_fold_without_a_class_are_refused(tmp_path: Path) -> None:
@@ -61,7 +66,7 @@ def test_fold_settings_and_a_fold_without_a_class_are_refused(tmp_path: Path) ->
     samples = [*pool(4, 2), (Path("/d/rare.png"), 2)]
     with pytest.raises(DataError, match=r"Fold \d of 2 has no training image of class\(es\) c"):
         for fold in range(2):
-            cross_validation_fold(Splits(["a", "b", "c"], samples, [], None, True), 2, fold, seed=0)
+            cross_validation_fold(Splits(["a", "b", "c"], samples, [], None, True), 2, fold, 0, ROOT)
 
 
 def test_data_exclude_leaves_out_the_listed_images(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -161,12 +166,14 @@ def test_a_cross_validation_shares_one_cache_and_reports_every_fold(
     assert list(results)[:2] == ["val/acc", "val/acc_std"] and results["folds"] == 3
     with open(results["oof"], newline="") as f:
         oof = list(csv.DictReader(f))
-    folds = assign_folds(ImageFolderDataModule(data, val_fraction=0.2).folders.train, 3, seed=42)
+    folds = assign_folds(ImageFolderDataModule(data, val_fraction=0.2).folders.train, 3, 42, data)
     assert {Path(r["path"]): int(r["fold"]) for r in oof} == folds
     assert all(abs(sum(float(r[f"prob:{c}"]) for c in results["class_names"]) - 1) < 1e-4 for r in oof)
     best = per_fold[1]["best_model_path"]
     measured = evaluate(compose_task("eval", tmp_path / "eval", [f"ckpt_path={best}", "split=val"]))
-    assert measured["images"] == 6 and measured["val/acc"] == pytest.approx(per_fold[1]["val/acc"], abs=1e-4)
+    held_out_by_1 = sum(r["fold"] == "1" for r in oof)
+    assert measured["images"] == held_out_by_1
+    assert measured["val/acc"] == pytest.approx(per_fold[1]["val/acc"], abs=1e-4)
     # interrupted: fold 1 trained but not measured, fold 2 not started; ckpt_path=last goes on
     fold_dirs = [Path(d) for d in results["fold_dirs"]]
     kept = (fold_dirs[0] / "results.json").stat().st_mtime_ns

@@ -21,6 +21,7 @@ from transferkit.data.demo import SHAPES, generate_demo
 from transferkit.data.folders import find_splits
 from transferkit.data.images import ImageListDataset, load_rgb
 from transferkit.data.sampling import EpochSampler
+from transferkit.data.splitting import numbering
 from transferkit.errors import ConfigError, DataError
 from transferkit.preprocessing import Preprocessing
 
@@ -38,12 +39,17 @@ def test_classes_come_from_train_and_every_split_is_labelled(tmp_path: Path) -> 
     assert all(path.parent.name == splits.class_names[label] for path, label in splits.val + splits.test)
 
 
-def test_no_val_folder_gives_a_stratified_seeded_split(tmp_path: Path) -> None:
+def test_no_val_folder_gives_a_seeded_split_of_each_class_file_by_file(tmp_path: Path) -> None:
+    """Each file is in val when its number (the hash of its path under the root and the seed)
+    is below val_fraction: about that share of every class, not exactly (see test_splits.py)."""
     root = make_image_folder(tmp_path, classes=("a", "b", "c"), splits={"train": 20})
     first = find_splits(root, val_fraction=0.25, seed=1)
     assert first.val_from_train
-    assert Counter(label for _, label in first.val) == {0: 5, 1: 5, 2: 5}
-    assert Counter(label for _, label in first.train) == {0: 15, 1: 15, 2: 15}
+    number = numbering(root, seed=1)
+    assert all(number(path) < 0.25 for path, _ in first.val)
+    assert all(number(path) >= 0.25 for path, _ in first.train)
+    assert all(1 <= n <= 10 for n in Counter(label for _, label in first.val).values())
+    assert len(Counter(label for _, label in first.val)) == 3 and len(first.train) + len(first.val) == 60
     assert not {p for p, _ in first.train} & {p for p, _ in first.val}
     assert find_splits(root, val_fraction=0.25, seed=1).val == first.val
     assert find_splits(root, val_fraction=0.25, seed=2).val != first.val

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 
 from transferkit.data import scan
+from transferkit.data.digests import split_digests
 from transferkit.data.file_names import find_named_splits, label_pattern
 from transferkit.data.folders import (
     Splits,
@@ -49,7 +50,8 @@ def default_num_workers() -> int:
 
 
 class ImageFolderDataModule(L.LightningDataModule):
-    """Train/val(/test) image folders; classes come from train/.
+    """Train/val(/test) image folders; classes come from train/. Without val/, val is split off
+    train/ file by file (`transferkit.data.splitting`).
 
     Transforms follow `preprocessing`, which the train task sets to the model's, so the data is
     always fed the way the backbone's weights expect. `image_size`, `mean`, `std` and `crop_pct`
@@ -61,7 +63,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     `cutmix_alpha` (0: off) mix training batches once they are on the device.
 
     `exclude` names a file listing images to leave out (one path a line: audit.py writes one).
-    `folds` (k) cuts the training data into k stratified, seeded cross-validation folds, and
+    `folds` (k) cuts the training data into k cross-validation folds, each file's by a hash of its
+    path and the seed (so no file changes fold when others come or go), and
     `fold` picks the one this module serves (see `transferkit.data.folds`; the train task runs
     every fold when `fold` is None).
 
@@ -165,7 +168,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                 )
         if self.fold is None:
             return splits
-        return cross_validation_fold(splits, self.folds, self.fold, self.seed)
+        return cross_validation_fold(splits, self.folds, self.fold, self.seed, self.root)
 
     def listed(self) -> Splits:
         """The data's own splits: class folders, or labels from file names."""
@@ -193,6 +196,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         log.warning("Skipping %d file(s) that cannot be read as images: %s%s", len(bad), listed, more)
         self.bad_images = {**self.bad_images, **bad}  # after any a subclass found missing
         return skip_files(folders, set(bad))
+
+    def split_digests(self) -> dict[str, dict[str, Any]]:
+        """Each split's file count and digest (`transferkit.data.digests`): what a checkpoint
+        records, so eval and a resume can tell when the files are not the run's any more."""
+        return split_digests(self.splits, self.root)
 
     @property
     def class_names(self) -> list[str]:

@@ -1,8 +1,10 @@
 """Labels read from file names: a regular expression whose one group is the class, searched in
 each file's name (`^(.+)_\\d+\\.jpg$` reads `Abyssinian` from `Abyssinian_12.jpg`).
 
-The images lie in one folder (any depth; val is split off, stratified and seeded) or in a split
-tree, root/train, root/val (optional) and root/test (optional), each searched at any depth.
+The images lie in a split tree, root/train, root/val (optional) and root/test (optional), each
+searched at any depth, or in one folder (any depth), whose val/ and test/ sub-folders, when it has
+them, are those splits and never trained on. Without val, val is split off file by file
+(`transferkit.data.splitting`).
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from transferkit.data.folders import Sample, Splits, list_images, stratified_split
+from transferkit.data.folders import Sample, Splits, list_images
 from transferkit.data.images import IMAGE_EXTENSIONS
+from transferkit.data.splitting import split_off_val
 from transferkit.errors import ConfigError, DataError
 
 SHOWN = 5  # file names a message lists before "and N more"
@@ -66,18 +69,33 @@ def _images(folder: Path) -> list[Path]:
     return files
 
 
+def _split_files(root: Path) -> dict[str, list[Path]]:
+    """Each split's images. With root/train/ the split folders; without it, val/ and test/ (if
+    there) are still those splits, and train is every image of root outside them: a test folder
+    is never trained on."""
+    folders = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
+    if "train" in folders or not folders:
+        return {split: _images(folder) for split, folder in (folders or {"train": root}).items()}
+    outside = [p for p in list_images(root) if not any(p.is_relative_to(f) for f in folders.values())]
+    if not outside:
+        held = " and ".join(f"{name}/" for name in folders)
+        raise DataError(
+            f"{root} holds no images to train on outside {held}; put the training images in "
+            f"{root}/train/ (or anywhere else under {root})."
+        )
+    return {"train": outside, **{split: _images(folder) for split, folder in folders.items()}}
+
+
 def find_named_splits(
     root: str | Path, pattern: str, val_fraction: float = 0.2, seed: int | None = 42
 ) -> Splits:
-    """The splits of `root` (a split tree when it has train/, else one folder) with every class
-    read from a file name; classes are the sorted labels of the training images."""
+    """The splits of `root` (`_split_files`) with every class read from a file name; classes are
+    the sorted labels of the training images."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"data.root={root} does not exist. Set data.root=PATH to the folder of images.")
     compiled = label_pattern(pattern)
-    folders = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
-    folders = folders if "train" in folders else {"train": root}  # no split tree: one folder
-    named = {split: labels_from_names(_images(folder), compiled, root) for split, folder in folders.items()}
+    named = {split: labels_from_names(files, compiled, root) for split, files in _split_files(root).items()}
     class_names = sorted({label for _, label in named["train"]})
     unseen = sorted({label for s in ("val", "test") for _, label in named.get(s, [])} - set(class_names))
     if unseen:
@@ -93,7 +111,7 @@ def find_named_splits(
     test = samples("test") if "test" in named else None
     if "val" in named:
         return Splits(class_names, samples("train"), samples("val"), test, val_from_train=False)
-    train, val = stratified_split(samples("train"), val_fraction, seed)
+    train, val = split_off_val(samples("train"), val_fraction, seed, root)
     if not val:
         raise DataError(
             f"{root} has too few images to split off val (a class needs 2 or more); add images or a "

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from transferkit.data.images import IMAGE_EXTENSIONS, is_image_file
+from transferkit.data.splitting import split_off_val
 from transferkit.errors import ConfigError, DataError
 
 Label = int | tuple[int, ...]  # a class index, or with multi-label data one 0/1 per class
@@ -69,24 +69,9 @@ def _check_same_classes(split: str, found: list[str], expected: list[str]) -> No
         )
 
 
-def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Hold out `fraction` of every class (at least one image where a class has two or more)."""
-    by_class: dict[int, list[Sample]] = {}
-    for sample in samples:
-        by_class.setdefault(sample[1], []).append(sample)
-    rng = random.Random(seed)
-    keep, held_out = [], []
-    for label in sorted(by_class):
-        items = list(by_class[label])
-        rng.shuffle(items)
-        n_out = min(max(round(len(items) * fraction), 1), len(items) - 1) if len(items) > 1 else 0
-        held_out.extend(items[:n_out])
-        keep.extend(items[n_out:])
-    return sorted(keep), sorted(held_out)
-
-
-def find_splits(root: str | Path, val_fraction: float = 0.2, seed: int = 42) -> Splits:
-    """Scan `root`; classes come from train/, other splits must hold the same ones."""
+def find_splits(root: str | Path, val_fraction: float = 0.2, seed: int | None = 42) -> Splits:
+    """Scan `root`; classes come from train/, other splits must hold the same ones. Without val/,
+    val is split off train/ file by file (`transferkit.data.splitting`)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(
@@ -112,7 +97,7 @@ def find_splits(root: str | Path, val_fraction: float = 0.2, seed: int = 42) -> 
         return Splits(class_names, train, splits["val"], splits.get("test"), val_from_train=False)
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={val_fraction} must lie in (0, 1) when {root} has no val/.")
-    train, val = stratified_split(train, val_fraction, seed)
+    train, val = split_off_val(train, val_fraction, seed, root)
     if not val:
         raise DataError(
             f"{root} has no val/ and too few images to split one off (a class needs 2 or more); "

@@ -1,5 +1,8 @@
-"""Cross-validation folds: the training data cut into k stratified, seeded parts, each in turn
-the validation split of a model trained on the others.
+"""Cross-validation folds: the training data cut into k parts, each in turn the validation split
+of a model trained on the others. A file's fold is a function of the file alone (the hash of its
+path under the root and the seed: `transferkit.data.splitting`), so a cross-validation resumed on
+data that gained or lost images never holds an image out in two folds; each fold holds a share of
+every class within a hash's spread, not exactly 1/k.
 
 The pool is what the run would train on: train/ (with the val split it would have cut from it),
 the label file's train rows, or the named files. A val/ folder or val rows of its own, or a test
@@ -9,12 +12,11 @@ as the fold's test split (test/ when the data has one, else its own val).
 
 from __future__ import annotations
 
-import random
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 from transferkit.data.folders import Sample, Splits, untrained_classes
+from transferkit.data.splitting import numbering
 from transferkit.errors import ConfigError, DataError
 
 
@@ -32,39 +34,20 @@ def check_folds(folds: int | None, fold: int | None) -> tuple[int | None, int | 
     return int(folds), None if fold is None else int(fold)
 
 
-def _strata(samples: list[Sample]) -> list[object]:
-    """What a fold is stratified by: the class, or a multi-label image's label combination, with
-    combinations of one image pooled (with many classes most would be unique)."""
-    combos = Counter(label for _, label in samples)
-    return [label if not isinstance(label, tuple) or combos[label] > 1 else () for _, label in samples]
+def assign_folds(samples: list[Sample], folds: int, seed: int | None, root: Path) -> dict[Path, int]:
+    """Each image's fold, floor(its number * folds), from its own path under `root` and the seed:
+    blind to the order the samples are listed in and to which other images there are."""
+    number = numbering(root, seed)
+    return {path: min(int(number(path) * folds), folds - 1) for path, _ in samples}
 
 
-def assign_folds(samples: list[Sample], folds: int, seed: int | None) -> dict[Path, int]:
-    """Each image's fold: within each stratum (in a fixed order) a seeded shuffle dealt round the
-    folds, the deal going on from stratum to stratum so the folds' sizes differ by one at most.
-    A function of the set of paths and labels: the order they are listed in does not matter."""
-    samples = sorted(samples)
-    by_stratum: dict[object, list[Path]] = {}
-    for (path, _), stratum in zip(samples, _strata(samples), strict=True):
-        by_stratum.setdefault(stratum, []).append(path)
-    rng = random.Random(seed)
-    assigned, dealt = {}, 0
-    for stratum in sorted(by_stratum, key=repr):
-        paths = by_stratum[stratum]
-        rng.shuffle(paths)
-        for path in paths:
-            assigned[path] = dealt % folds
-            dealt += 1
-    return assigned
-
-
-def cross_validation_fold(splits: Splits, folds: int, fold: int, seed: int | None) -> Splits:
+def cross_validation_fold(splits: Splits, folds: int, fold: int, seed: int | None, root: Path) -> Splits:
     """`splits` as fold `fold` of `folds` sees them: val is that part of the pool, train the
     rest, test the held-out split (if any); `pool` keeps the whole pool, so every fold can share
     one feature cache."""
     pool = sorted(splits.train + splits.val) if splits.val_from_train else sorted(splits.train)
     held_out = splits.test if splits.test is not None else (None if splits.val_from_train else splits.val)
-    assigned = assign_folds(pool, folds, seed)
+    assigned = assign_folds(pool, folds, seed, root)
     val = [s for s in pool if assigned[s[0]] == fold]
     train = [s for s in pool if assigned[s[0]] != fold]
     if not val:

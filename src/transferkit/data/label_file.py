@@ -15,7 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from transferkit.data.folders import Label, Sample, Splits, stratified_split, untrained_classes
+from transferkit.data.folders import Label, Sample, Splits, untrained_classes
+from transferkit.data.splitting import split_off_val
 from transferkit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -294,15 +295,15 @@ def missing_message(missing: list[Path], rows: LabelRows, root: Path) -> str:
     )
 
 
-def _multilabel_split(samples: list[Sample], fraction: float, seed: int | None) -> tuple[list, list]:
-    """Stratified by label combination; combinations of one image are pooled into one stratum,
-    or with many classes (most combinations unique) they would all stay in train."""
+def _multilabel_split(
+    samples: list[Sample], fraction: float, seed: int | None, root: Path
+) -> tuple[list[Sample], list[Sample]]:
+    """Split file by file as single-label data is, the guarantee of a val image applied per
+    label combination (those of one image pooled, or with many classes, most combinations
+    unique, it would hold nothing out); a class val would take every image of gets one back."""
     combos = Counter(label for _, label in samples)
-    labels = dict(samples)
-    strata = [(path, label if combos[label] > 1 else ()) for path, label in samples]
-    train, val = stratified_split(strata, fraction, seed)
-    train, val = [(p, labels[p]) for p, _ in train], [(p, labels[p]) for p, _ in val]
-    for c in range(len(samples[0][1])):  # the pool may hold out a class's every image: one comes back
+    train, val = split_off_val(samples, fraction, seed, root, lambda s: s[1] if combos[s[1]] > 1 else ())
+    for c in range(len(samples[0][1])):
         if not any(label[c] for _, label in train):
             back = next((s for s in val if s[1][c]), None)
             if back is not None:
@@ -311,10 +312,11 @@ def _multilabel_split(samples: list[Sample], fraction: float, seed: int | None) 
     return train, val
 
 
-def split_rows(rows: LabelRows, val_fraction: float, seed: int | None) -> Splits:
-    """The splits the split column gives, with val held out of train (stratified, seeded) when it
-    gives none or there is no split column. Samples are sorted by path first, so reordering the
-    file's rows never moves an image to another split."""
+def split_rows(rows: LabelRows, val_fraction: float, seed: int | None, root: Path) -> Splits:
+    """The splits the split column gives, with val held out of train file by file (by the hash
+    of each path under `root` and the seed: `transferkit.data.splitting`) when it gives none or
+    there is no split column. Neither reordering the rows nor adding, removing or skipping one
+    moves another image to another split."""
     samples = sorted(rows.samples)
     split_of = rows.split_of or {}
     by_split = {name: [s for s in samples if split_of.get(s[0], "train") == name] for name in SPLIT_NAMES}
@@ -323,8 +325,8 @@ def split_rows(rows: LabelRows, val_fraction: float, seed: int | None) -> Splits
         raise DataError(f"{rows.file.name} has no train rows; mark the images to train on with split=train.")
     val_from_train = not val
     if val_from_train:
-        split = _multilabel_split if rows.multilabel else stratified_split
-        train, val = split(train, val_fraction, seed)
+        split = _multilabel_split if rows.multilabel else split_off_val
+        train, val = split(train, val_fraction, seed, root)
         if not val:
             raise DataError(
                 f"{rows.file.name} gives too few training images to split off val (a class needs 2 or "

@@ -81,4 +81,4 @@ class LabelFileDataModule(ImageFolderDataModule):
             log.warning("Skipping %d image(s) named in %s that are missing.", len(missing), self.labels.name)
             self.bad_images.update({path: f"missing (named in {self.labels.name})" for path in missing})
             rows = rows.without(set(missing))
-        return split_rows(rows, self.val_fraction, self.seed)
+        return split_rows(rows, self.val_fraction, self.seed, self.root)

@@ -4,10 +4,15 @@ its most confident mistakes.
 A multi-label checkpoint is measured at its own thresholds (mean average precision first, then
 AUROC and micro and macro F1) and gets the multi-label per-class report only: with several true
 and predicted labels per image there is no confusion matrix and no one "mistake" per image
-(see transferkit.reports.multilabel)."""
+(see transferkit.reports.multilabel).
+
+The checkpoint records each split's files (`transferkit.data.digests`). When the data no longer
+gives them, eval says so in one line, and refuses a val split the seed cut from train whose files
+changed: only the run's own val is known never to have been trained on."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +20,10 @@ import torch
 from omegaconf import DictConfig
 
 from transferkit import reports
-from transferkit.checkpoints import load_model
+from transferkit.checkpoints import load_model, recorded_splits
 from transferkit.config import recorded_datamodule
 from transferkit.data.datamodule import ImageFolderDataModule
+from transferkit.data.digests import changed_splits, describe_changes
 from transferkit.errors import ConfigError, DataError
 from transferkit.features.precision import checkpoint_precision, precision_name
 from transferkit.inference import Predictions, TorchPredictor, best_device, predict_files
@@ -26,6 +32,7 @@ from transferkit.module import TransferModule
 from transferkit.multilabel import multilabel_scores
 from transferkit.tasks.wrapper import exit_on_user_error, task_wrapper
 
+log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
@@ -57,6 +64,29 @@ def check_same_kind(model: TransferModule, data_multilabel: bool) -> None:
             "The checkpoint is a single-label model and the data is multi-label; evaluate it on "
             "data with one label per image."
         )
+
+
+def check_recorded_files(
+    recorded: dict[str, Any] | None, datamodule: ImageFolderDataModule, split: str
+) -> None:
+    """Say in one line when the data's files are not the run's (checkpoints that predate the
+    record are not compared). A val split cut from train by the seed that changed is refused:
+    only the run's own val is known never to have been trained on."""
+    if not recorded:
+        return
+    changes = changed_splits(recorded, datamodule.split_digests())
+    if not changes:
+        return
+    if split == "val" and datamodule.splits.val_from_train and "val" in {c.split for c in changes}:
+        test = ", evaluate split=test" if datamodule.has_test else ""
+        raise DataError(
+            f"The data changed since the run ({describe_changes(changes)}), so this val split is not the "
+            f"one the run held out; restore the files the run had{test}, or train again."
+        )
+    kept = "scored as it is now" if split in {c.split for c in changes} else "the run's own"
+    log.warning(
+        "The data changed since the run (%s); the %s split is %s.", describe_changes(changes), split, kept
+    )
 
 
 def refuse_unreadable(predictions: Predictions, split: str) -> None:
@@ -131,6 +161,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_same_classes(model, datamodule.class_names)
     split = choose_split(cfg.get("split"), datamodule)
     check_same_kind(model, datamodule.splits.multilabel)
+    check_recorded_files(recorded_splits(cfg.ckpt_path), datamodule, split)
     items = getattr(datamodule.splits, split)
     device = best_device(cfg.device)
     dtype = checkpoint_precision(cfg.get("precision"), model.frozen_dtype, device)

@@ -16,9 +16,11 @@ import lightning as L
 from omegaconf import DictConfig
 
 from transferkit.backbones.build import check_input_size
+from transferkit.checkpoints import recorded_splits
 from transferkit.config import build, build_model, instantiate_group
 from transferkit.console import print_config_tree
 from transferkit.data.datamodule import ImageFolderDataModule
+from transferkit.data.digests import refuse_resume_on_other_files
 from transferkit.errors import ConfigError
 from transferkit.features import FrozenFeatures
 from transferkit.features.cache import weights_fingerprint
@@ -130,6 +132,10 @@ def set_up(cfg: DictConfig, show_config: bool = True) -> TrainingRun:
     datamodule.preprocessing = model.preprocessing
     log.info("%d classes: %s", len(model.class_names), ", ".join(model.class_names))
     _ = datamodule.splits  # every image checked, now that the config is known to work
+    model.run_record["splits"] = datamodule.split_digests()  # what eval and a resume compare
+    if cfg.get("ckpt_path"):
+        recorded = recorded_splits(cfg.ckpt_path)
+        refuse_resume_on_other_files(cfg.ckpt_path, recorded, model.run_record["splits"], datamodule.root)
     write_bad_images(datamodule, Path(cfg.paths.output_dir))
     feature_cache = features.use(model, datamodule, trainer, finetune, seed=cfg.seed)
     check_resumed_augment(cfg, datamodule)
