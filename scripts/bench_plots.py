@@ -5,8 +5,8 @@
 
 What it times, each call from the data to the PNG on disk (savefig included, as a run pays it):
 
-  batch8, batch32   transferkit.plots.plot_batch: 8 and 32 random 64 px images, 10 class names;
-  curves            transferkit.plots.plot_curves: train and val loss and accuracy for 20 epochs;
+  batch8, batch32   transferkit.reports.plots.plot_batch: 8 and 32 random 64 px images, 10 class names;
+  curves            transferkit.reports.plots.plot_curves: train and val loss and accuracy for 20 epochs;
   confusion3/10/40  transferkit.reports.write_confusion_matrix: 3 short class names, then 10 and
                     40 long ones (counts in the cells up to 20 classes, ticks only above).
 
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from transferkit.plots import plot_batch, plot_curves
-from transferkit.preprocessing import Preprocessing
+from transferkit.backbones.preprocessing import Preprocessing
 from transferkit.reports import write_confusion_matrix
+from transferkit.reports.plots import plot_batch, plot_curves
 
 SHORT_NAMES = ["cat", "dog", "fox"]
 

@@ -71,7 +71,7 @@ def train_child(cache: Path, rows: int, out: Path, epochs: int) -> dict[str, Any
     from transferkit.data.sampling import EpochSampler
     from transferkit.features import FeatureSet, store
     from transferkit.features.loading import feature_loader, head_batch_size
-    from transferkit.module import TransferModule
+    from transferkit.model.module import TransferModule
 
     rss_start = peak_rss()
     meta = store.read_meta(cache, f"synthetic-{rows}")

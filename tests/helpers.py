@@ -14,7 +14,7 @@ from conftest import TINY_MODEL, compose_task
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from transferkit.module import TransferModule
+from transferkit.model.module import TransferModule
 
 SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "momentum": 0.9}
 STEPLR = {"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 1, "gamma": 0.5}

@@ -15,11 +15,11 @@ import torch
 from conftest import TINY_MODEL, compose_task, main_exits, make_image_folder, tiny_run
 from helpers import SGD
 
-from transferkit.backbone_reference import RECORD_ENTRY, tensor_digest
 from transferkit.backbones import weights as weights_module
 from transferkit.backbones.named import NamedWeights, named_weights
+from transferkit.backbones.reference import RECORD_ENTRY, tensor_digest
 from transferkit.errors import WeightsError
-from transferkit.module import RECORD_KEY, TransferModule
+from transferkit.model.module import RECORD_KEY, TransferModule
 
 PACKAGE = "tiny_weights_package"
 
@@ -140,7 +140,7 @@ def test_a_frozen_run_keeps_its_backbone_by_reference_and_every_task_loads_it(
     checkpoint.self_contained=true; the loaded model's logits equal to 1e-6; without the named
     weights eval.py ends in one line, and the export still runs."""
     from transferkit.backbones.weights import read_state_dict
-    from transferkit.checkpoints import load_model
+    from transferkit.runs.checkpoints import load_model
     from transferkit.tasks import eval as eval_task
     from transferkit.tasks.export import export
     from transferkit.tasks.train import train

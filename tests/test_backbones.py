@@ -15,9 +15,9 @@ from torch import nn
 
 from transferkit.backbones import build_backbone
 from transferkit.backbones.blocks import backbone_blocks, register_blocks
+from transferkit.backbones.preprocessing import Preprocessing
 from transferkit.errors import ConfigError, WeightsError
-from transferkit.module import TransferModule
-from transferkit.preprocessing import Preprocessing
+from transferkit.model.module import TransferModule
 
 MODEL_CONFIGS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 

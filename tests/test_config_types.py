@@ -14,7 +14,7 @@ import pytest
 from conftest import CONF, compose_task, main_exits
 from omegaconf import DictConfig, OmegaConf
 
-from transferkit.config_types import accepts, check_types, describe
+from transferkit.config.types import accepts, check_types, describe
 from transferkit.errors import ConfigError
 from transferkit.tasks.settings import PASSED_ON, SETTINGS
 
@@ -42,12 +42,22 @@ def composed(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], DictCo
         ("train", "optimizer.lr", "abc", "a number (torch.optim.SGD's lr)"),
         ("train", "data.batch_size", "abc", "an integer (transferkit.data.DemoDataModule's batch_size)"),
         ("train", "data.image_size", "abc", "an integer or null"),
-        ("train", "model.weights", 3, "a string, true or false or null (transferkit.module.TransferModule's"),
+        (
+            "train",
+            "model.weights",
+            3,
+            "a string, true or false or null (transferkit.model.module.TransferModule's",
+        ),
         ("train", "scheduler.step_size", 1.5, "an integer (torch.optim.lr_scheduler.StepLR's step_size)"),
-        ("train", "finetune.backbone_lr_ratio", "fast", "a number (transferkit.finetune.Freeze's"),
+        ("train", "finetune.backbone_lr_ratio", "fast", "a number (transferkit.training.finetune.Freeze's"),
         ("train", "features.views", "many", "an integer (transferkit.features.FrozenFeatures's views)"),
-        ("train", "callbacks.model_checkpoint.save_top_k", "all", "an integer (transferkit.callbacks."),
-        ("train", "model.head.dropout", "none", "a number (transferkit.heads.build_head's dropout)"),
+        (
+            "train",
+            "callbacks.model_checkpoint.save_top_k",
+            "all",
+            "an integer (transferkit.training.callbacks.",
+        ),
+        ("train", "model.head.dropout", "none", "a number (transferkit.model.heads.build_head's dropout)"),
         (
             "train",
             "lr_finder.num_training",

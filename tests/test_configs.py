@@ -15,9 +15,9 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-import transferkit.run_dirs  # noqa: F401 - registers the config's resolvers, as every task does
-from transferkit.config import instantiate_group
-from transferkit.config_types import check_types
+import transferkit.runs.directories  # noqa: F401 - registers the config's resolvers, as every task does
+from transferkit.config.build import instantiate_group
+from transferkit.config.types import check_types
 from transferkit.errors import ConfigError
 from transferkit.tasks.settings import PASSED_ON, SETTINGS
 
@@ -75,7 +75,7 @@ def assert_model_option_is_the_base_with_its_own_backbone_and_weights(option: st
     assert set(own) == {"defaults", "name", "weights"}
     model = OmegaConf.to_container(cfg.model)
     assert model == {
-        "_target_": "transferkit.module.TransferModule",
+        "_target_": "transferkit.model.module.TransferModule",
         "name": own.name,
         "weights": own.weights,
         "head": {"hidden_dim": None, "dropout": 0.0},
@@ -201,7 +201,7 @@ print("imported", transferkit.__version__)
 
 def test_a_group_node_without_a_target_is_refused_by_name() -> None:
     """A run config saved before `features:` became a group has no _target_ there."""
-    from transferkit.config import build
+    from transferkit.config.build import build
 
     with pytest.raises(ConfigError, match=r"features: this config builds nothing .* features=default"):
         build(OmegaConf.create({"features": {"cache": "auto"}}).features)

@@ -12,7 +12,7 @@ import pytest
 from conftest import run_cli
 
 from transferkit.console import PIPED_WIDTH, set_up_console
-from transferkit.model_summary import RichModelSummary
+from transferkit.training.model_summary import RichModelSummary
 
 NOISE = (
     "exists and is not empty",  # Lightning's CSV logger, on a brand-new run directory

@@ -19,7 +19,7 @@ from transferkit.data.folders import Splits
 from transferkit.data.folds import assign_folds, cross_validation_fold
 from transferkit.data.splitting import numbering
 from transferkit.errors import ConfigError, DataError
-from transferkit.sweeps import group_folds, write_leaderboard
+from transferkit.runs.sweeps import group_folds, write_leaderboard
 
 ROOT = Path("/d")
 

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from PIL import Image
 from torchvision.transforms import v2 as T
 
+from transferkit.backbones.preprocessing import Preprocessing
 from transferkit.data import DemoDataModule, ImageFolderDataModule
 from transferkit.data.demo import SHAPES, generate_demo
 from transferkit.data.folders import find_splits
@@ -23,7 +24,6 @@ from transferkit.data.images import ImageListDataset, load_rgb
 from transferkit.data.sampling import EpochSampler
 from transferkit.data.splitting import numbering
 from transferkit.errors import ConfigError, DataError
-from transferkit.preprocessing import Preprocessing
 
 TO_TENSOR = [T.ToImage, T.ToDtype, T.Normalize]
 EVAL_TYPES = [T.Resize, T.CenterCrop, *TO_TENSOR]

@@ -14,9 +14,9 @@ import torch
 from conftest import ROOT, TINY_MODEL, compose_task, make_image_folder, run_cli, tiny_run
 from test_sampling import interleaved, one_process_order, recorded
 
-from transferkit.distributed import SyncBatchNorm
-from transferkit.module import TransferModule
+from transferkit.model.module import TransferModule
 from transferkit.tasks.eval import evaluate
+from transferkit.training.distributed import SyncBatchNorm
 
 
 def test_sync_batchnorm_keeps_activations_modes_and_outputs() -> None:

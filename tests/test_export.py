@@ -13,12 +13,12 @@ import torch
 import yaml
 from conftest import CONF, compose_task, main_exits, make_image_folder
 
-from transferkit import exporting
-from transferkit.checkpoints import load_model
 from transferkit.data.folders import find_splits
 from transferkit.errors import ConfigError, ExportError
-from transferkit.exporting import EXPORTERS, Classifier, load_exported, parity
-from transferkit.module import TransferModule
+from transferkit.inference import exporting
+from transferkit.inference.exporting import EXPORTERS, Classifier, load_exported, parity
+from transferkit.model.module import TransferModule
+from transferkit.runs.checkpoints import load_model
 from transferkit.tasks.export import export, main, val_images
 
 

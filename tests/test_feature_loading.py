@@ -16,8 +16,8 @@ from transferkit.errors import ConfigError
 from transferkit.features import FeatureSet, FrozenFeatures
 from transferkit.features import loading as loading_module
 from transferkit.features.loading import head_batch_size
-from transferkit.interrupts import Interrupted
 from transferkit.tasks.train import train
+from transferkit.training.interrupts import Interrupted
 
 
 def random_set(n: int = 36, views: int = 1, labels: torch.Tensor | None = None) -> FeatureSet:

@@ -16,13 +16,13 @@ from conftest import TINY_MODEL
 from helpers import val_accuracy
 
 import transferkit.features.cache as cache_module
-from transferkit.checkpoints import load_model
 from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.data.images import load_rgb
 from transferkit.data.sampling import EpochSampler
 from transferkit.errors import ConfigError
 from transferkit.features import store
-from transferkit.module import TransferModule
+from transferkit.model.module import TransferModule
+from transferkit.runs.checkpoints import load_model
 from transferkit.tasks.train import train
 
 
@@ -184,7 +184,7 @@ def test_a_full_disk_ends_the_write_with_one_line_and_the_run_trains_uncached(
 
     from transferkit.data.datamodule import ImageFolderDataModule
     from transferkit.features import FrozenFeatures
-    from transferkit.finetune import Freeze
+    from transferkit.training.finetune import Freeze
 
     def full(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -245,8 +245,8 @@ def test_cached_views_are_seeded_and_train_batch_png_shows_the_view_each_image_t
     """Two builds under one key are identical, and the picture's images are the cached ones:
     through the backbone they give the features epoch 0 trains on."""
     from transferkit.features import FrozenFeatures
-    from transferkit.finetune import Freeze
     from transferkit.tasks.train_outputs import training_batch
+    from transferkit.training.finetune import Freeze
 
     overrides = [*tiny_overrides, "features.views=2", f"features.dir={tmp_path}/cache"]
     results = train(compose_train(tmp_path, overrides))

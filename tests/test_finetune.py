@@ -19,12 +19,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from transferkit.backbones.blocks import backbone_blocks
 from transferkit.errors import ConfigError
-from transferkit.finetune import Freeze, Full, Gradual, Partial, hold_frozen_in_eval
-from transferkit.module import TransferModule
+from transferkit.model.module import TransferModule
+from transferkit.training.finetune import Freeze, Full, Gradual, Partial, hold_frozen_in_eval
 
 LR = 0.1
 ADAMW = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": LR, "weight_decay": 0.05}
-ONECYCLE = {"_target_": "transferkit.schedulers.one_cycle", "_partial_": True}
+ONECYCLE = {"_target_": "transferkit.training.schedulers.one_cycle", "_partial_": True}
 BLOCKS = ["stem", "stage1", "stage2", "stage3", "stage4", "stage5"]  # timm's grouping of the tiny model
 
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from transferkit.config import recorded_data_config
+from transferkit.config.build import recorded_data_config
 from transferkit.data import ImageFolderDataModule, LabelFileDataModule
 from transferkit.data.file_names import find_named_splits
 from transferkit.data.folders import Splits, skip_files
@@ -414,7 +414,7 @@ def test_data_csv_composes_builds_and_records_the_label_file_absolute(tmp_path: 
 
 def test_old_checkpoints_do_not_compare_the_new_data_keys() -> None:
     """A checkpoint recorded before label_from/multilabel/labels: only its own keys are compared."""
-    from transferkit.checkpoints import _as_trained, _setup
+    from transferkit.runs.checkpoints import _as_trained, _setup
 
     there = _as_trained(_setup({}, {"root": "/d", "batch_size": 8}, None))
     new_keys = {"label_from": None, "multilabel": False, "labels": "/d/labels.csv"}

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from transferkit import lr_finder
-from transferkit.lr_finder import find_valley
+from transferkit.training import lr_finder
+from transferkit.training.lr_finder import find_valley
 
 LRS = np.logspace(-6, 0, 100)  # Tuner.lr_find's default sweep: 100 batches, exponential
 

@@ -12,10 +12,10 @@ from conftest import TINY_MODEL
 from helpers import SGD, fit, tiny
 from torch import nn
 
-from transferkit.checkpoints import load_model
 from transferkit.errors import ConfigError
-from transferkit.finetune import Freeze
-from transferkit.module import TransferModule
+from transferkit.model.module import TransferModule
+from transferkit.runs.checkpoints import load_model
+from transferkit.training.finetune import Freeze
 
 
 def test_frozen_backbone_is_bit_identical_after_real_optimizer_steps(tmp_path: Path) -> None:
@@ -155,7 +155,7 @@ def test_metrics_stay_separate_when_the_first_batch_makes_their_states_equal() -
     from the top-5 accuracy's state; each metric must match its standalone value."""
     from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-    from transferkit.module import classification_metrics
+    from transferkit.model.module import classification_metrics
 
     collection = classification_metrics(10, "val/")
     alone = {

@@ -11,9 +11,9 @@ from conftest import TINY_MODEL, compose_task, make_label_file, tiny_run
 from helpers import SGD, multilabel_loader, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from transferkit.checkpoints import load_model
-from transferkit.module import TransferModule
-from transferkit.multilabel import decide, multilabel_scores, per_class_measures, tune_thresholds
+from transferkit.model.module import TransferModule
+from transferkit.model.multilabel import decide, multilabel_scores, per_class_measures, tune_thresholds
+from transferkit.runs.checkpoints import load_model
 from transferkit.tasks.eval import evaluate
 
 # 4 images, 3 classes; class c has no positive image
@@ -127,7 +127,7 @@ def label_file_run(data: Path, labels: Path, epochs: int) -> list[str]:
 
 
 def test_the_run_is_judged_by_val_map_with_multilabel_data(compose_train, tmp_path: Path) -> None:
-    import transferkit.run_dirs  # noqa: F401 - registers the config's resolvers, as every task does
+    import transferkit.runs.directories  # noqa: F401 - registers the config's resolvers, as every task does
 
     cfg = compose_train(tmp_path, ["data.multilabel=true"])
     assert cfg.monitor == cfg.optimized_metric == cfg.callbacks.model_checkpoint.monitor == "val/map"

@@ -16,12 +16,12 @@ from helpers import SGD, multilabel_loader, predict_both, quiet_trainer, read_cs
 from omegaconf import OmegaConf
 
 from transferkit import reports
-from transferkit.checkpoints import load_model
 from transferkit.data.images import load_rgb
 from transferkit.errors import ConfigError, DataError
 from transferkit.inference import Predictions
-from transferkit.module import TransferModule
-from transferkit.multilabel import decide, multilabel_scores
+from transferkit.model.module import TransferModule
+from transferkit.model.multilabel import decide, multilabel_scores
+from transferkit.runs.checkpoints import load_model
 from transferkit.tasks.eval import check_same_kind
 from transferkit.tasks.export import metadata
 from transferkit.tasks.predict import csv_header, write_multilabel_predictions, write_predictions

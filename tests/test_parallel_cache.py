@@ -99,10 +99,10 @@ def test_a_ddp_run_builds_the_cache_in_parallel_and_trains_as_one_process(
 
     from conftest import compose_task
 
-    from transferkit.checkpoints import load_model
     from transferkit.data.datamodule import ImageFolderDataModule
     from transferkit.features import FrozenFeatures
-    from transferkit.finetune import Freeze
+    from transferkit.runs.checkpoints import load_model
+    from transferkit.training.finetune import Freeze
 
     model = load_model(ddp["best_model_path"])  # its frozen backbone: the weights both ranks cached with
     datamodule = ImageFolderDataModule(data, batch_size=4, num_workers=0, image_size=32, augment=False)

@@ -17,7 +17,7 @@ from torch import nn
 from transferkit.errors import ConfigError
 from transferkit.features import precision
 from transferkit.features.precision import checkpoint_precision, resolve_precision, run_precision
-from transferkit.module import RECORD_KEY
+from transferkit.model.module import RECORD_KEY
 from transferkit.tasks.eval import evaluate
 from transferkit.tasks.train import train
 

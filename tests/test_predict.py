@@ -13,11 +13,11 @@ import torch
 from conftest import compose_task, main_exits
 from helpers import predict_both, read_csv
 
-from transferkit.checkpoints import load_model
 from transferkit.data.images import load_rgb
 from transferkit.errors import ConfigError
 from transferkit.features import precision
 from transferkit.inference import load_predictor
+from transferkit.runs.checkpoints import load_model
 from transferkit.tasks.export import export
 from transferkit.tasks.predict import main, predict
 

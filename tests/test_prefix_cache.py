@@ -15,16 +15,16 @@ from conftest import TINY_MODEL
 from helpers import val_accuracy
 from torch import nn
 
-from transferkit.checkpoints import load_model
 from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.errors import ConfigError
 from transferkit.features import FrozenFeatures, store
 from transferkit.features.cache import FORMAT_VERSION, _files, cache_key, weights_fingerprint
 from transferkit.features.frozen import NoCache, frozen_blocks
 from transferkit.features.prefix import NoPrefixSplit, eval_mode, split_backbone
-from transferkit.finetune import Freeze, Full, Gradual, Partial
-from transferkit.module import TransferModule
+from transferkit.model.module import TransferModule
+from transferkit.runs.checkpoints import load_model
 from transferkit.tasks.train import train
+from transferkit.training.finetune import Freeze, Full, Gradual, Partial
 
 STRATEGIES = {
     "partial-1": lambda: Partial(unfreeze_last=1),

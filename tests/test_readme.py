@@ -204,7 +204,7 @@ def test_the_readme_s_label_source_recipes_read_their_data(
 ) -> None:
     """Each command, as the shell and Hydra parse it (the regular expression's quoting
     included), reads data laid out as its comment says."""
-    from transferkit.config import build
+    from transferkit.config.build import build
     from transferkit.data.demo import draw_shape
 
     make_label_file(tmp_path / "data" / "xray")

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import make_image_folder, tiny_run
 
-from transferkit import lr_finder
-from transferkit.checkpoints import load_model
 from transferkit.errors import ConfigError
+from transferkit.runs.checkpoints import load_model
 from transferkit.tasks.train import train
+from transferkit.training import lr_finder
 
 
 def lr_columns(run: Path) -> dict[str, list[float]]:

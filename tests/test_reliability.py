@@ -26,10 +26,10 @@ from transferkit.data import scan
 from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.data.images import load_rgb
 from transferkit.errors import ConfigError, DataError, TrainingDiverged
-from transferkit.finetune import Freeze
-from transferkit.interrupts import Interrupted
-from transferkit.run_dirs import write_json
+from transferkit.runs.directories import write_json
 from transferkit.tasks.train import train
+from transferkit.training.finetune import Freeze
+from transferkit.training.interrupts import Interrupted
 
 
 def add_bad_files(folder: Path) -> list[Path]:

@@ -19,9 +19,9 @@ from conftest import ROOT, compose_task, offline_env, tiny_run
 from helpers import SendSignal, fit, tiny
 
 from transferkit.errors import ConfigError
-from transferkit.finetune import Freeze
-from transferkit.interrupts import CheckpointOnInterrupt, Interrupted, exit_code
 from transferkit.tasks.train import resolve_checkpoint, train
+from transferkit.training.finetune import Freeze
+from transferkit.training.interrupts import CheckpointOnInterrupt, Interrupted, exit_code
 
 
 def fake_run(runs: Path, name: str, mtime: float) -> Path:
@@ -213,9 +213,9 @@ def test_seed_null_draws_a_seed_that_eval_and_a_resume_read_again(compose_train,
     records it, so eval's split and a resumed run's are the training run's."""
     from conftest import make_image_folder, tiny_run
 
-    from transferkit.checkpoints import load_model
-    from transferkit.config import recorded_datamodule
+    from transferkit.config.build import recorded_datamodule
     from transferkit.data.folders import find_splits
+    from transferkit.runs.checkpoints import load_model
     from transferkit.tasks.train import train
 
     data = make_image_folder(tmp_path / "data", splits={"train": 10})
@@ -262,7 +262,7 @@ def test_a_gradual_checkpoint_from_before_unfreeze_last_resumes_only_as_it_train
     """Before finetune.unfreeze_last, gradual unfroze the whole backbone: resuming such a
     checkpoint under the new default (one block) would train something else, so it is refused;
     with unfreeze_last=null, as that run trained, it resumes (and the crop it had is the default)."""
-    from transferkit.module import RECORD_KEY
+    from transferkit.model.module import RECORD_KEY
     from transferkit.tasks.train import train
 
     gradual = [*tiny_overrides, "finetune=gradual", "finetune.unfreeze_last=null"]
@@ -283,7 +283,7 @@ def test_last_ckpt_linked_to_best_ckpt_is_written_as_a_file_of_its_own(
 ) -> None:
     """A write into one name of a hard link would change the other: the save unshares it first
     (Lightning writes in place where its temporary file is on another filesystem)."""
-    from transferkit.callbacks import link_or_copy, unshare
+    from transferkit.training.callbacks import link_or_copy, unshare
 
     best, last = tmp_path / "best.ckpt", tmp_path / "last.ckpt"
     best.write_bytes(b"epoch 0")
@@ -309,9 +309,9 @@ def test_a_resume_from_a_last_ckpt_keeping_the_backbone_by_reference_equals_the_
     from test_backbone_reference import backbone_keys, ship_tiny_weights
 
     from transferkit.backbones.blocks import backbone_blocks
-    from transferkit.callbacks import ModelCheckpoint
-    from transferkit.finetune import Gradual
-    from transferkit.module import TransferModule
+    from transferkit.model.module import TransferModule
+    from transferkit.training.callbacks import ModelCheckpoint
+    from transferkit.training.finetune import Gradual
 
     ship_tiny_weights(monkeypatch, tmp_path / "tiny_weights.pth")
 

@@ -20,11 +20,11 @@ from lightning.pytorch.trainer.connectors.data_connector import _get_distributed
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from transferkit.checkpoints import load_model
 from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.data.sampling import EpochSampler, epoch_seed
-from transferkit.interrupts import Interrupted
+from transferkit.runs.checkpoints import load_model
 from transferkit.tasks.train import train
+from transferkit.training.interrupts import Interrupted
 
 SEED = 7
 TRAINING = RunningStage.TRAINING

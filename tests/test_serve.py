@@ -259,7 +259,7 @@ def test_a_multilabel_model_answers_every_label_at_or_above_its_threshold(tmp_pa
     from fastapi.testclient import TestClient
 
     from transferkit.inference.predictors import TorchPredictor
-    from transferkit.module import TransferModule
+    from transferkit.model.module import TransferModule
     from transferkit.serving import build_app
 
     make_label_file(tmp_path, multilabel=True, splits={"val": 4})

@@ -204,7 +204,7 @@ def test_no_more_than_max_concurrent_decodes_images_decode_at_once(
     from fastapi.testclient import TestClient
 
     from transferkit.inference.predictors import TorchPredictor
-    from transferkit.module import TransferModule
+    from transferkit.model.module import TransferModule
     from transferkit.serving import Limits, app, build_app
 
     running, most, lock = [0], [0], threading.Lock()

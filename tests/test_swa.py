@@ -1,5 +1,5 @@
 """StochasticWeightAveraging by config is refused, before any work, in one line saying why
-(transferkit/swa.py: Lightning's callback breaks a frozen backbone's BatchNorm statistics)."""
+(transferkit/training/swa.py: Lightning's callback breaks a frozen backbone's BatchNorm statistics)."""
 
 from __future__ import annotations
 

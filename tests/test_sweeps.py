@@ -21,10 +21,10 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from transferkit import sweeps
 from transferkit.errors import ConfigError
-from transferkit.run_dirs import write_json
-from transferkit.sweeps import Leaderboard, rank, swept, write_leaderboard
+from transferkit.runs import sweeps
+from transferkit.runs.directories import write_json
+from transferkit.runs.sweeps import Leaderboard, rank, swept, write_leaderboard
 
 
 def row(job: int, value: float | None, status: str = "ok", **metrics: float) -> dict:

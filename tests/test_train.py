@@ -13,8 +13,8 @@ from conftest import CONF, compose_task, main_exits, make_image_folder, run_cli,
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
-from transferkit.checkpoints import load_model
 from transferkit.errors import ConfigError, DataError, WeightsError
+from transferkit.runs.checkpoints import load_model
 from transferkit.tasks.train import main, train
 
 
@@ -124,7 +124,7 @@ def test_task_errors_are_user_errors(compose_train, tmp_path: Path, tiny_overrid
 def test_config_values_that_cannot_work_are_user_errors(
     compose_train, tmp_path: Path, tiny_overrides, overrides: list[str], message: str
 ) -> None:
-    from transferkit.config import build
+    from transferkit.config.build import build
 
     cfg = compose_train(tmp_path, [*tiny_overrides, *overrides])
     with pytest.raises(ConfigError, match=message):
@@ -142,7 +142,7 @@ def test_config_values_that_cannot_work_are_user_errors(
 
 def test_each_run_gets_its_own_default_directory(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two runs started in the same second differ by the process's random run id."""
-    from transferkit import run_dirs
+    from transferkit.runs import directories as run_dirs
 
     own = run_dirs._RUN_ID  # drawn with secrets.token_hex when the process imported the module
     dirs = []
@@ -212,7 +212,7 @@ def test_unknown_keys_and_options_are_refused_by_name(tmp_path: Path, override: 
 def test_cli_bad_input_ends_with_one_clear_line(tmp_path: Path) -> None:
     """The real `python train.py` of a bad input (with a DataLoader worker): Hydra's logging shows
     the one line, no traceback. Its run directory is named by this process's own random id."""
-    from transferkit import run_dirs
+    from transferkit.runs import directories as run_dirs
 
     make_args, expected = BAD_INPUTS["undecodable image"]
     proc = run_cli("train.py", *make_args(tmp_path), "trainer=cpu", cwd=tmp_path)

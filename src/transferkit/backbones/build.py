@@ -10,8 +10,8 @@ from functools import cache
 import torch
 from torch import nn
 
+from transferkit.backbones.preprocessing import Preprocessing
 from transferkit.errors import ConfigError, first_line
-from transferkit.preprocessing import Preprocessing
 
 TIMM_PREFIX = "timm:"
 

@@ -1,6 +1,6 @@
 """Weights that can be had again by name: a torchvision weight, a timm pretrained tag, weights a
 pip package ships. A checkpoint may keep a frozen backbone as such a name instead of its tensors
-(`transferkit.backbone_reference`); this module says which named weights a backbone was built
+(`transferkit.backbones.reference`); this module says which named weights a backbone was built
 from, and loads them again, from this machine only, or says how to get them."""
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import timm
 from timm.data import resolve_data_config
 
 from transferkit.backbones.build import TIMM_PREFIX, Backbone, unknown_model
+from transferkit.backbones.preprocessing import CROP_MODES, Preprocessing
 from transferkit.backbones.weights import (
     OFFLINE_FIX,
     fetch,
@@ -24,7 +25,6 @@ from transferkit.backbones.weights import (
     shipped_state_dict,
 )
 from transferkit.errors import WeightsError
-from transferkit.preprocessing import CROP_MODES, Preprocessing
 
 log = logging.getLogger(__name__)
 

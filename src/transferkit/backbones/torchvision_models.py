@@ -7,9 +7,9 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
 
 from transferkit.backbones.build import Backbone, unknown_model
+from transferkit.backbones.preprocessing import Preprocessing
 from transferkit.backbones.weights import fetch, is_path, load_backbone_weights, normalise, read_state_dict
 from transferkit.errors import WeightsError
-from transferkit.preprocessing import Preprocessing
 
 
 def torchvision_names() -> list[str]:

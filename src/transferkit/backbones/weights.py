@@ -60,7 +60,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as error:  # noqa: BLE001 - any failure to parse is the user's file
         raise WeightsError(f"Cannot read weights file {path}: {error}") from error
     if isinstance(state, dict) and isinstance(state.get("transferkit"), dict):  # a training checkpoint
-        from transferkit.backbone_reference import put_back
+        from transferkit.backbones.reference import put_back
 
         put_back(state["transferkit"], state["state_dict"], None)  # its backbone, if kept by reference
     for key in ("state_dict", "model", "model_state_dict"):

@@ -15,6 +15,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 
+from transferkit.backbones.preprocessing import CROP_SCALE, Preprocessing, augment_policy, crop_scale_range
 from transferkit.data import scan
 from transferkit.data.digests import split_digests
 from transferkit.data.file_names import find_named_splits, label_pattern
@@ -38,7 +39,6 @@ from transferkit.data.sampling import (
 )
 from transferkit.errors import ConfigError, DataError
 from transferkit.features.loading import feature_loader
-from transferkit.preprocessing import CROP_SCALE, Preprocessing, augment_policy, crop_scale_range
 
 log = logging.getLogger(__name__)
 BAD_IMAGE_POLICIES = ("error", "skip")

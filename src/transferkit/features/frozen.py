@@ -34,8 +34,8 @@ from transferkit.features.size import GB, cache_bytes, default_limit, readable
 
 if TYPE_CHECKING:
     from transferkit.data.datamodule import ImageFolderDataModule
-    from transferkit.finetune import BlockFinetuning
-    from transferkit.module import TransferModule
+    from transferkit.model.module import TransferModule
+    from transferkit.training.finetune import BlockFinetuning
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from transferkit.checkpoints import load_model
+from transferkit.backbones.preprocessing import Preprocessing
 from transferkit.errors import ConfigError
 from transferkit.extras import require
 from transferkit.features.precision import checkpoint_precision
-from transferkit.module import TransferModule
-from transferkit.preprocessing import Preprocessing
+from transferkit.model.module import TransferModule
+from transferkit.runs.checkpoints import load_model
 
 
 def best_device(device: str = "auto") -> torch.device:

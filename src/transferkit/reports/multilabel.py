@@ -17,7 +17,7 @@ import rich
 import torch
 from rich.table import Table
 
-from transferkit.multilabel import per_class_measures
+from transferkit.model.multilabel import per_class_measures
 from transferkit.reports.per_class import write_csv
 
 REPORT_COLUMNS = ("class", "threshold", "precision", "recall", "f1", "ap", "auroc", "support")

@@ -24,7 +24,7 @@ from transferkit.audit.items import all_items
 from transferkit.audit.label_issues import find_label_issues
 from transferkit.audit.outliers import find_outliers
 from transferkit.audit.report import Findings, write_report
-from transferkit.config import build
+from transferkit.config.build import build
 from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.errors import ConfigError
 from transferkit.extras import require

@@ -27,9 +27,9 @@ from rich import get_console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
-from transferkit.checkpoints import recorded_seed
 from transferkit.errors import ConfigError
-from transferkit.run_dirs import move_into_run, write_json
+from transferkit.runs.checkpoints import recorded_seed
+from transferkit.runs.directories import move_into_run, write_json
 from transferkit.tasks.preflight import resolve_seed
 
 if TYPE_CHECKING:

@@ -20,16 +20,16 @@ import torch
 from omegaconf import DictConfig
 
 from transferkit import reports
-from transferkit.checkpoints import load_model, recorded_splits
-from transferkit.config import recorded_datamodule
+from transferkit.config.build import recorded_datamodule
 from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.data.digests import changed_splits, describe_changes
 from transferkit.errors import ConfigError, DataError
 from transferkit.features.precision import checkpoint_precision, precision_name
 from transferkit.inference import Predictions, TorchPredictor, best_device, predict_files
-from transferkit.metrics import classification_metrics
-from transferkit.module import TransferModule
-from transferkit.multilabel import multilabel_scores
+from transferkit.model.metrics import classification_metrics
+from transferkit.model.module import TransferModule
+from transferkit.model.multilabel import multilabel_scores
+from transferkit.runs.checkpoints import load_model, recorded_splits
 from transferkit.tasks.wrapper import exit_on_user_error, task_wrapper
 
 log = logging.getLogger(__name__)

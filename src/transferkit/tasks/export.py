@@ -13,14 +13,21 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from transferkit import __version__
-from transferkit.checkpoints import load_model
-from transferkit.config import recorded_datamodule
+from transferkit.config.build import recorded_datamodule
 from transferkit.data.images import load_rgb
 from transferkit.errors import ConfigError, ExportError, UserError, first_line
-from transferkit.exporting import EXPORTERS, FORMATS, Classifier, load_exported, parity, require_exporter
 from transferkit.inference import collect_inputs
-from transferkit.module import TransferModule
-from transferkit.run_dirs import write_json
+from transferkit.inference.exporting import (
+    EXPORTERS,
+    FORMATS,
+    Classifier,
+    load_exported,
+    parity,
+    require_exporter,
+)
+from transferkit.model.module import TransferModule
+from transferkit.runs.checkpoints import load_model
+from transferkit.runs.directories import write_json
 from transferkit.tasks.wrapper import exit_on_user_error, task_wrapper
 
 log = logging.getLogger(__name__)

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, open_dict
 
-from transferkit.checkpoints import recorded_augment, recorded_seed, resume_differences
 from transferkit.errors import ConfigError
 from transferkit.features import training_augment
-from transferkit.module import TransferModule
-from transferkit.rng import draw_seed
+from transferkit.model.module import TransferModule
+from transferkit.runs.checkpoints import recorded_augment, recorded_seed, resume_differences
+from transferkit.training.rng import draw_seed
 
 if TYPE_CHECKING:
     from transferkit.data.datamodule import ImageFolderDataModule

@@ -1,5 +1,5 @@
 """The types of each task's own keys (conf/<task>.yaml), which no `_target_` states: what a value
-given on the command line is checked against before any work (`transferkit.config_types`).
+given on the command line is checked against before any work (`transferkit.config.types`).
 The yaml files hold the defaults and say what each key means; tests keep the two in step."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 from lightning.pytorch.tuner import Tuner
 
-from transferkit.heads import build_head
+from transferkit.model.heads import build_head
 
 
 @dataclass

@@ -16,8 +16,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from transferkit.backbones.build import check_input_size
-from transferkit.checkpoints import recorded_splits
-from transferkit.config import build, build_model, instantiate_group
+from transferkit.config.build import build, build_model, instantiate_group
 from transferkit.console import print_config_tree
 from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.data.digests import refuse_resume_on_other_files
@@ -25,10 +24,9 @@ from transferkit.errors import ConfigError
 from transferkit.features import FrozenFeatures
 from transferkit.features.cache import weights_fingerprint
 from transferkit.features.precision import precision_name
-from transferkit.finetune import BlockFinetuning
-from transferkit.module import TransferModule
-from transferkit.run_dirs import resolve_checkpoint
-from transferkit.swa import refuse_stochastic_weight_averaging
+from transferkit.model.module import TransferModule
+from transferkit.runs.checkpoints import recorded_splits
+from transferkit.runs.directories import resolve_checkpoint
 from transferkit.tasks.cross_validation import cross_validate, write_held_out
 from transferkit.tasks.preflight import (
     check_fold_seed,
@@ -48,6 +46,8 @@ from transferkit.tasks.train_outputs import (
     write_plots,
 )
 from transferkit.tasks.wrapper import exit_on_user_error, task_wrapper
+from transferkit.training.finetune import BlockFinetuning
+from transferkit.training.swa import refuse_stochastic_weight_averaging
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,13 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from transferkit import reports
-from transferkit.config import plain
+from transferkit.config.build import plain
 from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.data.images import ImageListDataset
 from transferkit.data.sampling import EpochSampler
 from transferkit.features import training_augment
-from transferkit.module import TransferModule
-from transferkit.plots import plot_batch, plot_curves
+from transferkit.model.module import TransferModule
+from transferkit.reports.plots import plot_batch, plot_curves
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from transferkit.config_types import check_types
+from transferkit.config.types import check_types
 from transferkit.console import print_results, set_up_console
 from transferkit.errors import UserError
-from transferkit.interrupts import Interrupted, exit_code
-from transferkit.run_dirs import write_json
+from transferkit.runs.directories import write_json
 from transferkit.tasks.settings import PASSED_ON, SETTINGS
+from transferkit.training.interrupts import Interrupted, exit_code
 
 log = logging.getLogger(__name__)
 Task = Callable[[DictConfig], dict[str, Any]]

@@ -1,5 +1,5 @@
 """The LightningModule: a pretrained backbone, a new head, the loss and the metrics it logs (the
-optimizer is `transferkit.optim`'s; the state a resume goes on with, its callbacks')."""
+optimizer is `transferkit.training.optim`'s; the state a resume goes on with, its callbacks')."""
 
 from __future__ import annotations
 
@@ -13,24 +13,24 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from transferkit.backbone_reference import RECORD_ENTRY, BackboneReference, put_back
 from transferkit.backbones import build_backbone
+from transferkit.backbones.reference import RECORD_ENTRY, BackboneReference, put_back
 from transferkit.errors import ConfigError, TrainingDiverged
 from transferkit.features import training_augment
 from transferkit.features.precision import frozen_forward, precision_name
-from transferkit.finetune import BlockFinetuning, hold_frozen_in_eval
-from transferkit.heads import build_head
-from transferkit.history import EpochHistory
-from transferkit.metrics import RunningMetrics, classification_metrics, multilabel_train_metrics
-from transferkit.multilabel import (
+from transferkit.model.heads import build_head
+from transferkit.model.history import EpochHistory
+from transferkit.model.metrics import RunningMetrics, classification_metrics, multilabel_train_metrics
+from transferkit.model.multilabel import (
     DEFAULT_THRESHOLD,
     ScoresAndTargets,
     decide,
     multilabel_scores,
     tune_thresholds,
 )
-from transferkit.optim import check_settings, configure_optimizers, param_groups, weight_decay
-from transferkit.rng import RandomState
+from transferkit.training.finetune import BlockFinetuning, hold_frozen_in_eval
+from transferkit.training.optim import check_settings, configure_optimizers, param_groups, weight_decay
+from transferkit.training.rng import RandomState
 
 RECORD_KEY = "transferkit"  # the checkpoint entry with what the run records beside the model
 

@@ -15,7 +15,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from transferkit.callbacks import unshare
+from transferkit.training.callbacks import unshare
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from transferkit.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
     from transferkit.data.datamodule import ImageFolderDataModule
-    from transferkit.module import TransferModule
+    from transferkit.model.module import TransferModule
 
 
 def build(cfg: DictConfig, **kwargs: Any) -> Any:

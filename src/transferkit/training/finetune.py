@@ -28,8 +28,8 @@ from torch.optim import Optimizer
 
 from transferkit.backbones.blocks import Block, backbone_blocks
 from transferkit.errors import ConfigError
-from transferkit.optim import param_groups, weight_decay
-from transferkit.schedulers import follow_schedule
+from transferkit.training.optim import param_groups, weight_decay
+from transferkit.training.schedulers import follow_schedule
 
 log = logging.getLogger(__name__)
 # partial and gradual train one top block: measured on ELPV and MNIST (docs/finetuning.md), 0.3 x

@@ -1,7 +1,7 @@
 """The optimizer and its learning-rate scheduler, built from their Hydra configs (`_partial_: true`).
 
 The optimizer takes named param groups: each parameter goes to the group the fine-tuning
-strategy's lr plan names (`transferkit.finetune`) and trains at the optimizer's lr x that group's
+strategy's lr plan names (`transferkit.training.finetune`) and trains at the optimizer's lr x that group's
 `lr_scale`. The head's group comes first: groups added later follow its schedule.
 """
 

@@ -33,7 +33,7 @@ from rich import get_console
 from rich.table import Table
 
 from transferkit.errors import UserError
-from transferkit.run_dirs import write_json
+from transferkit.runs.directories import write_json
 
 try:
     import fcntl

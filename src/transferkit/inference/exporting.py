@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from transferkit.extras import require
-from transferkit.module import TransferModule
+from transferkit.model.module import TransferModule
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 _ONNX_SINGLE_FILE_LIMIT = 1_800_000_000  # protobuf caps a file at 2 GB; above it weights go beside it

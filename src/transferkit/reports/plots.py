@@ -12,7 +12,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from transferkit.preprocessing import Preprocessing
+from transferkit.backbones.preprocessing import Preprocessing
 
 # Curves: fixed margins in inches (a layout engine would draw the figure twice to find them).
 CURVES_SIZE = (10.0, 4.0)

@@ -14,12 +14,55 @@ from typing import Any
 
 import torch
 
+from transferkit.backbones.preprocessing import CROP_SCALE
 from transferkit.errors import ConfigError
 from transferkit.features.precision import PRECISIONS, precision_name
-from transferkit.module import RECORD_KEY, TransferModule
-from transferkit.preprocessing import CROP_SCALE
+from transferkit.model.module import RECORD_KEY, TransferModule
 
 _MADE_BY = "Use a checkpoints/best.ckpt or last.ckpt written by train.py."
+
+# Where the modules a checkpoint's `_target_`s name (finetune._target_, say) lived before the
+# packages by noun (2026-12): the one place old paths are mapped, so an old run still
+# evaluates, predicts, exports and resumes.
+MOVED = {
+    "transferkit.config.": "transferkit.config.build.",
+    "transferkit.config_types.": "transferkit.config.types.",
+    "transferkit.preprocessing.": "transferkit.backbones.preprocessing.",
+    "transferkit.backbone_reference.": "transferkit.backbones.reference.",
+    "transferkit.module.": "transferkit.model.module.",
+    "transferkit.heads.": "transferkit.model.heads.",
+    "transferkit.metrics.": "transferkit.model.metrics.",
+    "transferkit.multilabel.": "transferkit.model.multilabel.",
+    "transferkit.history.": "transferkit.model.history.",
+    "transferkit.finetune.": "transferkit.training.finetune.",
+    "transferkit.optim.": "transferkit.training.optim.",
+    "transferkit.schedulers.": "transferkit.training.schedulers.",
+    "transferkit.callbacks.": "transferkit.training.callbacks.",
+    "transferkit.interrupts.": "transferkit.training.interrupts.",
+    "transferkit.loggers.": "transferkit.training.loggers.",
+    "transferkit.lr_finder.": "transferkit.training.lr_finder.",
+    "transferkit.swa.": "transferkit.training.swa.",
+    "transferkit.distributed.": "transferkit.training.distributed.",
+    "transferkit.rng.": "transferkit.training.rng.",
+    "transferkit.model_summary.": "transferkit.training.model_summary.",
+    "transferkit.run_dirs.": "transferkit.runs.directories.",
+    "transferkit.checkpoints.": "transferkit.runs.checkpoints.",
+    "transferkit.sweeps.": "transferkit.runs.sweeps.",
+    "transferkit.exporting.": "transferkit.inference.exporting.",
+    "transferkit.plots.": "transferkit.reports.plots.",
+}
+
+
+def current_paths(value: Any) -> Any:
+    """`value` (a record or hyper-parameters, nested) with every old module path made today's."""
+    if isinstance(value, dict):
+        return {key: current_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [current_paths(item) for item in value]
+    if isinstance(value, str) and value.startswith("transferkit."):
+        old = next((old for old in MOVED if value.startswith(old)), None)
+        return value if old is None else MOVED[old] + value[len(old) :]
+    return value
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -43,6 +86,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"ckpt_path={path} is a checkpoint of another kind: it has no transferkit model "
             f"(hyper-parameters with class names, and a state dict). {_MADE_BY}"
         )
+    return _current(checkpoint)
+
+
+def _current(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint with its hyper-parameters and record naming today's module paths."""
+    for key in ("hyper_parameters", RECORD_KEY):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint[key] = current_paths(checkpoint[key])
     return checkpoint
 
 
@@ -121,7 +172,7 @@ def _as_trained(setup: dict[str, Any]) -> dict[str, Any]:
 
 def _peek(path: str | Path) -> dict[str, Any]:
     """The checkpoint memory-mapped: its record and hyper-parameters without reading the weights."""
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return _current(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
 
 
 def recorded_seed(path: str | Path) -> int | None:
