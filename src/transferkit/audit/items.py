@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from transferkit.data.folders import Label, Splits
+from transferkit.data.folders import Splits
+from transferkit.data.samples import Label
 
 SPLIT_ORDER = ("train", "val", "test")
 

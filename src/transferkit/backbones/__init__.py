@@ -8,6 +8,7 @@ Whatever the family's head looks like (fc, classifier[-1], heads.head, a conv cl
 result maps images (B, 3, H, W) to features (B, num_features) and says how to preprocess.
 """
 
-from transferkit.backbones.build import Backbone, build_backbone, unknown_model
+from transferkit.backbones.base import Backbone, unknown_model
+from transferkit.backbones.build import build_backbone
 
 __all__ = ["Backbone", "build_backbone", "unknown_model"]

@@ -1,56 +1,22 @@
 """From a model name to a Backbone: torchvision or timm (`timm:<name>`), with its weights, feature
-width and preprocessing; an unknown name is refused with the closest known ones."""
+width and preprocessing; an unknown name is refused with the closest known ones (`base`)."""
 
 from __future__ import annotations
-
-import difflib
-from dataclasses import dataclass
-from functools import cache
 
 import torch
 from torch import nn
 
-from transferkit.backbones.preprocessing import Preprocessing
+from transferkit.backbones.base import Backbone
+from transferkit.backbones.families import build_family
+from transferkit.backbones.reference import complete_by_reference
 from transferkit.errors import ConfigError, first_line
-
-TIMM_PREFIX = "timm:"
-
-
-@dataclass
-class Backbone:
-    model: nn.Module
-    num_features: int
-    preprocessing: Preprocessing
-
-
-@cache
-def _known_names() -> tuple[str, ...]:
-    import timm
-
-    from transferkit.backbones.torchvision_models import torchvision_names
-
-    return tuple(torchvision_names()) + tuple(TIMM_PREFIX + n for n in timm.list_models())
-
-
-def unknown_model(name: str) -> ConfigError:
-    close = difflib.get_close_matches(name, _known_names(), n=4, cutoff=0.6)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return ConfigError(
-        f"Unknown model.name={name!r}.{hint} Use a torchvision classification model "
-        f"(torchvision.models.list_models()) or any timm model as model.name=timm:<name>."
-    )
 
 
 def build_backbone(name: str, weights: str | bool | None = None) -> Backbone:
     """`weights`: DEFAULT or a named torchvision weight, true (pretrained), null (random init),
-    "shipped" (weights a pip package ships) or a path to a local state-dict file."""
-    if name.startswith(TIMM_PREFIX):
-        from transferkit.backbones.timm_models import build_timm_backbone
-
-        return build_timm_backbone(name[len(TIMM_PREFIX) :], weights)
-    from transferkit.backbones.torchvision_models import build_torchvision_backbone
-
-    return build_torchvision_backbone(name, weights)
+    "shipped" (weights a pip package ships) or a path to a local state-dict file (a training
+    checkpoint that keeps its backbone by reference included)."""
+    return build_family(name, weights, complete_by_reference)
 
 
 def check_input_size(model: nn.Module, size: int, name: str) -> None:

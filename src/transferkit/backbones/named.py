@@ -15,7 +15,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from transferkit.backbones.build import TIMM_PREFIX, build_backbone
+from transferkit.backbones.base import TIMM_PREFIX
+from transferkit.backbones.families import build_family
 from transferkit.backbones.weights import SHIPPED, is_path, normalise
 from transferkit.errors import WeightsError, first_line
 
@@ -56,11 +57,11 @@ class NamedWeights:
         never downloaded (a checkpoint loads the same offline and on)."""
         missing = self._missing()
         if missing is None:
-            from transferkit.backbones.timm_models import _hub_cache_only
+            from transferkit.backbones.timm_models import hub_cache_only
 
             try:
-                with _hub_cache_only() if self.timm else contextlib.nullcontext():
-                    return build_backbone(self.model, self.weights).model.state_dict()
+                with hub_cache_only() if self.timm else contextlib.nullcontext():
+                    return build_family(self.model, self.weights).model.state_dict()
             except WeightsError as error:
                 missing = first_line(error)
         raise WeightsError(
@@ -123,6 +124,6 @@ def named_weights(name: str, weights: str | bool | None, model: nn.Module) -> Na
         cfg = getattr(model, "pretrained_cfg", None) or {}
         tagged = f"{cfg['architecture']}.{cfg['tag']}" if cfg.get("tag") else name[len(TIMM_PREFIX) :]
         return NamedWeights(TIMM_PREFIX + tagged, True)
-    from transferkit.backbones.torchvision_models import _weights_enum
+    from transferkit.backbones.torchvision_models import weights_enum
 
-    return NamedWeights(name, _weights_enum(name, "DEFAULT" if weights is True else weights).name)
+    return NamedWeights(name, weights_enum(name, "DEFAULT" if weights is True else weights).name)

@@ -99,3 +99,10 @@ def put_back(
             )
     for name in digests:
         state[PREFIX + name] = source[name]
+
+
+def complete_by_reference(checkpoint: dict[str, Any]) -> None:
+    """A training checkpoint read as a weights file, with its backbone's tensors kept by
+    reference put back from the named weights on this machine (another dict: left as it is)."""
+    if isinstance(checkpoint.get("transferkit"), dict) and isinstance(checkpoint.get("state_dict"), dict):
+        put_back(checkpoint["transferkit"], checkpoint["state_dict"], None)

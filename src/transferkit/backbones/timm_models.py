@@ -12,10 +12,11 @@ from urllib.parse import urlparse
 import timm
 from timm.data import resolve_data_config
 
-from transferkit.backbones.build import TIMM_PREFIX, Backbone, unknown_model
+from transferkit.backbones.base import TIMM_PREFIX, Backbone, unknown_model
 from transferkit.backbones.preprocessing import CROP_MODES, Preprocessing
 from transferkit.backbones.weights import (
     OFFLINE_FIX,
+    Complete,
     fetch,
     is_path,
     load_backbone_weights,
@@ -45,7 +46,7 @@ def _reachable(url: str | None, timeout: float = 3.0) -> bool:
 
 
 @contextmanager
-def _hub_cache_only():
+def hub_cache_only():
     """Make huggingface_hub look only in its cache, so an offline miss fails at once instead of
     after its retries (about a minute)."""
     from huggingface_hub import constants
@@ -63,7 +64,7 @@ def _create_pretrained(name: str):
         return timm.create_model(name, pretrained=True, num_classes=0)
 
     try:
-        with _hub_cache_only():
+        with hub_cache_only():
             return create()
     except Exception:  # noqa: BLE001 - not cached (or not on the hub): try the network below
         pass
@@ -114,7 +115,7 @@ def feature_width(model) -> int:
     return getattr(model, "head_hidden_size", None) or model.num_features
 
 
-def build_timm_backbone(name: str, weights: str | bool | None) -> Backbone:
+def build_timm_backbone(name: str, weights: str | bool | None, complete: Complete | None = None) -> Backbone:
     if not timm.is_model(name.split(".")[0]):
         raise unknown_model(TIMM_PREFIX + name)
     weights = normalise(weights)
@@ -128,7 +129,7 @@ def build_timm_backbone(name: str, weights: str | bool | None) -> Backbone:
         model = timm.create_model(name, pretrained=False, num_classes=0)
         if weights is not None:
             classifier = model.pretrained_cfg.get("classifier", "head")
-            load_backbone_weights(model, read_state_dict(weights), weights, dropped=(classifier,))
+            load_backbone_weights(model, read_state_dict(weights, complete), weights, dropped=(classifier,))
     else:
         raise WeightsError(
             f"model.weights={weights!r} means nothing for timm:{name}; use true (timm's pretrained tag; "

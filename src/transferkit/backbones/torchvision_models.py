@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import torchvision
 from torch import nn
-from torchvision.models import get_model, get_model_weights, list_models
+from torchvision.models import get_model, get_model_weights
 
-from transferkit.backbones.build import Backbone, unknown_model
+from transferkit.backbones.base import Backbone, torchvision_names, unknown_model
 from transferkit.backbones.preprocessing import Preprocessing
-from transferkit.backbones.weights import fetch, is_path, load_backbone_weights, normalise, read_state_dict
+from transferkit.backbones.weights import (
+    Complete,
+    fetch,
+    is_path,
+    load_backbone_weights,
+    normalise,
+    read_state_dict,
+)
 from transferkit.errors import WeightsError
 
 
-def torchvision_names() -> list[str]:
-    return list_models(module=torchvision.models)
-
-
-def _weights_enum(name: str, value: str):
+def weights_enum(name: str, value: str):
     enum = get_model_weights(name)
     try:
         return enum.verify(value)
@@ -73,14 +75,16 @@ def strip_classifier(model: nn.Module) -> tuple[int, str]:
     raise WeightsError(f"Cannot find the classifier of {type(model).__name__} to replace.")
 
 
-def build_torchvision_backbone(name: str, weights: str | bool | None) -> Backbone:
+def build_torchvision_backbone(
+    name: str, weights: str | bool | None, complete: Complete | None = None
+) -> Backbone:
     if name not in torchvision_names():
         raise unknown_model(name)
     weights = normalise(weights)
     enum = get_model_weights(name)
     local = weights if is_path(weights) else None
     chosen = (
-        None if weights is None or local else _weights_enum(name, "DEFAULT" if weights is True else weights)
+        None if weights is None or local else weights_enum(name, "DEFAULT" if weights is True else weights)
     )
     if chosen is None:
         model = get_model(name, weights=None)
@@ -89,7 +93,7 @@ def build_torchvision_backbone(name: str, weights: str | bool | None) -> Backbon
     aux = _drop_aux_heads(model)
     num_features, classifier = strip_classifier(model)
     if local:
-        load_backbone_weights(model, read_state_dict(local), local, dropped=(classifier, *aux))
+        load_backbone_weights(model, read_state_dict(local, complete), local, dropped=(classifier, *aux))
     reference = chosen or (enum.DEFAULT if hasattr(enum, "DEFAULT") else None)
     preprocessing = _preprocessing(reference) if reference is not None else Preprocessing()
     return Backbone(model, num_features, preprocessing)

@@ -13,6 +13,9 @@ from torch import nn
 from transferkit.errors import WeightsError
 
 T = TypeVar("T")
+# Fills in, in place, the tensors a training checkpoint (the dict torch.load gives) keeps by
+# reference (`reference.complete_by_reference`).
+Complete = Callable[[dict[str, Any]], None]
 _STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 OFFLINE_FIX = (
     "Use model.weights=null (random init) or model.weights=/path/to/state_dict.pth, or download "
@@ -43,8 +46,9 @@ def is_path(weights: Any) -> bool:
     )
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from .pth/.pt/.bin/.safetensors, or the model inside a checkpoint file."""
+def read_state_dict(path: str | Path, complete: Complete | None = None) -> dict[str, torch.Tensor]:
+    """A state dict from .pth/.pt/.bin/.safetensors, or the model inside a checkpoint file (the
+    tensors it keeps by reference filled in by `complete`)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(
@@ -59,10 +63,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure to parse is the user's file
         raise WeightsError(f"Cannot read weights file {path}: {error}") from error
-    if isinstance(state, dict) and isinstance(state.get("transferkit"), dict):  # a training checkpoint
-        from transferkit.backbones.reference import put_back
-
-        put_back(state["transferkit"], state["state_dict"], None)  # its backbone, if kept by reference
+    if complete is not None and isinstance(state, dict):
+        complete(state)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -261,6 +261,15 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.feature_batch_size = batch_size or self.batch_size
 
     @property
+    def training_augment(self) -> str | None:
+        """The augmentation training actually gets: the data's policy, or None when cached
+        features of one view (the evaluation transform) replace the images."""
+        cached = (self.feature_sets or {}).get("train")
+        if cached is not None and cached.views == 1:
+            return None
+        return self.augment
+
+    @property
     def train_batch_size(self) -> int:
         """The batch training runs in: the images', or the one chosen for cached features."""
         return self.batch_size if self.feature_sets is None else self.feature_batch_size

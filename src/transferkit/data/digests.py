@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transferkit.data.folders import Sample, Splits
+from transferkit.data.folders import Splits
+from transferkit.data.samples import Sample
 from transferkit.data.splitting import file_key
 from transferkit.errors import ConfigError
 

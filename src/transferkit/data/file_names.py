@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from transferkit.data.folders import Sample, Splits, list_images
+from transferkit.data.folders import Splits, list_images
 from transferkit.data.images import IMAGE_EXTENSIONS
+from transferkit.data.samples import Sample
 from transferkit.data.splitting import split_off_val
 from transferkit.errors import ConfigError, DataError
 

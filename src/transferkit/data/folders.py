@@ -7,11 +7,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from transferkit.data.images import IMAGE_EXTENSIONS, is_image_file
+from transferkit.data.samples import Sample
 from transferkit.data.splitting import split_off_val
 from transferkit.errors import ConfigError, DataError
 
-Label = int | tuple[int, ...]  # a class index, or with multi-label data one 0/1 per class
-Sample = tuple[Path, Label]
 LAYOUT = "<root>/train/<class>/<image>, <root>/val/<class>/<image> (optional: test/)"
 _JUNK_DIRS = {"__MACOSX"}
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from transferkit.data.folders import Sample, Splits, untrained_classes
+from transferkit.data.folders import Splits, untrained_classes
+from transferkit.data.samples import Sample
 from transferkit.data.splitting import numbering
 from transferkit.errors import ConfigError, DataError
 

@@ -15,7 +15,7 @@ from transferkit.data.sampling import epoch_seed
 from transferkit.errors import DataError
 
 if TYPE_CHECKING:
-    from transferkit.data.folders import Label, Sample
+    from transferkit.data.samples import Label, Sample
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}

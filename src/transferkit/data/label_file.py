@@ -15,7 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from transferkit.data.folders import Label, Sample, Splits, untrained_classes
+from transferkit.data.folders import Splits, untrained_classes
+from transferkit.data.samples import Label, Sample
 from transferkit.data.splitting import split_off_val
 from transferkit.errors import ConfigError, DataError
 

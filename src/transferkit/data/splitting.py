@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from transferkit.data.folders import Sample
+    from transferkit.data.samples import Sample
 
 _SCALE = float(2**64)
 

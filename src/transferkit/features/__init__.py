@@ -2,6 +2,6 @@
 chooses (`precision`)."""
 
 from transferkit.features.cache import FeatureSet
-from transferkit.features.frozen import FrozenFeatures, training_augment
+from transferkit.features.frozen import FrozenFeatures
 
-__all__ = ["FeatureSet", "FrozenFeatures", "training_augment"]
+__all__ = ["FeatureSet", "FrozenFeatures"]

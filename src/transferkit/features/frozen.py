@@ -278,12 +278,3 @@ class FrozenFeatures:
                 batch, rows, self.batch_size, -(-rows // batch), datamodule.batch_size,
             )  # fmt: skip
         return batch
-
-
-def training_augment(datamodule: ImageFolderDataModule) -> str | None:
-    """The augmentation training actually gets: the data's policy, or None when cached
-    features of one view (the evaluation transform) replace the images."""
-    cached = (datamodule.feature_sets or {}).get("train")
-    if cached is not None and cached.views == 1:
-        return None
-    return datamodule.augment

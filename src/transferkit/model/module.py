@@ -16,7 +16,6 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from transferkit.backbones import build_backbone
 from transferkit.backbones.reference import RECORD_ENTRY, BackboneReference, put_back
 from transferkit.errors import ConfigError, TrainingDiverged
-from transferkit.features import training_augment
 from transferkit.features.precision import frozen_forward, precision_name
 from transferkit.model.heads import build_head
 from transferkit.model.history import EpochHistory
@@ -145,8 +144,8 @@ class TransferModule(L.LightningModule):
     def on_fit_start(self) -> None:
         """Record the augmentation training gets (none on cached features of one view)."""
         datamodule = self.trainer.datamodule
-        if hasattr(datamodule, "feature_sets"):
-            self.run_record["augment"] = training_augment(datamodule)
+        if hasattr(datamodule, "training_augment"):
+            self.run_record["augment"] = datamodule.training_augment
 
     def keep_backbone_by_reference(self) -> None:
         """From now on checkpoints leave out the backbone tensors still equal to the named weights

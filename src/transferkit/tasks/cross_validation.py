@@ -33,7 +33,7 @@ from transferkit.runs.directories import move_into_run, write_json
 from transferkit.tasks.preflight import resolve_seed
 
 if TYPE_CHECKING:
-    from transferkit.tasks.train import TrainingRun
+    from transferkit.tasks.run import TrainingRun
 
 log = logging.getLogger(__name__)
 OOF = "oof.csv"

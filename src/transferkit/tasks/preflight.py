@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, open_dict
 
 from transferkit.errors import ConfigError
-from transferkit.features import training_augment
 from transferkit.model.module import TransferModule
 from transferkit.runs.checkpoints import recorded_augment, recorded_seed, resume_differences
 from transferkit.training.rng import draw_seed
@@ -98,7 +97,7 @@ def check_resumed_augment(cfg: DictConfig, datamodule: ImageFolderDataModule) ->
     if not cfg.get("ckpt_path"):
         return
     recorded, there = recorded_augment(cfg.ckpt_path)
-    here = training_augment(datamodule)
+    here = datamodule.training_augment
     if recorded and there != here:
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path} trained on {_training_data(there)}, but this run would train on "

@@ -8,7 +8,6 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from transferkit.tasks.preflight import (
     refuse_eval_only,
     resolve_seed,
 )
+from transferkit.tasks.run import TrainingRun
 from transferkit.tasks.train_outputs import (
     log_final,
     log_run_facts,
@@ -50,20 +50,6 @@ from transferkit.training.finetune import BlockFinetuning
 from transferkit.training.swa import refuse_stochastic_weight_averaging
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainingRun:
-    cfg: DictConfig
-    datamodule: ImageFolderDataModule
-    finetune: BlockFinetuning
-    trainer: L.Trainer
-    model: TransferModule
-    feature_cache: Path | None
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.cfg.paths.output_dir)
 
 
 @contextmanager

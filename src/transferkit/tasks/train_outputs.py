@@ -19,7 +19,6 @@ from transferkit.config.build import plain
 from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.data.images import ImageListDataset
 from transferkit.data.sampling import EpochSampler
-from transferkit.features import training_augment
 from transferkit.model.module import TransferModule
 from transferkit.reports.plots import plot_batch, plot_curves
 
@@ -72,7 +71,7 @@ def training_batch(
     train = datamodule.splits.train
     keys = list(EpochSampler(len(train), datamodule.seed))[:count]
     cached = (datamodule.feature_sets or {}).get("train")
-    augment = training_augment(datamodule)
+    augment = datamodule.training_augment
     transform = model.preprocessing.transforms(augment is not None, augment, datamodule.crop_scale)
     dataset = ImageListDataset(train, transform, datamodule.seed)
     if cached is not None and augment is not None:  # view v of image i was drawn as key v * N + i
@@ -84,7 +83,7 @@ def training_batch(
 @rank_zero_only
 def plot_training_batch(datamodule: ImageFolderDataModule, model: TransferModule, path: Path) -> None:
     images, labels = training_batch(datamodule, model)
-    augment = training_augment(datamodule)
+    augment = datamodule.training_augment
     title = f"Training images as the model sees them ({f'augment={augment}' if augment else 'not augmented'})"
     plot_batch(images, labels, model.class_names, model.preprocessing, path, title=title)
 
