@@ -283,7 +283,8 @@ def test_last_ckpt_linked_to_best_ckpt_is_written_as_a_file_of_its_own(
 ) -> None:
     """A write into one name of a hard link would change the other: the save unshares it first
     (Lightning writes in place where its temporary file is on another filesystem)."""
-    from transferkit.training.callbacks import link_or_copy, unshare
+    from transferkit.files import link_or_copy
+    from transferkit.training.callbacks import unshare
 
     best, last = tmp_path / "best.ckpt", tmp_path / "last.ckpt"
     best.write_bytes(b"epoch 0")

@@ -26,6 +26,7 @@ from rich.progress import Progress
 
 from transferkit.data.images import decode_rgb
 from transferkit.errors import DataError
+from transferkit.files import write_atomic
 
 SCAN_VERSION = 2  # raise it whenever check_image can give another verdict for the same bytes
 
@@ -100,9 +101,7 @@ def _load(cache: Path | None, decoder: dict[str, object]) -> dict[str, list]:
 
 def _save(cache: Path, decoder: dict[str, object], files: dict[str, list]) -> None:
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"decoder": decoder, "files": files}))
-    os.replace(tmp, cache)
+    write_atomic(cache, json.dumps({"decoder": decoder, "files": files}))
 
 
 def scan_images(paths: Iterable[Path], cache: Path | None = None, workers: int = 1) -> dict[Path, str]:

@@ -16,6 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transferkit.errors import ConfigError
+from transferkit.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +107,5 @@ def move_into_run(new_dir: Path, run_dir: Path) -> None:
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write atomically: a reader never sees half a file. Each write has its own temporary file, so
-    processes writing one path at once (parallel sweep jobs) never rename each other's; it is
-    created like a plain file (the umask's permissions, not mkstemp's 0600: others may read runs)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    try:
-        with tmp.open("x") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write `data` as indented JSON, atomically (`files.write_atomic`)."""
+    write_atomic(path, json.dumps(data, indent=2) + "\n")

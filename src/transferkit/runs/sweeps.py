@@ -16,14 +16,13 @@ import io
 import json
 import logging
 import math
-import os
-import secrets
 import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
@@ -33,12 +32,8 @@ from rich import get_console
 from rich.table import Table
 
 from transferkit.errors import UserError
+from transferkit.files import write_atomic
 from transferkit.runs.directories import write_json
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; the board is rebuilt unlocked, and again at the sweep's end
-    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 ROW_FILE = "job.json"
@@ -172,7 +167,7 @@ def write_leaderboard(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[dict[
     writer = csv.DictWriter(text, fieldnames=csv_columns)
     writer.writeheader()
     writer.writerows(_cells(i, row, o, csv_columns) for i, (row, o) in numbered)
-    _write_atomic(sweep_dir / "leaderboard.csv", text.getvalue())
+    write_atomic(sweep_dir / "leaderboard.csv", text.getvalue())
     jobs = sum(len(row.get("jobs", [row["job"]])) for row in rows)
     lines = [
         f"# Leaderboard: {jobs} jobs, best {metric} first" if metric else f"# Leaderboard: {jobs} jobs",
@@ -181,21 +176,8 @@ def write_leaderboard(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[dict[
         "|" + "---|" * len(columns),
         *("| " + " | ".join(cell.replace("|", "\\|") for cell in r.values()) + " |" for r in table),
     ]
-    _write_atomic(sweep_dir / "leaderboard.md", "\n".join(lines) + "\n")
+    write_atomic(sweep_dir / "leaderboard.md", "\n".join(lines) + "\n")
     return table
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace `path` whole, through a temporary file of this write's own: jobs writing the board
-    at once never rename each other's (created like a plain file, unlike mkstemp's 0600)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    try:
-        with tmp.open("x", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_rows(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -205,24 +187,21 @@ def read_rows(sweep_dir: Path) -> list[dict[str, Any]]:
 @contextlib.contextmanager
 def _board_lock(sweep_dir: Path) -> Iterator[None]:
     """Held while a job scans the rows and writes the board: a job whose row is on disk before
-    another's rebuild ends is always scanned by a later rebuild, so no row is lost. flock works
-    across processes and nodes on most shared filesystems; where it does not, the board is rebuilt
-    unlocked (a row missed then is back at the next rebuild, and at the sweep's end)."""
-    if fcntl is None:
+    another's rebuild ends is always scanned by a later rebuild, so no row is lost. The lock is
+    the feature cache's kind (`filelock`, flock where the OS has it: across processes and nodes on
+    most shared filesystems); where the filesystem refuses locks, the board is rebuilt unlocked
+    (a row missed then is back at the next rebuild, and at the sweep's end)."""
+    lock = FileLock(sweep_dir / LOCK_FILE, thread_local=False)
+    try:
+        lock.acquire()
+    except OSError as error:  # e.g. ENOLCK: a filesystem without locks
+        log.warning("Rebuilding %s/leaderboard.csv unlocked (%s).", sweep_dir, error)
         yield
         return
-    with open(sweep_dir / LOCK_FILE, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            locked = True
-        except OSError as error:  # e.g. ENOLCK or ENOSYS: a filesystem without locks
-            log.warning("Rebuilding %s/leaderboard.csv unlocked (%s).", sweep_dir, error)
-            locked = False
-        try:
-            yield
-        finally:
-            if locked:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def rebuild(sweep_dir: Path, direction: str) -> list[dict[str, str]]:

@@ -5,12 +5,13 @@ epoch, they are one file on disk (a hard link)."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from torch import Tensor
+
+from transferkit.files import link_or_copy
 
 
 def unshare(path: str | Path) -> None:
@@ -18,20 +19,6 @@ def unshare(path: str | Path) -> None:
     name's content alone (a checkpoint written into a shared file would change both)."""
     if os.path.isfile(path) and os.stat(path).st_nlink > 1:
         os.remove(path)
-
-
-def link_or_copy(source: str | Path, target: str | Path) -> None:
-    """Make `target` a hard link to `source` (a copy where the filesystem has no hard links),
-    replacing it atomically: a reader never sees it missing or half written. A hard link, not a
-    symbolic one: it survives moving or copying the run directory."""
-    partial = f"{target}.partial"
-    if os.path.lexists(partial):
-        os.remove(partial)
-    try:
-        os.link(source, partial)
-    except OSError:
-        shutil.copyfile(source, partial)
-    os.replace(partial, target)
 
 
 class ModelCheckpoint(LightningModelCheckpoint):
