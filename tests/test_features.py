@@ -388,7 +388,7 @@ def test_bf16_mixed_trains_on_cpu(compose_train, tmp_path: Path, tiny_overrides:
             [*tiny_overrides, "trainer.precision=bf16-mixed", "finetune=partial", "features.cache=false"],
         )
     )
-    assert results["feature_cache"] is None and 0.0 <= results["val/acc"] <= 1.0
+    assert results["feature_cache"] is None
     model = load_model(results["best_model_path"])
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
 
@@ -404,7 +404,7 @@ def train_compiled(compose_train, root: Path, tiny_overrides: list[str]) -> None
     checkpoint = torch.load(results["best_model_path"], map_location="cpu", weights_only=True)
     assert not any("_orig_mod" in key or "_compiled" in key for key in checkpoint["state_dict"])
     model = load_model(results["best_model_path"])
-    assert model.hparams.compile is True and 0.0 <= results["val/acc"] <= 1.0
+    assert model.hparams.compile is True
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import make_image_folder, tiny_run
@@ -120,13 +121,39 @@ def test_class_weights_follow_the_training_counts(compose_train, tmp_path: Path)
     assert model.criterion.weight is None  # val and test losses stay unweighted
 
 
+BATCHES: list[tuple[torch.Tensor, torch.Tensor]] = []  # what TrainingBatches saw, images and targets
+
+
+class TrainingBatches(L.Callback):
+    """Keeps every training batch as the model receives it (after MixUp/CutMix)."""
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
+        BATCHES.append((batch[0].detach().clone(), batch[1].detach().clone()))
+
+
 @pytest.mark.slow
-def test_mixup_with_full_fine_tuning_trains(compose_train, tmp_path: Path, tiny_overrides: list[str]) -> None:
+def test_mixup_with_full_fine_tuning_trains_on_mixed_batches(
+    compose_train, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    """Every batch the model trains on is mixed: soft targets (B, C) that sum to 1, most rows
+    not one-hot; and the whole backbone trains (uncached: mixing needs images)."""
+    BATCHES.clear()
     cfg = compose_train(
-        tmp_path, [*tiny_overrides, "finetune=full", "data.mixup_alpha=0.4", "data.cutmix_alpha=1.0"]
-    )
+        tmp_path,
+        [
+            *tiny_overrides, "finetune=full", "data.mixup_alpha=0.4", "data.cutmix_alpha=1.0",
+            "+callbacks.batches._target_=test_recipe.TrainingBatches",
+        ],
+    )  # fmt: skip
     results = train(cfg)
-    assert 0.0 <= results["val/acc"] <= 1.0 and results["epochs"] == 2
+    assert results["epochs"] == 2 and results["feature_cache"] is None and BATCHES
+    for images, targets in BATCHES:
+        assert images.ndim == 4 and targets.ndim == 2 and targets.shape[1] == 3
+        assert torch.allclose(targets.sum(1), torch.ones(len(targets)))
+    mixed = torch.cat([(targets.max(1).values < 1).float() for _, targets in BATCHES])
+    assert mixed.mean() > 0.5
 
 
 @pytest.mark.slow

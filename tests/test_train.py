@@ -98,7 +98,9 @@ def test_callbacks_none_leaves_lightning_s_defaults(compose_train, tmp_path: Pat
             [*overrides, "callbacks=none", "trainer.max_epochs=1", "trainer.enable_checkpointing=false"],
         )
     )
-    assert no_checkpoints["best_model_path"] is None and 0.0 <= no_checkpoints["val/acc"] <= 1.0
+    assert (
+        no_checkpoints["best_model_path"] is None and no_checkpoints["val/loss"] > 0
+    )  # the final model measured
 
 
 @pytest.mark.slow  # about a second or more
