@@ -114,10 +114,11 @@ def build_tiny(directory: Path, image_folder: Path, **kwargs) -> tuple[dict, Pat
     torch.manual_seed(0)
     backbone = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 8))
     transform = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
-    return cache_module.build_or_load(
-        backbone, tiny_splits(image_folder), transform, transform, directory, views=1,
-        dtype=torch.float32, device=torch.device("cpu"), seed=0, batch_size=4, num_workers=0, **kwargs,
+    job = cache_module.Extraction(
+        backbone, tiny_splits(image_folder), transform, transform, views=1, dtype=torch.float32,
+        device=torch.device("cpu"), seed=0, batch_size=4, num_workers=0, **kwargs,
     )  # fmt: skip
+    return cache_module.load_or_build(job, directory)
 
 
 def mapped_file(tensor: torch.Tensor) -> str | None:

@@ -160,7 +160,7 @@ def test_the_key_follows_everything_that_changes_the_activations(image_folder: P
     transforms = {"eval": "Resize(32)", "train": None}
 
     def key(split=split, transforms=transforms, views=1, dtype=torch.float32) -> str:
-        return cache_key(split.prefix(), files, transforms, views, dtype, 0, split.boundary, torch.float32)
+        return cache_key(split.prefix(), files, transforms, views, dtype, 0, split.boundary)
 
     base = key()
     assert key() == base

@@ -342,7 +342,7 @@ def test_a_resume_from_a_last_ckpt_keeping_the_backbone_by_reference_equals_the_
 
 
 @pytest.mark.slow
-def test_a_resume_that_would_change_the_feature_cache_or_precision_is_refused_naming_the_keys(
+def test_a_resume_that_would_change_the_feature_cache_precision_or_trainer_is_refused_naming_the_keys(
     compose_train, tmp_path: Path, tiny_overrides: list[str]
 ) -> None:
     """A cached run resumed uncached would train epoch 1 on augmented images and report one
@@ -360,6 +360,8 @@ def test_a_resume_that_would_change_the_feature_cache_or_precision_is_refused_na
         "features.precision=bf16": ["features.precision (as run): 'fp32' there, 'bf16' here"],
         "features.batch_size=16": ["features.batch_size: 4096 there, 16 here"],
         "features.max_gb=1e-9": ["trained on cached features of one view", "images under data.augment=basic"],
+        "trainer.precision=bf16-mixed": ["trainer.precision: '32-true' there, 'bf16-mixed' here"],
+        "trainer.accumulate_grad_batches=2": ["trainer.accumulate_grad_batches: 1 there, 2 here"],
     }
     for override, named in refusals.items():
         with pytest.raises(ConfigError) as refused:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from transferkit.audit.items import SPLIT_ORDER
 from transferkit.backbones import build_backbone
 from transferkit.data.datamodule import ImageFolderDataModule
-from transferkit.features.cache import build_or_load
+from transferkit.features.cache import Extraction, load_or_build
 from transferkit.features.precision import resolve_precision
 
 
@@ -29,12 +29,11 @@ def image_features(
     preprocessing = backbone.preprocessing.with_overrides(**datamodule.preprocessing_overrides)
     datamodule.preprocessing = preprocessing
     splits = {name: items for name in SPLIT_ORDER if (items := getattr(datamodule.splits, name)) is not None}
-    sets, path, reused = build_or_load(
+    job = Extraction(
         model,
         splits,
         train_transform=None,  # one view: train is cached through the evaluation transform
         eval_transform=preprocessing.transforms(train=False),
-        directory=cfg.features.dir,
         views=1,
         dtype=resolve_precision(cfg.features.precision, device),
         device=device,
@@ -43,5 +42,6 @@ def image_features(
         num_workers=datamodule.num_workers,
         channels_last=any(isinstance(m, torch.nn.Conv2d) for m in model.modules()),
     )
+    sets, path, reused = load_or_build(job, cfg.features.dir)
     features = torch.cat([sets[name].features[0].float() for name in splits])
     return features, path, reused

@@ -134,7 +134,6 @@ def cache_key(
     dtype: torch.dtype,
     seed: int | None,
     boundary: dict[str, Any] | None = None,
-    eval_dtype: torch.dtype | None = None,
 ) -> str:
     """The key of a cache; without `boundary` (the whole backbone's features) as it has always
     been, so existing caches stay valid."""
@@ -148,7 +147,7 @@ def cache_key(
         "seed": seed if views > 1 else None,
     }
     if boundary is not None:
-        payload.update(boundary=boundary, eval_precision=str(eval_dtype))
+        payload.update(boundary=boundary)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -234,8 +233,8 @@ def batch_keys(n: int, batch_size: int, rank: int, world: int, offset: int = 0) 
 class Extraction:
     """What to compute: `backbone` (or a prefix of it cut at `boundary`) over every split's
     images; train through `train_transform` with `views` > 1 (view v of image i augmented as
-    key v * N + i), else every split through `eval_transform`; val and test in `eval_dtype`
-    when given, else in `dtype` like train."""
+    key v * N + i), else every split through `eval_transform`; every split in `dtype` (fp32
+    for a prefix: `features.precision.run_precision`)."""
 
     backbone: nn.Module
     splits: dict[str, list[tuple[Path, Any]]]
@@ -249,7 +248,6 @@ class Extraction:
     num_workers: int
     channels_last: bool = False
     boundary: dict[str, Any] | None = None
-    eval_dtype: torch.dtype | None = None
     decode: str = "pil"  # or a device: evaluation passes decode JPEGs there (`features.decode`)
 
     @property
@@ -257,11 +255,7 @@ class Extraction:
         """Cross-validation caches one pool as train and as val: with one view both are the
         evaluation transform's features of the same images, computed once (stored as each
         split is)."""
-        return (
-            self.views == 1
-            and self.splits.get("train") == self.splits.get("val")
-            and self.eval_dtype in (None, self.dtype)
-        )
+        return self.views == 1 and self.splits.get("train") == self.splits.get("val")
 
     def passes(self, split: str) -> int:
         return self.views if split == "train" and self.views > 1 else 1
@@ -293,9 +287,8 @@ class Extraction:
         keys = batch_keys(len(items), self.batch_size, rank, world)
         own = rank if world > 1 else None  # one process writes the whole file
         shard = store.Shard(store.features_file(directory, split, own), passes, len(keys))
-        dtype = self.dtype if split == "train" or self.eval_dtype is None else self.eval_dtype
-        storage = storage_dtype(dtype)
-        if self.same and split == "train":  # val's fp32 features, stored as train's
+        storage = storage_dtype(self.dtype)
+        if self.same and split == "train":  # val's features, stored as train's
             if not keys:
                 return
             computed = store.open_array(store.features_file(directory, "val", own))
@@ -307,29 +300,36 @@ class Extraction:
         dataset = ImageListDataset(items, self.train_transform, self.seed) if passes > 1 else None
         encoded = dataset is None and self.decode != "pil"
         for v in range(passes):
+            loader = DataLoader(
+                dataset
+                or (EncodedImages(items) if encoded else ImageListDataset(items, self.eval_transform)),
+                batch_size=self.batch_size,
+                sampler=[key + v * len(items) for key in keys] if dataset else keys,
+                num_workers=self.num_workers,
+                pin_memory=self.device.type == "cuda" and not encoded,
+                collate_fn=encoded_batch if encoded else None,
+            )
             extract(
                 self.backbone,
-                DataLoader(
-                    dataset
-                    or (EncodedImages(items) if encoded else ImageListDataset(items, self.eval_transform)),
-                    batch_size=self.batch_size,
-                    sampler=[key + v * len(items) for key in keys] if dataset else keys,
-                    num_workers=self.num_workers,
-                    pin_memory=self.device.type == "cuda" and not encoded,
-                    collate_fn=encoded_batch if encoded else None,
-                ),
-                self.device,
-                dtype,
-                progress,
-                f"Caching {split} {'activations' if self.boundary else 'features'}"
+                loader,
+                device=self.device,
+                dtype=self.dtype,
+                progress=progress,
+                description=f"Caching {split} {'activations' if self.boundary else 'features'}"
                 + (f" (view {v + 1}/{passes})" if passes > 1 else ""),
-                shard,
-                v,
-                self.channels_last,
-                torch.float32 if self.same else storage,
-                (lambda data: decode_batch(data, self.eval_transform, self.decode)) if encoded else None,
+                shard=shard,
+                view=v,
+                channels_last=self.channels_last,
+                storage=storage,
+                decoded=(lambda data: decode_batch(data, self.eval_transform, self.decode))
+                if encoded
+                else None,
             )
         shard.close()
+
+    def _decoded(self, data: Any) -> torch.Tensor:
+        """Images of a batch of encoded files, decoded on `decode`'s device."""
+        return decode_batch(data, self.eval_transform, self.decode)
 
     def assemble(self, directory: Path, world: int) -> None:
         """Every split's whole file from the ranks' shards (batch b is rank b % world's), and the
@@ -357,31 +357,6 @@ def not_written(directory: Path, error: OSError) -> CacheNotWritten:
         f"The feature cache could not be written under {directory} ({error.strerror or error}); "
         "free space there or point features.dir at a disk with room, or set features.cache=false."
     )
-
-
-def build_or_load(
-    backbone: nn.Module,
-    splits: dict[str, list[tuple[Path, int]]],
-    train_transform: Any,
-    eval_transform: Any,
-    directory: str | Path,
-    views: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    seed: int | None,
-    batch_size: int,
-    num_workers: int,
-    channels_last: bool = False,
-    boundary: dict[str, Any] | None = None,
-    eval_dtype: torch.dtype | None = None,
-) -> tuple[dict[str, FeatureSet], Path, bool]:
-    """The feature sets of every split, from the cache or computed now (see `Extraction`);
-    returns (sets, path, whether it was reused)."""
-    job = Extraction(
-        backbone, splits, train_transform, eval_transform, views, dtype, device, seed, batch_size,
-        num_workers, channels_last, boundary, eval_dtype,
-    )  # fmt: skip
-    return load_or_build(job, directory)
 
 
 def load_or_build(job: Extraction, directory: str | Path) -> tuple[dict[str, FeatureSet], Path, bool]:
@@ -448,9 +423,7 @@ def job_key(job: Extraction) -> str:
     }
     if job.decode != "pil":  # tensor resizing differs from PIL's in the last bits
         transforms["decode"] = job.decode
-    return cache_key(
-        job.backbone, job.splits, transforms, job.views, job.dtype, job.seed, job.boundary, job.eval_dtype
-    )
+    return cache_key(job.backbone, job.splits, transforms, job.views, job.dtype, job.seed, job.boundary)
 
 
 def warn_old_caches(directory: Path) -> None:

@@ -150,7 +150,7 @@ class FrozenFeatures:
             shape = split.activation_shape
             what = f"the activations below block {split.block} ({split.node})"
         numel = int(torch.Size(shape).numel())
-        estimate = cache_bytes(numel, images, self.views, model.frozen_dtype, split is not None)
+        estimate = cache_bytes(numel, images, self.views, model.frozen_dtype)
         limit, meaning = (
             (self.max_gb * GB, f"features.max_gb={self.max_gb:g}") if self.max_gb else default_limit(self.dir)
         )
@@ -178,9 +178,8 @@ class FrozenFeatures:
         seed: int | None = None,
     ) -> Path | None:
         """Point `datamodule` at cached features (or prefix activations, which `model` then runs
-        through the trainable top) when the run allows it; returns the cache file. Features are
-        computed in `model.frozen_dtype`, the precision the frozen forward uses; a prefix's val
-        and test activations in fp32, as the uncached run validates."""
+        through the trainable top) when the run allows it; returns the cache file. Every split is
+        computed in `model.frozen_dtype`, the one precision the frozen part runs in this run."""
         if self.views > 1 and datamodule.augment is None:
             raise ConfigError(
                 f"features.views={self.views} caches augmented views, but data.augment is off; "
@@ -215,7 +214,6 @@ class FrozenFeatures:
             num_workers=datamodule.num_workers,
             channels_last=model.channels_last,
             boundary=None if split is None else split.boundary,
-            eval_dtype=None if split is None else torch.float32,
         )
         paths = [path for items in splits.values() for path, _ in items]
         if trainer.world_size == 1:  # ranks measuring apart could choose apart: other keys

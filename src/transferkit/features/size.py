@@ -21,9 +21,7 @@ from transferkit.features.cache import storage_dtype
 GB = 1e9
 
 
-def cache_bytes(
-    values_per_image: int, images: dict[str, int], views: int, dtype: torch.dtype, prefix: bool
-) -> int:
+def cache_bytes(values_per_image: int, images: dict[str, int], views: int, dtype: torch.dtype) -> int:
     """The bytes a cache of `images` per split takes, with `views` training views, computed in
     `dtype` (activations of a prefix when `prefix`)."""
     return sum(

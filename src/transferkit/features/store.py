@@ -157,13 +157,7 @@ def publish(tmp: Path, final: Path, key: str, splits: list[str]) -> None:
         f.flush()
         os.fsync(f.fileno())
     fsync(tmp)
-    try:
-        os.rename(tmp, final)
-    except OSError as error:  # a concurrent writer (one that broke a stale lock) got there first
-        if error.errno not in (errno.EEXIST, errno.ENOTEMPTY) or read_meta(final, key) is None:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
+    os.rename(tmp, final)  # only the lock's holder publishes: nobody got there first
     fsync(final.parent)
 
 

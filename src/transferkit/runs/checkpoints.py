@@ -204,8 +204,10 @@ def resume_differences(path: str | Path, model: TransferModule) -> list[str]:
         model.data_config if "data" in record else None,
         model.run_record.get("finetune") if "finetune" in record else None,
     )
-    there.update(_flat(record.get("features") or {}, "features"))
-    here.update(_flat(model.run_record.get("features") or {}, "features"))
+    for group in ("features", "trainer"):  # each compared where the checkpoint records it
+        if group in record:
+            there.update(_flat(record[group] or {}, group))
+            here.update(_flat(model.run_record.get(group) or {}, group))
     if "precision" in record:  # what the settings resolved to on the machine of each
         there["features.precision (as run)"] = record["precision"]
         here["features.precision (as run)"] = precision_name(model.frozen_dtype)

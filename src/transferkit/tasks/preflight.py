@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
@@ -13,9 +13,6 @@ from transferkit.errors import ConfigError
 from transferkit.model.module import TransferModule
 from transferkit.runs.checkpoints import recorded_augment, recorded_seed, resume_differences
 from transferkit.training.rng import draw_seed
-
-if TYPE_CHECKING:
-    from transferkit.data.datamodule import ImageFolderDataModule
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +83,19 @@ def check_resume(cfg: DictConfig, model: TransferModule) -> None:
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path} continues a run set up otherwise ({'; '.join(differences)}). "
             "Resume with the run's own settings (drop those overrides), or leave out ckpt_path to start "
-            "a new run (trainer.*, data.root, data.num_workers and data.batch_size may change)."
+            "a new run (trainer.max_epochs, the devices, paths, data.num_workers and data.batch_size may "
+            "change)."
         )
 
 
-def check_resumed_augment(cfg: DictConfig, datamodule: ImageFolderDataModule) -> None:
-    """A resume trains on what the run trained on: images under its augmentation, or cached
-    views. The settings are compared before (`check_resume`); this compares what they decided
-    here, which a smaller disk or features.max_gb can change (a cache that no longer fits)."""
+def check_resumed_augment(cfg: DictConfig, here: str | None) -> None:
+    """A resume trains on what the run trained on: images under its augmentation (`here`), or
+    cached views (None). The settings are compared before (`check_resume`); this compares what
+    they decided here, which a smaller disk or features.max_gb can change (a cache that no
+    longer fits)."""
     if not cfg.get("ckpt_path"):
         return
     recorded, there = recorded_augment(cfg.ckpt_path)
-    here = datamodule.training_augment
     if recorded and there != here:
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path} trained on {_training_data(there)}, but this run would train on "

@@ -15,7 +15,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from transferkit.backbones.build import check_input_size
-from transferkit.config.build import build, build_model, instantiate_group
+from transferkit.config.build import build, build_model, instantiate_group, plain
 from transferkit.console import print_config_tree
 from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.data.digests import refuse_resume_on_other_files
@@ -50,6 +50,16 @@ from transferkit.training.finetune import BlockFinetuning
 from transferkit.training.swa import refuse_stochastic_weight_averaging
 
 log = logging.getLogger(__name__)
+
+# The Trainer arguments that change what trains, which a resume compares (max_epochs, devices and
+# the rest may change: `runs.checkpoints`).
+TRAINER_KEYS_THAT_TRAIN = (
+    "precision",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+    "limit_train_batches",
+)
 
 
 @contextmanager
@@ -124,7 +134,9 @@ def set_up(cfg: DictConfig, show_config: bool = True) -> TrainingRun:
         refuse_resume_on_other_files(cfg.ckpt_path, recorded, model.run_record["splits"], datamodule.root)
     write_bad_images(datamodule, Path(cfg.paths.output_dir))
     feature_cache = features.use(model, datamodule, trainer, finetune, seed=cfg.seed)
-    check_resumed_augment(cfg, datamodule)
+    # what training gets: under DDP the cache attaches as the fit starts, so the plan is compared
+    planned = feature_cache is not None and features.views == 1
+    check_resumed_augment(cfg, None if planned else datamodule.augment)
     return TrainingRun(cfg, datamodule, finetune, trainer, model, feature_cache)
 
 
@@ -145,6 +157,7 @@ def prepare_model(
     finetune.check(trainer)
     model.frozen_dtype = features.dtype(trainer.strategy.root_device, finetune)
     model.run_record["features"] = features.recorded()
+    model.run_record["trainer"] = {key: plain(cfg.trainer.get(key)) for key in TRAINER_KEYS_THAT_TRAIN}
     check_resume(cfg, model)
     return model
 
