@@ -19,7 +19,8 @@ from conftest import ROOT, compose_task, offline_env, tiny_run
 from helpers import SendSignal, fit, tiny
 
 from transferkit.errors import ConfigError
-from transferkit.tasks.train import resolve_checkpoint, train
+from transferkit.runs.directories import resolve_checkpoint, settle
+from transferkit.tasks.train import train
 from transferkit.training.finetune import Freeze
 from transferkit.training.interrupts import CheckpointOnInterrupt, Interrupted, exit_code
 
@@ -40,7 +41,7 @@ def test_ckpt_path_last_is_the_newest_run_and_the_run_continues_in_its_directory
     newest = fake_run(runs, "2026-01-02_new", 2_000)
     fake_run(runs, "2026-01-03_touched_earlier", 1_500)
     cfg = compose_task("train", tmp_path, ["ckpt_path=last"])
-    resolve_checkpoint(cfg)
+    settle(cfg, *resolve_checkpoint(cfg), seed=0)
     assert cfg.ckpt_path == str(newest / "checkpoints" / "last.ckpt")
     assert cfg.paths.output_dir == str(newest.resolve())
     assert cfg.callbacks.model_checkpoint.dirpath == str(newest.resolve() / "checkpoints")  # follows
@@ -53,9 +54,10 @@ def test_ckpt_path_last_prefers_the_given_run_dir(tmp_path: Path) -> None:
     own = fake_run(tmp_path, "run_parent", 1_000)  # compose_task's run dir is tmp_path/run
     (tmp_path / "run" / "checkpoints").mkdir(parents=True, exist_ok=True)
     (own / "checkpoints" / "last.ckpt").rename(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    resolve_checkpoint(cfg)
-    assert cfg.ckpt_path == str(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    assert cfg.paths.output_dir == str((tmp_path / "run").resolve())
+    assert resolve_checkpoint(cfg) == (
+        str(tmp_path / "run" / "checkpoints" / "last.ckpt"),
+        str((tmp_path / "run").resolve()),
+    )
 
 
 def test_resume_refuses_what_is_not_there(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from transferkit.model.multilabel import (
     multilabel_scores,
     tune_thresholds,
 )
-from transferkit.training.finetune import BlockFinetuning, hold_frozen_in_eval
+from transferkit.training.finetune import hold_frozen_in_eval
 from transferkit.training.optim import check_settings, configure_optimizers, param_groups, weight_decay
 from transferkit.training.rng import RandomState
 
@@ -89,6 +89,9 @@ class TransferModule(L.LightningModule):
         recorded = {"seed": seed, "finetune": finetune}  # and `augment`, known as the fit starts
         self.run_record: dict[str, Any] = {k: v for k, v in recorded.items() if v is not None}
         self.backbone_reference: BackboneReference | None = None  # see keep_backbone_by_reference
+        # parameter name -> (param group, lr scale): the fine-tuning strategy's plan, handed over
+        # as it freezes the model (`BlockFinetuning.freeze_before_training`); empty: head, backbone
+        self.lr_plan: dict[str, tuple[str, float]] = {}
         self.head = build_head(backbone.num_features, len(class_names), **(head or {}))
         num_classes = len(class_names)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
@@ -303,11 +306,10 @@ class TransferModule(L.LightningModule):
         self._log_epoch("test")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """The optimizer over the parameters that train now, in the param groups planned by the
-        fine-tuning strategy among the trainer's callbacks (without one: "head" and "backbone")."""
-        plan = next((c.lr_plan for c in self.trainer.callbacks if isinstance(c, BlockFinetuning)), {})
+        """The optimizer over the parameters that train now, in the param groups of `lr_plan`
+        (the fine-tuning strategy's; without one: "head" and "backbone")."""
         trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
-        groups = param_groups(trainable, plan, weight_decay(self.hparams.optimizer))
+        groups = param_groups(trainable, self.lr_plan, weight_decay(self.hparams.optimizer))
         return configure_optimizers(
             self.hparams.optimizer,
             self.hparams.scheduler,

@@ -58,18 +58,20 @@ class KeepExistingRuns(Callback):
             sys.exit(2)
 
 
-def resolve_checkpoint(cfg: DictConfig) -> None:
-    """Make `ckpt_path` a file, and continue a run in its own directory.
+def resolve_checkpoint(cfg: DictConfig) -> tuple[str | None, str]:
+    """The checkpoint file `ckpt_path` names (None without one) and the directory the run writes
+    to: a run continued from a checkpoint inside a run directory writes there (checkpoints,
+    metrics, results.json), so a resumed run stays one run; this invocation's own Hydra
+    directory is then moved into it (`move_into_run`).
 
     `last` is checkpoints/last.ckpt of this run directory (with hydra.run.dir=<run>), else of the
-    newest run under logs/<task>/runs. Training from a checkpoint inside a run directory writes
-    there (checkpoints, metrics, results.json), so a resumed run stays one run.
+    newest run under logs/<task>/runs.
     """
-    ckpt_path = cfg.get("ckpt_path")
+    ckpt_path, output_dir = cfg.get("ckpt_path"), str(cfg.paths.output_dir)
     if not ckpt_path:
-        return
+        return None, output_dir
     if ckpt_path == "last":
-        own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        own = Path(output_dir) / "checkpoints" / "last.ckpt"
         runs = Path(cfg.paths.log_dir) / cfg.task_name / "runs"
         found = [own] if own.is_file() else sorted(runs.glob("*/checkpoints/last.ckpt"), key=os.path.getmtime)
         if not found:
@@ -79,12 +81,18 @@ def resolve_checkpoint(cfg: DictConfig) -> None:
     if not path.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist.")
     run_dir = path.resolve().parent.parent
+    if path.parent.name == "checkpoints" and (run_dir / ".hydra").is_dir():
+        if run_dir != Path(output_dir).resolve():
+            move_into_run(Path(output_dir), run_dir)
+        output_dir = str(run_dir)
+    return str(path), output_dir
+
+
+def settle(cfg: DictConfig, ckpt_path: str | None, output_dir: str, seed: int) -> None:
+    """Write what was resolved into the run's config, which every later step reads (and whose
+    interpolations, such as the checkpoint directory, follow `output_dir`)."""
     with open_dict(cfg):
-        cfg.ckpt_path = str(path)
-        if path.parent.name == "checkpoints" and (run_dir / ".hydra").is_dir():
-            if run_dir != Path(cfg.paths.output_dir).resolve():
-                move_into_run(Path(cfg.paths.output_dir), run_dir)
-            cfg.paths.output_dir = str(run_dir)
+        cfg.ckpt_path, cfg.paths.output_dir, cfg.seed = ckpt_path, output_dir, seed
 
 
 def move_into_run(new_dir: Path, run_dir: Path) -> None:

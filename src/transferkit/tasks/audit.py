@@ -29,6 +29,7 @@ from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.errors import ConfigError
 from transferkit.extras import require
 from transferkit.inference import best_device
+from transferkit.tasks.settings import check_config
 from transferkit.tasks.wrapper import exit_on_user_error, task_wrapper
 
 log = logging.getLogger(__name__)
@@ -146,4 +147,5 @@ def audit(cfg: DictConfig) -> dict[str, Any]:
 
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    check_config(cfg)
     audit(cfg)

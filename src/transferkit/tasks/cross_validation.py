@@ -180,7 +180,8 @@ def cross_validate(cfg: DictConfig, train_once: TrainOnce) -> dict[str, Any]:
     refuse_several_devices(cfg)
     if cfg.get("ckpt_path"):
         resume_run(cfg)
-    resolve_seed(cfg)  # once: every fold cuts the same pool the same way
+    with open_dict(cfg):  # once: every fold cuts the same pool the same way
+        cfg.seed = resolve_seed(cfg.get("seed"), cfg.get("ckpt_path"))
     folds, output = int(cfg.data.folds), Path(cfg.paths.output_dir)
     per_fold, rows = [], []
     for fold in range(folds):

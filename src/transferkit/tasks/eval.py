@@ -30,6 +30,7 @@ from transferkit.model.metrics import classification_metrics
 from transferkit.model.module import TransferModule
 from transferkit.model.multilabel import multilabel_scores
 from transferkit.runs.checkpoints import load_model, recorded_splits
+from transferkit.tasks.settings import check_config
 from transferkit.tasks.wrapper import exit_on_user_error, task_wrapper
 
 log = logging.getLogger(__name__)
@@ -195,4 +196,5 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    check_config(cfg)
     evaluate(cfg)

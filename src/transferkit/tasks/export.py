@@ -28,6 +28,7 @@ from transferkit.inference.exporting import (
 from transferkit.model.module import TransferModule
 from transferkit.runs.checkpoints import load_model
 from transferkit.runs.directories import write_json
+from transferkit.tasks.settings import check_config
 from transferkit.tasks.wrapper import exit_on_user_error, task_wrapper
 
 log = logging.getLogger(__name__)
@@ -150,4 +151,5 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    check_config(cfg)
     export(cfg)

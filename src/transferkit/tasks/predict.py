@@ -19,6 +19,7 @@ from transferkit.data.datamodule import default_num_workers
 from transferkit.errors import ConfigError
 from transferkit.inference import Predictions, collect_inputs, load_predictor, predict_files
 from transferkit.model.multilabel import decide
+from transferkit.tasks.settings import check_config
 from transferkit.tasks.wrapper import exit_on_user_error, task_wrapper
 
 log = logging.getLogger(__name__)
@@ -130,4 +131,5 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    check_config(cfg)
     predict(cfg)

@@ -7,7 +7,7 @@ import logging
 import os
 from typing import Any
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from transferkit.errors import ConfigError
 from transferkit.model.module import TransferModule
@@ -27,15 +27,14 @@ def check_fold_seed(cfg: DictConfig) -> None:
         )
 
 
-def resolve_seed(cfg: DictConfig) -> None:
-    """Give the run a seed that can be read again: the split of val off train/, the epoch order
+def resolve_seed(seed: int | None, ckpt_path: str | None) -> int:
+    """The run's seed, one that can be read again: the split of val off train/, the epoch order
     and the augmentation are functions of it, so eval and a resume must draw the same.
 
     `seed=null` draws one (logged, and recorded in checkpoints and results.json); a run from a
     checkpoint takes the checkpoint's, so a resume continues on the split it started on.
     """
-    seed = cfg.get("seed")
-    recorded = recorded_seed(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    recorded = recorded_seed(ckpt_path) if ckpt_path else None
     if recorded is not None and recorded != seed:
         if seed is not None:
             log.info(
@@ -45,8 +44,7 @@ def resolve_seed(cfg: DictConfig) -> None:
     if seed is None:
         seed = draw_seed()
         log.info("seed=null: this run's seed is %d (recorded in its checkpoints and results.json).", seed)
-    with open_dict(cfg):
-        cfg.seed = int(seed)
+    return int(seed)
 
 
 def refuse_eval_only(cfg: DictConfig) -> None:

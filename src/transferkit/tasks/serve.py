@@ -18,6 +18,7 @@ from PIL import Image
 from transferkit.errors import ConfigError
 from transferkit.extras import require
 from transferkit.inference import load_predictor
+from transferkit.tasks.settings import check_config
 from transferkit.tasks.wrapper import exit_on_user_error
 
 if TYPE_CHECKING:
@@ -108,4 +109,5 @@ def serve(cfg: DictConfig) -> None:
 
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    check_config(cfg)
     serve(cfg)

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning.pytorch.tuner import Tuner
+from omegaconf import DictConfig
 
+from transferkit.config.types import check_types
 from transferkit.model.heads import build_head
 
 
@@ -132,3 +134,10 @@ SETTINGS: dict[str, type] = {
 # Nodes whose builder hands their keys on, as a dict or **kwargs, to a callable of their own: the
 # model's head options to build_head, the lr finder's to Lightning's Tuner.lr_find.
 PASSED_ON: dict[str, Callable[..., Any]] = {"model.head": build_head, "lr_finder": Tuner.lr_find}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse a value of the wrong type before the task does any work, in one line: the task's
+    own keys against `SETTINGS`, every `_target_` node against what it builds."""
+    task = cfg.get("task_name")
+    check_types(cfg, SETTINGS.get(task), f"{task}.py", PASSED_ON)

@@ -25,7 +25,7 @@ from transferkit.features.cache import weights_fingerprint
 from transferkit.features.precision import precision_name
 from transferkit.model.module import TransferModule
 from transferkit.runs.checkpoints import recorded_splits
-from transferkit.runs.directories import resolve_checkpoint
+from transferkit.runs.directories import resolve_checkpoint, settle
 from transferkit.tasks.cross_validation import cross_validate, write_held_out
 from transferkit.tasks.preflight import (
     check_fold_seed,
@@ -37,6 +37,7 @@ from transferkit.tasks.preflight import (
     resolve_seed,
 )
 from transferkit.tasks.run import TrainingRun
+from transferkit.tasks.settings import check_config
 from transferkit.tasks.train_outputs import (
     log_final,
     log_run_facts,
@@ -112,8 +113,8 @@ def set_up(cfg: DictConfig, show_config: bool = True) -> TrainingRun:
     setting is checked before the images are."""
     refuse_eval_only(cfg)
     refuse_stochastic_weight_averaging(cfg.get("callbacks"))
-    resolve_checkpoint(cfg)
-    resolve_seed(cfg)
+    ckpt_path, output_dir = resolve_checkpoint(cfg)
+    settle(cfg, ckpt_path, output_dir, resolve_seed(cfg.get("seed"), ckpt_path))
     if show_config and cfg.get("print_config"):
         print_config_tree(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -207,4 +208,5 @@ def measure(run: TrainingRun, best: str | None) -> dict[str, Any]:
 @exit_on_user_error
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry: train, then hand sweepers the metric named by `optimized_metric`."""
+    check_config(cfg)
     return optimized_value(cfg, train(cfg))

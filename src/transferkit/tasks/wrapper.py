@@ -1,6 +1,6 @@
-"""One skeleton for every task (lightning-hydra-template's `task_wrapper`): check the config's
-types first, time it, write its results to the run directory, print them, and end a user error
-with one line and exit code 2."""
+"""One skeleton for every task (lightning-hydra-template's `task_wrapper`): time it, write its
+results to the run directory, print them, and end a user error with one line and exit code 2.
+Each task's `main` checks its config first (`tasks.settings.check_config`)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,9 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from transferkit.config.types import check_types
 from transferkit.console import print_results, set_up_console
 from transferkit.errors import UserError
 from transferkit.runs.directories import write_json
-from transferkit.tasks.settings import PASSED_ON, SETTINGS
 from transferkit.training.interrupts import Interrupted, exit_code
 
 log = logging.getLogger(__name__)
@@ -60,15 +58,12 @@ def in_multirun() -> bool:
 
 def exit_on_user_error(main: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """A user error ends the process with its one-line message and exit code 2, not a traceback;
-    in a multirun it fails the job (Hydra records it) and the sweep goes on. A value of the wrong
-    type is one, found before the task does any work."""
+    in a multirun it fails the job (Hydra records it) and the sweep goes on."""
 
     @functools.wraps(main)
     def boundary(cfg: DictConfig) -> Any:
         set_up_console()
         try:
-            task = cfg.get("task_name")
-            check_types(cfg, SETTINGS.get(task), f"{task}.py", PASSED_ON)
             return main(cfg)
         except (Interrupted, SIGTERMException) as error:  # last.ckpt is saved and the log says how to resume
             sys.exit(exit_code(error))

@@ -164,6 +164,7 @@ class BlockFinetuning(BaseFinetuning):
         for index, start in enumerate(self.starts):
             self._set_block(pl_module, index, train=start == 0)
         pl_module.train(pl_module.training)  # re-apply the eval hold to the frozen parts
+        pl_module.lr_plan = self.lr_plan  # the module's optimizer groups follow it (and its additions)
 
     def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
         """Unfreeze every block whose epoch has come and put what the optimizer lacks in it.
