@@ -23,7 +23,7 @@ from transferkit.errors import ConfigError
 from transferkit.features import store
 from transferkit.model.module import TransferModule
 from transferkit.runs.checkpoints import load_model
-from transferkit.tasks.train import train
+from transferkit.tasks.train import train, use_feature_cache
 
 
 @pytest.fixture
@@ -203,11 +203,15 @@ def test_a_full_disk_ends_the_write_with_one_line_and_the_run_trains_uncached(
     freeze.freeze_before_training(model)
     trainer = L.Trainer(accelerator="cpu", logger=False)
     with caplog.at_level("WARNING", logger="transferkit"):
-        used = FrozenFeatures(dir=tmp_path / "cache").use(model, datamodule, trainer, freeze)
+        used = use_feature_cache(
+            FrozenFeatures(dir=tmp_path / "cache"), model, datamodule, trainer, freeze, None
+        )
     assert used is None and datamodule.feature_sets is None
     assert "Training without a feature cache: The feature cache could not be written under" in caplog.text
     with pytest.raises(cache_module.CacheNotWritten):
-        FrozenFeatures(cache=True, dir=tmp_path / "cache").use(model, datamodule, trainer, freeze)
+        use_feature_cache(
+            FrozenFeatures(cache=True, dir=tmp_path / "cache"), model, datamodule, trainer, freeze, None
+        )
 
 
 @pytest.mark.slow
@@ -260,7 +264,7 @@ def test_cached_views_are_seeded_and_train_batch_png_shows_the_view_each_image_t
     trainer = L.Trainer(accelerator="cpu", logger=False)
     freeze = Freeze()
     freeze.freeze_before_training(model)
-    FrozenFeatures(views=2, dir=tmp_path / "cache").use(model, datamodule, trainer, freeze, seed=42)
+    use_feature_cache(FrozenFeatures(views=2, dir=tmp_path / "cache"), model, datamodule, trainer, freeze, 42)
     rebuilt = cached(results["feature_cache"], "train")
     assert torch.equal(first, rebuilt)
 

@@ -16,7 +16,7 @@ from test_features import tiny_splits
 
 from transferkit.features import store
 from transferkit.features.cache import CacheNotWritten, Extraction, batch_keys
-from transferkit.tasks.train import train
+from transferkit.tasks.train import train, use_feature_cache
 
 
 def stand_in(image_folder: Path, batch_size: int = 2) -> Extraction:
@@ -113,7 +113,9 @@ def test_a_ddp_run_builds_the_cache_in_parallel_and_trains_as_one_process(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = FrozenFeatures(dir=tmp_path / "single").use(model, datamodule, trainer, freeze, seed=42)
+        single = use_feature_cache(
+            FrozenFeatures(dir=tmp_path / "single"), model, datamodule, trainer, freeze, 42
+        )
     finally:
         torch.set_num_threads(threads)
     built = Path(ddp["feature_cache"])

@@ -12,6 +12,7 @@ trains, and each epoch runs the trainable top on them (`features.prefix`).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,16 @@ log = logging.getLogger(__name__)
 
 class NoCache(Exception):
     """Why this run cannot train on a cache (a clause)."""
+
+
+@dataclass
+class CachePlan:
+    """What a run caches: the extraction, the prefix split it is cut at (None: the whole
+    backbone's features) and the seed its views are drawn by."""
+
+    job: Extraction
+    split: PrefixSplit | None
+    seed: int | None
 
 
 def frozen_blocks(finetune: BlockFinetuning) -> int:
@@ -169,17 +180,18 @@ class FrozenFeatures:
                 + (", or use fewer features.views)" if self.views > 1 else ")")
             )
 
-    def use(
+    def plan(
         self,
         model: TransferModule,
         datamodule: ImageFolderDataModule,
         trainer: L.Trainer,
         finetune: BlockFinetuning,
         seed: int | None = None,
-    ) -> Path | None:
-        """Point `datamodule` at cached features (or prefix activations, which `model` then runs
-        through the trainable top) when the run allows it; returns the cache file. Every split is
-        computed in `model.frozen_dtype`, the one precision the frozen part runs in this run."""
+    ) -> CachePlan | None:
+        """What this run would cache (the extraction, and the prefix split when only the top
+        trains), or None when it trains uncached (the reason logged; features.cache=true
+        refuses instead). Changes nothing: `set_up` builds and attaches the plan. Every split
+        is computed in `model.frozen_dtype`, the one precision the frozen part runs in."""
         if self.views > 1 and datamodule.augment is None:
             raise ConfigError(
                 f"features.views={self.views} caches augmented views, but data.augment is off; "
@@ -222,30 +234,38 @@ class FrozenFeatures:
             log.info(
                 "Extraction decodes the JPEGs on %s (measured faster than the loader workers).", job.decode
             )
-        if trainer.world_size > 1:  # the ranks exist once the fit starts: rank 0 decides for all
-            attach = lambda sets: self.attach(sets, model, datamodule, split, seed)  # noqa: E731
-            parallel = ParallelCache(job, self.dir, attach, required=self.cache is True)
-            trainer.callbacks.append(parallel)
-            return parallel.path
+        return CachePlan(job, split, seed)
+
+    def build(self, plan: CachePlan) -> tuple[dict[str, FeatureSet], Path] | None:
+        """The plan's cache, loaded or built in this process, and its directory; None when the
+        disk refuses it (the run trains uncached, said in one line; features.cache=true stops)."""
         try:
-            sets, path, _ = load_or_build(job, self.dir)
+            sets, path, _ = load_or_build(plan.job, self.dir)
         except CacheNotWritten as error:
             if self.cache is True:
                 raise
             log.warning("Training without a feature cache: %s", error)
             return None
-        self.attach(sets, model, datamodule, split, seed)
-        return path
+        return sets, path
+
+    def parallel(
+        self, plan: CachePlan, model: TransferModule, datamodule: ImageFolderDataModule
+    ) -> ParallelCache:
+        """The callback that builds the plan's cache on every DDP rank as the fit starts (the
+        ranks exist then: rank 0 decides for all) and attaches it."""
+        attach = lambda sets: self.attach(sets, model, datamodule, plan)  # noqa: E731
+        return ParallelCache(plan.job, self.dir, attach, required=self.cache is True)
 
     def attach(
         self,
         sets: dict[str, FeatureSet],
         model: TransferModule,
         datamodule: ImageFolderDataModule,
-        split: PrefixSplit | None,
-        seed: int | None,
+        plan: CachePlan,
     ) -> None:
-        """Train and evaluate on `sets`: a cross-validation fold takes its rows of the pool."""
+        """Train and evaluate on `sets`: the datamodule serves them (a cross-validation fold takes
+        its rows of the pool) and the model runs the trainable top on a prefix's activations."""
+        split, seed = plan.split, plan.seed
         data = datamodule.splits
         if data.pool is not None:
             row = {path: i for i, (path, _) in enumerate(data.pool)}

@@ -134,11 +134,37 @@ def set_up(cfg: DictConfig, show_config: bool = True) -> TrainingRun:
         recorded = recorded_splits(cfg.ckpt_path)
         refuse_resume_on_other_files(cfg.ckpt_path, recorded, model.run_record["splits"], datamodule.root)
     write_bad_images(datamodule, Path(cfg.paths.output_dir))
-    feature_cache = features.use(model, datamodule, trainer, finetune, seed=cfg.seed)
+    feature_cache = use_feature_cache(features, model, datamodule, trainer, finetune, cfg.seed)
     # what training gets: under DDP the cache attaches as the fit starts, so the plan is compared
     planned = feature_cache is not None and features.views == 1
     check_resumed_augment(cfg, None if planned else datamodule.augment)
     return TrainingRun(cfg, datamodule, finetune, trainer, model, feature_cache)
+
+
+def use_feature_cache(
+    features: FrozenFeatures,
+    model: TransferModule,
+    datamodule: ImageFolderDataModule,
+    trainer: L.Trainer,
+    finetune: BlockFinetuning,
+    seed: int,
+) -> Path | None:
+    """The cache this run trains on, if any: planned, then built and attached now (the datamodule
+    serves it, the model runs its top on a prefix's activations), or under DDP by a callback as
+    the fit starts, on every rank. Returns its directory."""
+    plan = features.plan(model, datamodule, trainer, finetune, seed)
+    if plan is None:
+        return None
+    if trainer.world_size > 1:
+        parallel = features.parallel(plan, model, datamodule)
+        trainer.callbacks.append(parallel)
+        return parallel.path
+    built = features.build(plan)
+    if built is None:
+        return None
+    sets, path = built
+    features.attach(sets, model, datamodule, plan)
+    return path
 
 
 def prepare_model(
