@@ -4,9 +4,11 @@ its model.onnx, a bounded concurrent run, start-up failures, and a graceful SIGT
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -14,7 +16,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import ROOT, compose_task
@@ -140,6 +144,8 @@ def test_health_and_info(served: Server, trained_run: dict) -> None:
     assert info["format"] == "checkpoint"
     assert info["preprocessing"]["image_size"] == 32
     assert {"model", "version", "max_batch_size", "top_k"} <= set(info)
+    assert info["max_in_flight"] == 4 * info["max_concurrent_decodes"]  # null: resolved, as in force
+    assert info["body_timeout_s"] == 30
 
 
 def test_bad_inputs_answer_4xx_and_the_server_stays_up(served: Server, trained_run: dict) -> None:
@@ -333,6 +339,9 @@ def test_the_multipart_parser_finds_the_file_field_within_max_parts() -> None:
         ("max_parts=0", "max_parts=0 must be 1 or more."),
         ("max_pixels=200000000", "max_pixels=200000000 must be from 1 to 178956970"),
         ("max_concurrent_decodes=0", "max_concurrent_decodes=0 must be 1 or more (or null"),
+        ("max_in_flight=0", "max_in_flight=0 must be 1 or more (or null: 4 per decode thread)."),
+        ("body_timeout_s=0", "body_timeout_s=0 must be a number of seconds above 0."),
+        ("body_timeout_s=inf", "body_timeout_s=inf must be a number of seconds above 0."),
         ("max_parts=abc", "max_parts=abc"),  # by type (tasks/settings.py), or else as no whole number
     ],
 )
@@ -353,3 +362,144 @@ def test_a_limit_that_cannot_work_is_refused_before_binding(
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert ended.value.code == 2 and bound == [] and len(errors) == 1, errors
     assert errors[0].startswith(words), errors
+
+
+@contextmanager
+def in_process(tmp_path: Path, **limits: Any) -> Iterator[Any]:
+    """FastAPI's TestClient on the app serve.py runs, with a tiny untrained model and `limits`."""
+    import torch
+    from conftest import TINY_MODEL
+    from fastapi.testclient import TestClient
+
+    from transferkit.inference.predictors import TorchPredictor
+    from transferkit.model.module import TransferModule
+    from transferkit.serving import Limits, build_app
+
+    model = TransferModule(TINY_MODEL, ["a", "b", "c"], weights=None, preprocessing={"image_size": 32})
+    predictor = TorchPredictor(model, torch.device("cpu"), torch.float32)
+    with TestClient(build_app(predictor, tmp_path / "model.ckpt", limits=Limits(**limits))) as client:
+        yield client
+
+
+def saved(image: Any, fmt: str, **options: Any) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def lying_icns(side: int, mode: str = "1") -> bytes:
+    """An ICNS whose icon table says 512x512 (what Pillow reports before decoding) around a PNG of
+    side x side pixels (what Pillow decodes)."""
+    from PIL import Image
+
+    png = saved(Image.new(mode, (side, side)), "PNG")
+    entry = b"ic09" + struct.pack(">I", 8 + len(png)) + png
+    return b"icns" + struct.pack(">I", 8 + len(entry)) + entry
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\n%%EOF\n"
+ALLOWED = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def test_a_format_off_the_allow_list_is_refused_unopened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ICNS (whose header reports its icon table's 512x512 while it decodes a PNG of any size)
+    and an EPS (which Pillow hands to Ghostscript) are refused with 415 naming what is allowed,
+    and no plugin but the allowed ones ever sees the bytes."""
+    from PIL import Image
+
+    icns = lying_icns(1200)
+    with Image.open(io.BytesIO(icns)) as image:
+        assert image.size == (512, 512)  # what a pixel check from the header would see
+    Image.init()
+    opened: list[str] = []
+    for name, (factory, accept) in list(Image.OPEN.items()):
+        if name not in ALLOWED:
+
+            def spy(*args: Any, name: str = name, factory: Any = factory) -> Any:
+                opened.append(name)
+                return factory(*args)
+
+            monkeypatch.setitem(Image.OPEN, name, (spy, accept))
+    with in_process(tmp_path, max_pixels=1_000_000) as client:
+        for fmt, data in [("ICNS", icns), ("EPS", EPS)]:
+            response = client.post("/predict", content=data, headers={"Content-Type": "image/png"})
+            assert response.status_code == 415, (fmt, response.text)
+            error = response.json()["error"]
+            assert fmt in error and all(allowed in error for allowed in ALLOWED), error
+            assert "\n" not in error
+        assert opened == []
+        response = client.post("/predict", content=b"hello, not an image", headers={})
+        assert response.status_code == 400 and "cannot identify image file" in response.json()["error"]
+
+
+def test_only_the_first_frame_is_checked_and_decoded(tmp_path: Path) -> None:
+    """A multi-page TIFF is its first page: a small first page before a page over max_pixels is
+    answered, a first page over it refused by its own size; a GIF whose first frame reaches past
+    its logical screen is checked at the frame's size; animations and an MPO decode as
+    predict.py's decode_rgb decodes them (their first frame)."""
+    from PIL import Image
+
+    from transferkit.data.images import decode_rgb
+    from transferkit.serving.images import read_image
+
+    small, large = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (1200, 1200), "blue")
+    small_first = saved(small, "TIFF", save_all=True, append_images=[large])
+    large_first = saved(large, "TIFF", save_all=True, append_images=[small])
+    gif = bytearray(saved(large, "GIF"))
+    gif[6:10] = struct.pack("<HH", 10, 10)  # a 10x10 logical screen
+    with in_process(tmp_path, max_pixels=1_000_000) as client:
+        headers = {"Content-Type": "image/tiff"}
+        assert client.post("/predict", content=small_first, headers=headers).status_code == 200
+        for data in (large_first, bytes(gif)):
+            response = client.post("/predict", content=data, headers=headers)
+            assert response.status_code == 413 and "1200x1200" in response.json()["error"], response.text
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue", "green")]
+    for fmt in ("GIF", "WEBP", "PNG", "TIFF", "MPO"):
+        data = saved(frames[0], fmt, save_all=True, append_images=frames[1:])
+        served = read_image(data, max_pixels=10_000)
+        assert served.tobytes() == decode_rgb(io.BytesIO(data), fmt).tobytes(), fmt
+
+
+def parse_seconds(body: bytes, content_type: str = "multipart/form-data; boundary=b") -> float:
+    """The least time of five that multipart_file takes on `body`, answered or refused."""
+    from transferkit.serving.requests import BadRequest, multipart_file
+
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        with suppress(BadRequest):
+            multipart_file(content_type, body, max_parts=16)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def form(disposition: str, content: bytes, parts: int = 16) -> bytes:
+    part = f"--b\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + content + b"\r\n"
+    return part * parts + b"--b--\r\n"
+
+
+def test_the_multipart_parse_is_linear_in_its_headers() -> None:
+    """Sixteen parts whose Content-Disposition holds thousands of ';' inside quotes (once 0.7 s of
+    CPU: email.message re-counted the quotes from the start for each ';') parse no more than 20x
+    slower than a benign body of the same size; a header line over 1 KB is refused."""
+    from transferkit.serving.requests import BadRequest, boundary_of, multipart_file
+
+    hostile = form('form-data; name="x"; filename="' + ";" * 8000 + '"', b"x")
+    benign = form('form-data; name="x"; filename="a.png"', b"x" * 7996)
+    assert abs(len(hostile) - len(benign)) < 100
+    with pytest.raises(BadRequest) as refused:
+        multipart_file("multipart/form-data; boundary=b", hostile, max_parts=16)
+    assert refused.value.status == 400 and "1024" in str(refused.value)
+    within = form('form-data; filename="' + ";" * 950 + '"; name="file"', b"x" * 7048)
+    assert abs(len(within) - len(benign)) < 100
+    assert multipart_file("multipart/form-data; boundary=b", within, max_parts=16) == b"x" * 7048
+    for body in (hostile, within):
+        assert parse_seconds(body) <= max(20 * parse_seconds(benign), 0.001), parse_seconds(body)
+    quoted = 'multipart/form-data; x="' + ";" * 950 + '"; boundary=b'
+    assert boundary_of(quoted) == b"b"
+    assert parse_seconds(benign, quoted) <= 20 * parse_seconds(benign)
+    with pytest.raises(BadRequest) as refused:
+        boundary_of('multipart/form-data; x="' + ";" * 8000 + '"; boundary=b')
+    assert refused.value.status == 431 and "1024" in str(refused.value)

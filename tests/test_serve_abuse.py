@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_serve import DIRECT, Server, images
+from test_serve import DIRECT, Server, images, lying_icns
 
 pytestmark = pytest.mark.slow
 
@@ -193,6 +193,74 @@ def test_a_decompression_bomb_is_refused_from_its_header(server: Server, trained
     assert post(server, images(trained_run)[0].read_bytes(), "image/png")[0] == 200  # still up
 
 
+def test_a_format_whose_header_lies_is_refused_undecoded(server: Server, trained_run: dict) -> None:
+    """An ICNS reports its icon table's size (512x512) but decodes the PNG inside, of any size."""
+    icns = lying_icns(6000, "RGBA")
+    assert len(icns) < 200_000
+    with watched(server, "ICNS around a 6000x6000 RGBA PNG") as watch:
+        status, answer = post(server, icns, "image/png")
+    assert status == 415 and "ICNS" in answer, (status, answer)
+    assert_within_bounds(watch)
+    assert post(server, images(trained_run)[0].read_bytes(), "image/png")[0] == 200  # still up
+
+
+def slow_upload(port: int, declared: int = 9_900_000) -> socket.socket:
+    """A POST that declares `declared` bytes and sends its headers and 1 kB of them, then stalls."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(
+        b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+        b"Content-Length: %d\r\n\r\n" % declared + b"\0" * 1000
+    )
+    return sock
+
+
+def answer_of(sock: socket.socket) -> tuple[int, bytes]:
+    """The status and whole answer the server sent on `sock`, which it then closes (0 if it closed
+    without one); a server that never answers raises TimeoutError after the socket's 5 s."""
+    answer = b""
+    try:
+        while data := sock.recv(4096):
+            answer += data
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+    status = int(answer.split(b" ")[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+    return status, answer
+
+
+def test_slow_uploads_are_bounded_in_number_and_in_time(trained_run: dict, tmp_path: Path) -> None:
+    """max_in_flight=2: of five stalled uploads two are let in and three refused at once (503,
+    Retry-After, their bodies unread); the two are cut off at body_timeout_s (408). An image sent
+    after is answered, and /health answers throughout."""
+    server = Server(trained_run["best_model_path"], tmp_path, "max_in_flight=2", "body_timeout_s=1")
+    held: list[socket.socket] = []
+    try:
+        server.wait_ready()
+        with watched(server, "5 stalled uploads, max_in_flight=2") as watch:
+            held_at = time.monotonic()
+            held += [slow_upload(server.port) for _ in range(2)]
+            time.sleep(0.3)  # both are in the handler, reading their bodies
+            started = time.monotonic()
+            refused = [answer_of(slow_upload(server.port)) for _ in range(3)]
+            refused_s = time.monotonic() - started
+            cut = [answer_of(sock) for sock in held]
+            cut_s = time.monotonic() - held_at
+        assert [status for status, _ in refused] == [503] * 3, refused
+        assert all(b"retry-after: 1\r\n" in head.lower() and b"max_in_flight" in head for _, head in refused)
+        assert refused_s < 1.0, f"refusing took {refused_s:.2f} s"
+        assert [status for status, _ in cut] == [408] * 2, cut
+        assert all(b"body_timeout_s" in head for _, head in cut)
+        assert 0.9 <= cut_s < 3.0, f"the stalled uploads were cut after {cut_s:.2f} s"
+        assert_within_bounds(watch)
+        assert post(server, images(trained_run)[0].read_bytes(), "image/png")[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+    assert "Traceback" not in server.process.stdout.read()
+
+
 @pytest.mark.parametrize("allowed", [1, 2])
 def test_no_more_than_max_concurrent_decodes_images_decode_at_once(
     allowed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -205,10 +273,11 @@ def test_no_more_than_max_concurrent_decodes_images_decode_at_once(
 
     from transferkit.inference.predictors import TorchPredictor
     from transferkit.model.module import TransferModule
-    from transferkit.serving import Limits, app, build_app
+    from transferkit.serving import Limits, build_app
+    from transferkit.serving import images as serving_images
 
     running, most, lock = [0], [0], threading.Lock()
-    decode = app.decode_rgb
+    decode = serving_images.decode
 
     def slow_decode(*args: object) -> object:
         with lock:
@@ -219,7 +288,7 @@ def test_no_more_than_max_concurrent_decodes_images_decode_at_once(
             running[0] -= 1
         return decode(*args)
 
-    monkeypatch.setattr(app, "decode_rgb", slow_decode)
+    monkeypatch.setattr(serving_images, "decode", slow_decode)
     image = next((make_image_folder(tmp_path, splits={"val": 1}) / "val").rglob("*.png")).read_bytes()
     model = TransferModule(TINY_MODEL, ["a", "b", "c"], weights=None, preprocessing={"image_size": 32})
     predictor = TorchPredictor(model, torch.device("cpu"), torch.float32)

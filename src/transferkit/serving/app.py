@@ -1,16 +1,17 @@
 """The FastAPI app: POST /predict (an image, raw or multipart field `file`), GET /health and
 GET /info. An image's probabilities are predict.py's: the same decode, preprocessing, model
 and softmax (sigmoid for a multi-label model). The event loop only moves bytes: a body is read
-within `max_bytes`, then parsed and decoded in a pool of `max_concurrent_decodes` threads, so no
-request can hold up /health or the others, nor decode more at once than the pool allows."""
+within `max_bytes` and `body_timeout_s`, then parsed and decoded in a pool of
+`max_concurrent_decodes` threads, so no request can hold up /health or the others, nor decode
+more at once than the pool allows; past `max_in_flight` requests a new one is refused unread, so
+the bodies held (read, waiting or decoding) take at most max_in_flight x max_bytes."""
 
 from __future__ import annotations
 
 import asyncio
-import io
-import re
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,19 +22,51 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 import transferkit
-from transferkit.data.images import decode_rgb
-from transferkit.errors import DataError
 from transferkit.inference import Predictions
 from transferkit.serving.batcher import Batcher
-from transferkit.serving.requests import (
-    BadRequest,
-    Limits,
-    body_kind,
-    check_length,
-    check_pixels,
-    image_bytes,
-    read_body,
-)
+from transferkit.serving.images import read_image
+from transferkit.serving.requests import BadRequest, Limits, body_kind, check_length, image_bytes, read_body
+
+RETRY_AFTER_S = 1  # what a client refused for a full server is told to wait
+
+
+class InFlight:
+    """The /predict requests between arrival and answer. Each may hold a body of up to max_bytes
+    (while it is read, waits for a decode thread, decodes), so past `limit` a new one is refused
+    before its body is read. Counted on the event loop alone, so no lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.count = limit, 0
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.count >= self.limit:
+            raise BadRequest(
+                503,
+                f"The server is busy: {self.count} requests are in flight, the limit (max_in_flight); "
+                f"retry after {RETRY_AFTER_S} s.",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+
+
+async def read_in_time(request: Request, limits: Limits) -> bytes:
+    """The body within max_bytes and body_timeout_s: a client that sends it slowly, or not at
+    all, holds its slot no longer than that."""
+    try:
+        return await asyncio.wait_for(read_body(request.stream(), limits.max_bytes), limits.body_timeout_s)
+    except TimeoutError:
+        raise BadRequest(
+            408,
+            f"The body did not arrive within {limits.body_timeout_s:g} s (body_timeout_s); "
+            "the rest was not read.",
+        ) from None
+    except ClientDisconnect:  # nobody to answer; not an error of the server's to log
+        raise BadRequest(400, "The client closed the connection before the body ended.") from None
 
 
 def answer(probs: torch.Tensor, predictor: Any, top_k: int) -> dict[str, Any]:
@@ -78,6 +111,7 @@ def build_app(
     transform = predictor.preprocessing.transforms(train=False)
     batcher = Batcher(predictor, max_batch_size, batch_timeout, workers)
     decoders = ThreadPoolExecutor(limits.max_concurrent_decodes, thread_name_prefix="decode")
+    in_flight = InFlight(limits.max_in_flight)
     settings = {"top_k": top_k, "max_batch_size": max_batch_size, "batch_timeout": batch_timeout}
     info = model_info(predictor, ckpt_path, {**settings, "workers": workers, **asdict(limits)})
 
@@ -93,31 +127,25 @@ def build_app(
     @app.exception_handler(BadRequest)
     async def bad_request(_: Request, error: BadRequest) -> JSONResponse:
         """The answer ends the connection: the rest of a refused body is never read."""
-        return JSONResponse({"error": str(error)}, status_code=error.status, headers={"Connection": "close"})
+        headers = {"Connection": "close", **error.headers}
+        return JSONResponse({"error": str(error)}, status_code=error.status, headers=headers)
 
     def preprocess(content_type: str | None, body: bytes) -> torch.Tensor:
         """The model's input from a request's body, in a decode thread: the multipart parse, the
-        pixel count from the header, then predict.py's decode and transform."""
-        data = image_bytes(content_type, body, limits.max_parts)
-        check_pixels(data, limits.max_pixels)
-        try:
-            return transform(decode_rgb(io.BytesIO(data), "in the request"))
-        except DataError as error:
-            reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error.__cause__ or error))
-            raise BadRequest(400, f"The body is not an image that can be read ({reason}).") from None
+        format and pixel count from the header, then predict.py's decode and transform."""
+        return transform(read_image(image_bytes(content_type, body, limits.max_parts), limits.max_pixels))
 
     @app.post("/predict")
     async def predict(request: Request) -> dict[str, Any]:
-        content_type = request.headers.get("content-type")
-        body_kind(content_type)
-        check_length(request.headers.get("content-length"), limits.max_bytes)
-        try:
-            body = await read_body(request.stream(), limits.max_bytes)
-        except ClientDisconnect:  # nobody to answer; not an error of the server's to log
-            raise BadRequest(400, "The client closed the connection before the body ended.") from None
-        loop = asyncio.get_running_loop()
-        image = await loop.run_in_executor(decoders, preprocess, content_type, body)
-        logits = await batcher.logits(image)
+        with in_flight.slot():
+            content_type = request.headers.get("content-type")
+            body_kind(content_type)
+            check_length(request.headers.get("content-length"), limits.max_bytes)
+            body = await read_in_time(request, limits)
+            loop = asyncio.get_running_loop()
+            image = await loop.run_in_executor(decoders, preprocess, content_type, body)
+            del body  # the decoded image is what waits for a batch
+            logits = await batcher.logits(image)
         probs = Predictions([Path("request")], logits[None], [None], bool(predictor.multilabel)).probs[0]
         return answer(probs, predictor, top_k)
 

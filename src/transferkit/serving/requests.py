@@ -1,20 +1,26 @@
-"""An HTTP request's image: the raw body or the multipart field `file`, read within the limits a
-client cannot pass (bytes, parts, pixels) and checked for what a client can get wrong (content
-type, emptiness, bytes that are no image). A hostile client must cost the server no more than
-these limits allow: nothing is read, parsed or decoded past them."""
+"""An HTTP request's image bytes: the raw body or the multipart field `file`, read within the
+limits a client cannot pass (bytes, parts, header lines, time) and checked for what a client can
+get wrong (content type, emptiness). A hostile client must cost the server no more than these
+limits allow: nothing is read or parsed past them, and every parse is linear in what it reads
+(serving/images.py opens and decodes the image within max_pixels)."""
 
 from __future__ import annotations
 
-import io
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from email.message import Message
-
-from PIL import Image
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
+IN_FLIGHT_PER_DECODE = 4  # requests in flight per decode thread when max_in_flight is not set
 PART_HEADERS_BYTES = 8192  # a part's headers (Content-Disposition, Content-Type) take a few hundred
+HEADER_LINE_BYTES = 1024  # one of them, or the request's Content-Type: a browser's take under 200
+# One `; key=value` of a header (RFC 9110 token, quoted string or bare value), matched where the
+# last one ended: possessive, so a quote left open costs one scan to the end, never a backtrack.
+PARAM = re.compile(
+    r"""[ \t]*;[ \t]*(?:([!#$%&'*+.^_`|~0-9A-Za-z-]++)[ \t]*=[ \t]*"""
+    r"""(?:"([^"\\]*+(?:\\.[^"\\]*+)*+)"|([^;"]*+)))?+[ \t]*+"""
+)
 
 
 def cpu_cores() -> int:
@@ -30,19 +36,31 @@ class Limits:
     max_parts: int = 16
     max_pixels: int = 40_000_000
     max_concurrent_decodes: int = field(default_factory=cpu_cores)
+    max_in_flight: int | None = None  # None: IN_FLIGHT_PER_DECODE per decode thread
+    body_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight is None:  # frozen: set once, here, so /info shows the number in force
+            object.__setattr__(self, "max_in_flight", IN_FLIGHT_PER_DECODE * self.max_concurrent_decodes)
 
 
 class BadRequest(Exception):
-    """A client's mistake: answered with `status` and `{"error": message}`."""
+    """A request the server will not answer: with `status` and `{"error": message}` (a 4xx for a
+    client's mistake, 503 while the server is full), and `headers` such as Retry-After."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
 
 
 def body_kind(content_type: str | None) -> str:
     """`multipart/form-data` or `raw`, from the header alone, so a body of a type that cannot be
-    an image is refused before it is read."""
+    an image, or a Content-Type too long to parse cheaply, is refused before it is read."""
+    if content_type is not None and len(content_type) > HEADER_LINE_BYTES:
+        raise BadRequest(
+            431, f"The Content-Type header is over {HEADER_LINE_BYTES} characters; send a shorter one."
+        )
     kind = (content_type or "application/octet-stream").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
         return "multipart"
@@ -80,11 +98,28 @@ def unparsable() -> BadRequest:
     return BadRequest(400, "The multipart body could not be parsed; send the image in a field named file.")
 
 
+def header_params(value: str) -> dict[str, str]:
+    """The parameters of a header's value (`form-data; name="file"` has name), lower-cased keys,
+    the first of each kept. One pass, each match starting where the last ended, so a value full
+    of ';' costs its length (email.message re-counts quotes from the start for each ';')."""
+    params: dict[str, str] = {}
+    at = value.find(";")
+    while 0 <= at < len(value):
+        match = PARAM.match(value, at)
+        if match is None:  # a quote left open, or a parameter without '='
+            raise unparsable()
+        key, quoted, bare = match.groups()
+        if key is not None:
+            text = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else bare.strip()
+            params.setdefault(key.lower(), text)
+        at = match.end()
+    return params
+
+
 def boundary_of(content_type: str) -> bytes:
     """The multipart boundary of a Content-Type header (1 to 70 characters, RFC 2046)."""
-    message = Message()
-    message["content-type"] = content_type
-    boundary = message.get_boundary()
+    body_kind(content_type)  # refuses a header over HEADER_LINE_BYTES
+    boundary = header_params(content_type).get("boundary", "")
     if not boundary or len(boundary) > 70:
         raise unparsable()
     return boundary.encode("latin-1")
@@ -124,14 +159,19 @@ def form_parts(body: bytes, boundary: bytes, max_parts: int) -> Iterator[tuple[i
 
 
 def field_name(headers: bytes) -> str | None:
-    """The `name` of a part's Content-Disposition header, if it has one."""
-    for line in headers.decode("latin-1").split("\r\n"):
-        key, _, value = line.partition(":")
-        if key.strip().lower() == "content-disposition":
-            message = Message()
-            message["content-disposition"] = value.strip()
-            name = message.get_param("name", header="content-disposition")
-            return name if isinstance(name, str) else None
+    """The `name` of a part's Content-Disposition header, if it has one; 400 for a header line
+    over HEADER_LINE_BYTES, which no form sends."""
+    lines = headers.split(b"\r\n")
+    if any(len(line) > HEADER_LINE_BYTES for line in lines):
+        raise BadRequest(
+            400,
+            f"A multipart part has a header line over {HEADER_LINE_BYTES} bytes; "
+            "send the image in a field named file with short headers.",
+        )
+    for line in lines:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"content-disposition":
+            return header_params(value.decode("latin-1")).get("name")
     return None
 
 
@@ -165,23 +205,3 @@ def image_bytes(content_type: str | None, body: bytes, max_parts: int) -> bytes:
     if not data:
         raise BadRequest(400, "The request has no image: the body (or its file field) is empty.")
     return data
-
-
-def check_pixels(data: bytes, max_pixels: int) -> None:
-    """Refuse an image of more than `max_pixels` from its header, before anything is decoded: a
-    small file (a PNG of one colour) can declare a size whose pixels take gigabytes."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:  # reads the header only
-            width, height = image.size
-    except Image.DecompressionBombError:  # over Pillow's own limit, which max_pixels is under
-        raise BadRequest(
-            413, f"The image has more than {max_pixels} pixels, the limit (max_pixels)."
-        ) from None
-    except (OSError, ValueError, SyntaxError):
-        return  # not an image: the decode says why, in predict.py's words
-    if width * height > max_pixels:
-        raise BadRequest(
-            413,
-            f"The image is {width}x{height} pixels ({width * height} in all), "
-            f"over the limit of {max_pixels} (max_pixels).",
-        )

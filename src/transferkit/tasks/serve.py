@@ -9,6 +9,7 @@ run with one line before anything listens."""
 from __future__ import annotations
 
 import logging
+import math
 import socket
 from typing import TYPE_CHECKING
 
@@ -46,8 +47,12 @@ def check_settings(cfg: DictConfig) -> None:
     whole(cfg, "max_pixels", PILLOW_MAX_PIXELS, " (Pillow refuses to open a larger image)")
     if cfg.max_concurrent_decodes is not None:
         whole(cfg, "max_concurrent_decodes", why=" (or null: one per CPU core)")
+    if cfg.max_in_flight is not None:
+        whole(cfg, "max_in_flight", why=" (or null: 4 per decode thread)")
     if float(cfg.batch_timeout) < 0:
         raise ConfigError(f"batch_timeout={cfg.batch_timeout} must be 0 or more seconds.")
+    if not 0 < float(cfg.body_timeout_s) < math.inf:  # NaN too: a body must end some time
+        raise ConfigError(f"body_timeout_s={cfg.body_timeout_s} must be a number of seconds above 0.")
 
 
 def limits(cfg: DictConfig) -> Limits:
@@ -60,6 +65,8 @@ def limits(cfg: DictConfig) -> Limits:
         max_parts=int(cfg.max_parts),
         max_pixels=int(cfg.max_pixels),
         **({} if decodes is None else {"max_concurrent_decodes": int(decodes)}),
+        max_in_flight=None if cfg.max_in_flight is None else int(cfg.max_in_flight),
+        body_timeout_s=float(cfg.body_timeout_s),
     )
 
 

@@ -96,6 +96,8 @@ class Serve:
     max_parts: int
     max_pixels: int
     max_concurrent_decodes: int | None
+    max_in_flight: int | None
+    body_timeout_s: float
     top_k: int
     graceful_s: float
     device: str
