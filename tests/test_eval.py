@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from conftest import compose_task, main_exits, make_image_folder
 from PIL import Image
 
 from transferkit.errors import ConfigError, DataError
+from transferkit.runs.checkpoints import recorded_splits
 from transferkit.tasks.eval import evaluate, main
 from transferkit.tasks.train import train
 
@@ -92,6 +94,29 @@ def test_eval_on_data_given_on_the_command_line(trained_run: dict, tmp_path: Pat
     for results in (by_key, by_group):
         assert results["data_root"] == str(moved)
         assert results["test/acc"] == pytest.approx(trained_run["test/acc"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_eval_of_a_run_with_a_val_folder_scores_it_as_it_is_now_unless_the_seed_cuts_it(
+    trained_run: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The run's val was its val/ folder (recorded so): a val/ that gained an image is scored as
+    it is now, with one warning line. Without val/, val is cut from train/, which the run
+    trained on: refused."""
+    ckpt = trained_run["best_model_path"]
+    assert recorded_splits(ckpt)["val_from"] == "data"
+    data = shutil.copytree(trained_run["data_root"], tmp_path / "data")
+    shutil.copy(data / "val" / "circle" / "000.png", data / "val" / "circle" / "new.png")
+    overrides = [f"ckpt_path={ckpt}", "split=val", f"data.root={data}"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        results = evaluate(compose_task("eval", tmp_path / "a", overrides))
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("transferkit")]
+    assert results["images"] == 13
+    assert len(lines) == 1 and "the val split held 12 files in the run, 13 now" in lines[0]
+    shutil.rmtree(data / "val")
+    with pytest.raises(DataError, match="not the one the run held out"):
+        evaluate(compose_task("eval", tmp_path / "b", overrides))
 
 
 @pytest.mark.slow

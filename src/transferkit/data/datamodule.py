@@ -197,9 +197,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.bad_images = {**self.bad_images, **bad}  # after any a subclass found missing
         return skip_files(folders, set(bad))
 
-    def split_digests(self) -> dict[str, dict[str, Any]]:
-        """Each split's file count and digest (`transferkit.data.digests`): what a checkpoint
-        records, so eval and a resume can tell when the files are not the run's any more."""
+    def split_digests(self) -> dict[str, Any]:
+        """Each split's file count and digest, and how val was made (`transferkit.data.digests`):
+        what a checkpoint records, so eval and a resume can tell when the files are not the
+        run's any more, and eval whether a val that changed may hold images the run trained on."""
         return split_digests(self.splits, self.root)
 
     @property

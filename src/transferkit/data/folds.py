@@ -1,8 +1,10 @@
 """Cross-validation folds: the training data cut into k parts, each in turn the validation split
 of a model trained on the others. A file's fold is a function of the file alone (the hash of its
-path under the root and the seed: `transferkit.data.splitting`), so a cross-validation resumed on
-data that gained or lost images never holds an image out in two folds; each fold holds a share of
-every class within a hash's spread, not exactly 1/k.
+path under the root and the seed: `transferkit.data.splitting`), so adding or removing images moves
+no other image to another fold; each fold holds a share of every class within a hash's spread, not
+exactly 1/k. A class of n images falls wholly in one of k folds with probability k ** (1 - n) (2
+images, 5 folds: 20%), leaving that fold nothing of it to train on: refused, since fewer folds only
+make it likelier.
 
 The pool is what the run would train on: train/ (with the val split it would have cut from it),
 the label file's train rows, or the named files. A val/ folder or val rows of its own, or a test
@@ -57,7 +59,8 @@ def cross_validation_fold(splits: Splits, folds: int, fold: int, seed: int | Non
     untrained = untrained_classes(cut)
     if untrained:
         raise DataError(
-            f"Fold {fold} of {folds} has no training image of class(es) {', '.join(untrained)}; use fewer "
-            "data.folds, or add images of them."
+            f"Fold {fold} of {folds} has no training image of class(es) {', '.join(untrained)}: all their "
+            "images fall in this fold; add images of them, try another seed (a new cross-validation), "
+            "or leave them out with data.exclude."
         )
     return cut

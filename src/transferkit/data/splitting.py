@@ -12,7 +12,8 @@ One exception keeps a guarantee the split has always given: a class (a stratum) 
 images holds out at least one and trains on at least one. A class none of whose images falls
 below the fraction lends val its lowest-numbered image; one all of whose images do keeps its
 highest in train. Only that lent (or kept) image can change sides when its class gains or loses
-a file; the checkpoint's digests (`transferkit.data.digests`) catch it.
+a file; the checkpoint's digests (`transferkit.data.digests`) catch it. Multi-label data adds the
+one other exception: a class val would take whole gets an image back (`label_file`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """Cross-validation in one command (`data.folds=K`): one model per fold, each a whole training
 run in `<run>/folds/<i>/`, then the mean and standard deviation of every metric over the folds
 and every training image's out-of-fold probabilities (`oof.csv`). `ckpt_path=last` resumes it:
-finished folds are read back, the interrupted one resumes from its last.ckpt.
+finished folds are read back, the interrupted one resumes from its last.ckpt. A finished fold
+whose recorded files (`transferkit.data.digests`) are not its files now is refused: an image
+added since that hashes into it would be held out by no fold, and the mean would mix two
+versions of the data.
 
 The folds run one after another in this process, on one device (several: sweep `data.fold`).
 
@@ -27,8 +30,10 @@ from rich import get_console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
+from transferkit.config.build import build
+from transferkit.data.digests import changed_splits, describe_changes
 from transferkit.errors import ConfigError
-from transferkit.runs.checkpoints import recorded_seed
+from transferkit.runs.checkpoints import recorded_seed, recorded_splits
 from transferkit.runs.directories import move_into_run, write_json
 from transferkit.tasks.preflight import resolve_seed
 
@@ -143,12 +148,51 @@ def resume_run(cfg: DictConfig) -> None:
         cfg.seed = next((seed for seed in seeds if seed is not None), cfg.seed)
 
 
+def is_finished(fold_dir: Path) -> bool:
+    """A fold is done once its results.json is written (last)."""
+    return (fold_dir / "results.json").is_file()
+
+
+def fold_record(fold_dir: Path) -> dict[str, Any] | None:
+    """The files a fold's run recorded: its last.ckpt's, else another of its checkpoints' (None
+    when none records them: checkpoints that predate the record are not compared)."""
+    checkpoints = fold_dir / "checkpoints"
+    for path in [checkpoints / "last.ckpt", *sorted(checkpoints.glob("*.ckpt"))]:
+        recorded = recorded_splits(path) if path.is_file() else None
+        if recorded:
+            return recorded
+    return None
+
+
+def refuse_finished_folds_on_other_files(cfg: DictConfig) -> None:
+    """Refuse, before any fold trains, to keep a finished fold trained or measured on other files
+    than the data gives it now: an image added since that hashes into it is held out by no fold
+    (missing from oof.csv), and its results would be averaged with folds cut from other data."""
+    folds = int(cfg.data.folds)
+    for fold in range(folds):
+        fold_dir = Path(cfg.paths.output_dir) / "folds" / str(fold)
+        recorded = fold_record(fold_dir) if is_finished(fold_dir) else None
+        if not recorded:
+            continue
+        datamodule = build(fold_config(cfg, fold).data)
+        datamodule.prepare_data()
+        changes = changed_splits(recorded, datamodule.split_digests())
+        if changes:
+            raise ConfigError(
+                f"Fold {fold} of {folds} finished on other files than it holds now "
+                f"({describe_changes(changes)}: files were added, removed or renamed under "
+                f"{datamodule.root}), so its results cannot be kept beside folds cut from the data "
+                "now; restore the files the run had, or start a new cross-validation (without "
+                "ckpt_path=last)."
+            )
+
+
 def run_fold(cfg: DictConfig, fold: int, train_once: TrainOnce) -> tuple[dict[str, Any], list[list[str]]]:
     """Fold `fold`'s results and out-of-fold rows: read back when a resumed run finished it (its
     results.json is written last), else trained, from its last.ckpt when it has one."""
     fold_cfg = fold_config(cfg, fold)
     fold_dir = Path(fold_cfg.paths.output_dir)
-    if (fold_dir / "results.json").is_file():
+    if is_finished(fold_dir):
         log.info("Cross-validation: fold %d of %d was done; its results are kept.", fold + 1, cfg.data.folds)
         with (fold_dir / OOF).open(newline="") as handle:
             return json.loads((fold_dir / "results.json").read_text()), list(csv.reader(handle))[1:]
@@ -182,6 +226,7 @@ def cross_validate(cfg: DictConfig, train_once: TrainOnce) -> dict[str, Any]:
         resume_run(cfg)
     with open_dict(cfg):  # once: every fold cuts the same pool the same way
         cfg.seed = resolve_seed(cfg.get("seed"), cfg.get("ckpt_path"))
+    refuse_finished_folds_on_other_files(cfg)
     folds, output = int(cfg.data.folds), Path(cfg.paths.output_dir)
     per_fold, rows = [], []
     for fold in range(folds):

@@ -6,9 +6,10 @@ AUROC and micro and macro F1) and gets the multi-label per-class report only: wi
 and predicted labels per image there is no confusion matrix and no one "mistake" per image
 (see transferkit.reports.multilabel).
 
-The checkpoint records each split's files (`transferkit.data.digests`). When the data no longer
-gives them, eval says so in one line, and refuses a val split the seed cut from train whose files
-changed: only the run's own val is known never to have been trained on."""
+The checkpoint records each split's files and how its val was made (`transferkit.data.digests`).
+When the data no longer gives them, eval says so in one line, and refuses a val split whose files
+changed when the seed cut it, in the run or now: a val/ folder made since from train/, or a val
+cut now from a train/ that gained the run's val images, may hold images the run trained on."""
 
 from __future__ import annotations
 
@@ -71,23 +72,34 @@ def check_recorded_files(
     recorded: dict[str, Any] | None, datamodule: ImageFolderDataModule, split: str
 ) -> None:
     """Say in one line when the data's files are not the run's (checkpoints that predate the
-    record are not compared). A val split cut from train by the seed that changed is refused:
-    only the run's own val is known never to have been trained on."""
+    record are not compared). A changed val is refused where the seed cut it, in the run or now
+    (`may_hold_trained_images`): only the run's own val is known never to have been trained on."""
     if not recorded:
         return
-    changes = changed_splits(recorded, datamodule.split_digests())
+    current = datamodule.split_digests()
+    changes = changed_splits(recorded, current)
     if not changes:
         return
-    if split == "val" and datamodule.splits.val_from_train and "val" in {c.split for c in changes}:
+    if split == "val" and "val" in {c.split for c in changes} and may_hold_trained_images(recorded, current):
         test = ", evaluate split=test" if datamodule.has_test else ""
         raise DataError(
             f"The data changed since the run ({describe_changes(changes)}), so this val split is not the "
-            f"one the run held out; restore the files the run had{test}, or train again."
+            f"one the run held out and may hold images it trained on; restore the files the run "
+            f"had{test}, or train again."
         )
     kept = "scored as it is now" if split in {c.split for c in changes} else "the run's own"
     log.warning(
         "The data changed since the run (%s); the %s split is %s.", describe_changes(changes), split, kept
     )
+
+
+def may_hold_trained_images(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a val that changed since the run may hold images it trained on: when the run cut
+    its val by the seed (its training files are wherever the user put them since, a new val/
+    folder included), or the seed cuts it now (from a train split that may hold them). Only a
+    val/ folder (or val rows) then and now holds none but what the user put there. A record
+    without `val_from` (the first digests) is read as the data is now."""
+    return "seed" in {recorded.get("val_from", current["val_from"]), current["val_from"]}
 
 
 def refuse_unreadable(predictions: Predictions, split: str) -> None:
