@@ -197,6 +197,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.bad_images = {**self.bad_images, **bad}  # after any a subclass found missing
         return skip_files(folders, set(bad))
 
+    def check_images(self) -> Splits:
+        """The splits with every image decoded once (verdicts cached by file): a bad one stops
+        the run here (on_bad_image=error) or is left out (skip). The train task calls it once the
+        config is known to work, so a typo costs no scan."""
+        return self.splits
+
     def split_digests(self) -> dict[str, Any]:
         """Each split's file count and digest, and how val was made (`transferkit.data.digests`):
         what a checkpoint records, so eval and a resume can tell when the files are not the

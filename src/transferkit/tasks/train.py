@@ -126,9 +126,9 @@ def set_up(cfg: DictConfig, show_config: bool = True) -> TrainingRun:
     callbacks = [finetune, *instantiate_group(cfg.get("callbacks"))]  # unfreeze before lr logging
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")))
     model = prepare_model(cfg, datamodule, trainer, finetune, features)
-    datamodule.preprocessing = model.preprocessing
+    datamodule.preprocessing = model.preprocessing  # fed as the backbone's weights expect
     log.info("%d classes: %s", len(model.class_names), ", ".join(model.class_names))
-    _ = datamodule.splits  # every image checked, now that the config is known to work
+    datamodule.check_images()
     model.run_record["splits"] = datamodule.split_digests()  # what eval and a resume compare
     if cfg.get("ckpt_path"):
         recorded = recorded_splits(cfg.ckpt_path)
