@@ -13,6 +13,7 @@ from transferkit.model.module import RECORD_KEY
 from transferkit.runs.checkpoints import current_paths, load_model
 from transferkit.tasks.eval import evaluate
 from transferkit.tasks.export import export
+from transferkit.tasks.predict import predict
 from transferkit.tasks.train import train
 
 OLD = ROOT / "tests" / "fixtures" / "lite0_frozen_2026-12-08.ckpt"
@@ -34,11 +35,19 @@ def test_old_module_paths_are_read_as_today_s() -> None:
 
 
 @pytest.mark.slow
-def test_an_old_checkpoint_evaluates_to_its_numbers_exports_and_resumes(tmp_path: Path) -> None:
+def test_an_old_checkpoint_evaluates_to_its_numbers_predicts_exports_and_resumes(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data", splits={"train": 12, "val": 4})  # the run's images
     evaluated = evaluate(compose_task("eval", tmp_path / "eval", [f"ckpt_path={OLD}", f"data.root={data}"]))
     assert evaluated["val/acc"] == pytest.approx(0.5833, abs=1e-4)
     assert evaluated["val/loss"] == pytest.approx(0.8972, abs=1e-4)
+    output = tmp_path / "preds.csv"
+    predict(
+        compose_task(
+            "predict", tmp_path / "predict", [f"ckpt_path={OLD}", f"input={data / 'val'}", f"output={output}"]
+        )
+    )
+    rows = output.read_text().splitlines()
+    assert len(rows) == 1 + 12 and rows[0].startswith("path,label,confidence")
     exported = export(
         compose_task(
             "export", tmp_path / "export", [f"ckpt_path={OLD}", "format=torchscript", f"parity.images={data}"]
