@@ -203,14 +203,15 @@ def test_a_full_disk_ends_the_write_with_one_line_and_the_run_trains_uncached(
     freeze.freeze_before_training(model)
     trainer = L.Trainer(accelerator="cpu", logger=False)
     with caplog.at_level("WARNING", logger="transferkit"):
-        used = use_feature_cache(
-            FrozenFeatures(dir=tmp_path / "cache"), model, datamodule, trainer, freeze, None
-        )
+        features = FrozenFeatures(dir=tmp_path / "cache")
+        plan = features.plan(model, datamodule, trainer, freeze)
+        used = use_feature_cache(features, plan, model, datamodule, trainer)
     assert used is None and datamodule.feature_sets is None
     assert "Training without a feature cache: The feature cache could not be written under" in caplog.text
     with pytest.raises(cache_module.CacheNotWritten):
+        required = FrozenFeatures(cache=True, dir=tmp_path / "cache")
         use_feature_cache(
-            FrozenFeatures(cache=True, dir=tmp_path / "cache"), model, datamodule, trainer, freeze, None
+            required, required.plan(model, datamodule, trainer, freeze), model, datamodule, trainer
         )
 
 
@@ -264,7 +265,10 @@ def test_cached_views_are_seeded_and_train_batch_png_shows_the_view_each_image_t
     trainer = L.Trainer(accelerator="cpu", logger=False)
     freeze = Freeze()
     freeze.freeze_before_training(model)
-    use_feature_cache(FrozenFeatures(views=2, dir=tmp_path / "cache"), model, datamodule, trainer, freeze, 42)
+    features = FrozenFeatures(views=2, dir=tmp_path / "cache")
+    use_feature_cache(
+        features, features.plan(model, datamodule, trainer, freeze, 42), model, datamodule, trainer
+    )
     rebuilt = cached(results["feature_cache"], "train")
     assert torch.equal(first, rebuilt)
 

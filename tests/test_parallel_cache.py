@@ -113,9 +113,9 @@ def test_a_ddp_run_builds_the_cache_in_parallel_and_trains_as_one_process(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = use_feature_cache(
-            FrozenFeatures(dir=tmp_path / "single"), model, datamodule, trainer, freeze, 42
-        )
+        features = FrozenFeatures(dir=tmp_path / "single")
+        plan = features.plan(model, datamodule, trainer, freeze, 42)
+        single = use_feature_cache(features, plan, model, datamodule, trainer)
     finally:
         torch.set_num_threads(threads)
     built = Path(ddp["feature_cache"])

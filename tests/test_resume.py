@@ -373,3 +373,27 @@ def test_a_resume_that_would_change_the_feature_cache_precision_or_trainer_is_re
     moved = train(compose_train(tmp_path, [*resume, f"features.dir={tmp_path / 'elsewhere'}"]))
     assert moved["epochs"] == 2 and moved["augment"] is None
     assert Path(moved["feature_cache"]).parent == tmp_path / "elsewhere"
+
+
+@pytest.mark.slow
+def test_a_resume_on_which_the_cache_would_now_fit_is_refused_before_building_it(
+    compose_train, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    """The run trained on augmented images (its cache did not fit): a resume where it fits would
+    switch to cached features; it is refused before any feature is computed."""
+    from transferkit.tasks.train import train
+
+    cache_dir = tmp_path / "features"
+    first = train(
+        compose_train(
+            tmp_path,
+            [*tiny_overrides, "trainer.max_epochs=1", "features.max_gb=1e-9", f"features.dir={cache_dir}"],
+        )
+    )
+    assert first["feature_cache"] is None and first["augment"] == "basic"
+    resume = [*tiny_overrides, "trainer.max_epochs=2", "ckpt_path=last", f"features.dir={cache_dir}"]
+    with pytest.raises(
+        ConfigError, match=r"trained on images under data.augment=basic, but this run would train on cached"
+    ):
+        train(compose_train(tmp_path, resume))
+    assert not cache_dir.exists() or not any(cache_dir.iterdir())

@@ -22,6 +22,7 @@ from transferkit.data.digests import refuse_resume_on_other_files
 from transferkit.errors import ConfigError
 from transferkit.features import FrozenFeatures
 from transferkit.features.cache import weights_fingerprint
+from transferkit.features.frozen import CachePlan
 from transferkit.features.precision import precision_name
 from transferkit.model.module import TransferModule
 from transferkit.runs.checkpoints import recorded_splits
@@ -134,25 +135,26 @@ def set_up(cfg: DictConfig, show_config: bool = True) -> TrainingRun:
         recorded = recorded_splits(cfg.ckpt_path)
         refuse_resume_on_other_files(cfg.ckpt_path, recorded, model.run_record["splits"], datamodule.root)
     write_bad_images(datamodule, Path(cfg.paths.output_dir))
-    feature_cache = use_feature_cache(features, model, datamodule, trainer, finetune, cfg.seed)
-    # what training gets: under DDP the cache attaches as the fit starts, so the plan is compared
-    planned = feature_cache is not None and features.views == 1
-    check_resumed_augment(cfg, None if planned else datamodule.augment)
+    plan = features.plan(model, datamodule, trainer, finetune, cfg.seed)
+    # a resume trains on what the run did: checked on the plan, before a cache is built, and
+    # again on what was attached (a full disk leaves a planned cache unbuilt)
+    check_resumed_augment(cfg, None if plan is not None and features.views == 1 else datamodule.augment)
+    feature_cache = use_feature_cache(features, plan, model, datamodule, trainer)
+    if trainer.world_size == 1:  # under DDP the cache attaches as the fit starts
+        check_resumed_augment(cfg, datamodule.training_augment)
     return TrainingRun(cfg, datamodule, finetune, trainer, model, feature_cache)
 
 
 def use_feature_cache(
     features: FrozenFeatures,
+    plan: CachePlan | None,
     model: TransferModule,
     datamodule: ImageFolderDataModule,
     trainer: L.Trainer,
-    finetune: BlockFinetuning,
-    seed: int,
 ) -> Path | None:
-    """The cache this run trains on, if any: planned, then built and attached now (the datamodule
-    serves it, the model runs its top on a prefix's activations), or under DDP by a callback as
-    the fit starts, on every rank. Returns its directory."""
-    plan = features.plan(model, datamodule, trainer, finetune, seed)
+    """Train on the `plan`ned cache, if any: built and attached now (the datamodule serves it,
+    the model runs its top on a prefix's activations), or under DDP by a callback as the fit
+    starts, on every rank. Returns its directory (None: the run trains uncached)."""
     if plan is None:
         return None
     if trainer.world_size > 1:
