@@ -359,7 +359,10 @@ def test_a_resume_that_would_change_the_feature_cache_precision_or_trainer_is_re
     refusals = {
         "features.cache=false": ["features.cache: 'auto' there, False here"],
         "features.views=3": ["features.views: 1 there, 3 here"],
-        "features.precision=bf16": ["features.precision (as run): 'fp32' there, 'bf16' here"],
+        "features.precision=bf16": [
+            "features.precision (as run): 'fp32' there, 'bf16' here",
+            "Resume with the run's own settings (for the precision: features.precision=fp32)",
+        ],
         "features.batch_size=16": ["features.batch_size: 4096 there, 16 here"],
         "features.max_gb=1e-9": ["trained on cached features of one view", "images under data.augment=basic"],
         "trainer.precision=bf16-mixed": ["trainer.precision: '32-true' there, 'bf16-mixed' here"],
