@@ -82,14 +82,20 @@ def to_rgb(image: Image.Image, white: float | None = None) -> Image.Image:
     return image.convert("RGB")
 
 
+def decode_opened(image: Image.Image) -> Image.Image:
+    """An opened image decoded in full (so truncation shows here), EXIF rotation honoured, as RGB:
+    what every path that reads images (training, eval, predict, serve) makes of one."""
+    image.load()
+    white = white_level(image)  # before the transpose, whose copy has no TIFF tags
+    return to_rgb(ImageOps.exif_transpose(image), white)
+
+
 def decode_rgb(file: str | Path | BinaryIO, name: str | Path) -> Image.Image:
-    """Decode an image in full (so truncation shows here), honour EXIF rotation, return RGB.
-    `file` is a path or the file's bytes (the scan reads them itself); `name` is for the error."""
+    """Decode an image (`decode_opened`). `file` is a path or the file's bytes (the scan reads
+    them itself); `name` is for the error."""
     try:
         with Image.open(file) as image:
-            image.load()
-            white = white_level(image)  # before the transpose, whose copy has no TIFF tags
-            return to_rgb(ImageOps.exif_transpose(image), white)
+            return decode_opened(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise DataError(f"Cannot read image {name} ({error}); remove or replace the file.") from error
 

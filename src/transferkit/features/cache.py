@@ -39,6 +39,7 @@ from transferkit.features.decode import EncodedImages, decode_batch, encoded_bat
 from transferkit.features.lock import CacheLock
 from transferkit.features.precision import frozen_forward
 from transferkit.features.store import FORMAT_VERSION
+from transferkit.files import link_or_copy
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +254,8 @@ class Extraction:
     @property
     def same(self) -> bool:
         """Cross-validation caches one pool as train and as val: with one view both are the
-        evaluation transform's features of the same images, computed once (stored as each
-        split is)."""
+        evaluation transform's features of the same images, computed once (train's file is
+        val's, linked)."""
         return self.views == 1 and self.splits.get("train") == self.splits.get("val")
 
     def passes(self, split: str) -> int:
@@ -288,14 +289,11 @@ class Extraction:
         own = rank if world > 1 else None  # one process writes the whole file
         shard = store.Shard(store.features_file(directory, split, own), passes, len(keys))
         storage = storage_dtype(self.dtype)
-        if self.same and split == "train":  # val's features, stored as train's
-            if not keys:
-                return
-            computed = store.open_array(store.features_file(directory, "val", own))
-            for start in range(0, len(keys), self.batch_size):
-                rows = torch.from_numpy(np.array(computed[0, start : start + self.batch_size]))
-                shard.write(0, start, _stored(rows, storage))
-            shard.close()
+        if self.same and split == "train":  # the same images, transform and storage as val's
+            if keys:
+                link_or_copy(
+                    store.features_file(directory, "val", own), store.features_file(directory, split, own)
+                )
             return
         dataset = ImageListDataset(items, self.train_transform, self.seed) if passes > 1 else None
         encoded = dataset is None and self.decode != "pil"
@@ -321,9 +319,7 @@ class Extraction:
                 view=v,
                 channels_last=self.channels_last,
                 storage=storage,
-                decoded=(lambda data: decode_batch(data, self.eval_transform, self.decode))
-                if encoded
-                else None,
+                decoded=self._decoded if encoded else None,
             )
         shard.close()
 

@@ -47,12 +47,11 @@ class NoCache(Exception):
 
 @dataclass
 class CachePlan:
-    """What a run caches: the extraction, the prefix split it is cut at (None: the whole
-    backbone's features) and the seed its views are drawn by."""
+    """What a run caches: the extraction (its seed draws the views) and the prefix split it is
+    cut at (None: the whole backbone's features)."""
 
     job: Extraction
     split: PrefixSplit | None
-    seed: int | None
 
 
 def frozen_blocks(finetune: BlockFinetuning) -> int:
@@ -234,7 +233,7 @@ class FrozenFeatures:
             log.info(
                 "Extraction decodes the JPEGs on %s (measured faster than the loader workers).", job.decode
             )
-        return CachePlan(job, split, seed)
+        return CachePlan(job, split)
 
     def build(self, plan: CachePlan) -> tuple[dict[str, FeatureSet], Path] | None:
         """The plan's cache, loaded or built in this process, and its directory; None when the
@@ -265,7 +264,7 @@ class FrozenFeatures:
     ) -> None:
         """Train and evaluate on `sets`: the datamodule serves them (a cross-validation fold takes
         its rows of the pool) and the model runs the trainable top on a prefix's activations."""
-        split, seed = plan.split, plan.seed
+        split, seed = plan.split, plan.job.seed
         data = datamodule.splits
         if data.pool is not None:
             row = {path: i for i, (path, _) in enumerate(data.pool)}

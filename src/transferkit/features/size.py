@@ -23,7 +23,7 @@ GB = 1e9
 
 def cache_bytes(values_per_image: int, images: dict[str, int], views: int, dtype: torch.dtype) -> int:
     """The bytes a cache of `images` per split takes, with `views` training views, computed in
-    `dtype` (activations of a prefix when `prefix`)."""
+    `dtype` (features, or a prefix's activations: stored alike)."""
     return sum(
         values_per_image * count * storage_dtype(dtype).itemsize * (views if split == "train" else 1)
         for split, count in images.items()

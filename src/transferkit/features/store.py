@@ -146,7 +146,7 @@ def write_labels(directory: Path, split: str, labels: torch.Tensor) -> None:
 
 def publish(tmp: Path, final: Path, key: str, splits: list[str]) -> None:
     """Write `meta.json` (last: a directory without it is incomplete), then rename `tmp` to
-    `final`. When another writer got there first with a complete cache, `tmp` is dropped."""
+    `final` (only the lock's holder publishes)."""
     meta: dict[str, Any] = {"format": FORMAT_VERSION, "key": key, "splits": {}}
     for split in splits:
         features = open_array(features_file(tmp, split))

@@ -2,7 +2,7 @@
 
 A checkpoint is everything eval, predict and export need. Besides Lightning's state it holds a
 `transferkit` entry: the data the model was trained on (so `eval.py` can find it again) and the
-precision validation ran the backbone in (so eval reproduces the logged numbers).
+one precision the run's frozen backbone ran in (so eval reproduces the logged numbers).
 """
 
 from __future__ import annotations
@@ -137,8 +137,6 @@ _RESUMABLE = {
     "data.num_workers",
     "data.persistent_workers",
     "data.scan_cache_dir",
-    "features.dir",  # where the cache lives; what max_gb decided is compared as the augmentation
-    "features.max_gb",
 }
 _OWN_GROUPS = ("optimizer", "scheduler", "preprocessing")  # hyper-parameters named as their config group
 

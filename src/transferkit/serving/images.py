@@ -10,9 +10,9 @@ from __future__ import annotations
 import io
 import re
 
-from PIL import Image, ImageOps
+from PIL import Image
 
-from transferkit.data.images import to_rgb, white_level
+from transferkit.data.images import decode_opened
 from transferkit.serving.requests import BadRequest
 
 # JPEG includes MPO (the multi-picture JPEG of cameras), which Pillow opens through JPEG's plugin.
@@ -69,14 +69,13 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def decode(image: Image.Image) -> Image.Image:
-    """RGB, as predict.py's decode_rgb makes it (full decode, EXIF rotation, wide grey scaled),
-    from the frame `image` is at, the first: a page or frame after it is never read."""
+    """RGB, as predict.py's decode makes it (`decode_opened`), from the frame `image` is at, the
+    first: a page or frame after it is never read."""
     declared = image.size
-    image.load()
+    decoded = decode_opened(image)
     if image.size != declared:  # none of FORMATS does this; a plugin that did would pass the check
         raise BadRequest(400, f"The image decoded to {image.size}, not the {declared} its header declares.")
-    white = white_level(image)  # before the transpose, whose copy has no TIFF tags
-    return to_rgb(ImageOps.exif_transpose(image), white)
+    return decoded
 
 
 def read_image(data: bytes, max_pixels: int) -> Image.Image:
