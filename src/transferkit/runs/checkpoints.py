@@ -7,6 +7,8 @@ one precision the run's frozen backbone ran in (so eval reproduces the logged nu
 
 from __future__ import annotations
 
+import functools
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -114,8 +116,9 @@ def load_model(path: str | Path) -> TransferModule:
         finetune=record.get("finetune"),
         frozen_dtype=PRECISIONS[record.get("precision", "fp32")],
     )
-    if "augment" in record:  # known as the fit started
-        model.run_record["augment"] = record["augment"]
+    for key in ("augment", "splits"):  # known as the fit started: what eval compares
+        if key in record:
+            model.run_record[key] = record[key]
     model.on_load_checkpoint(checkpoint)  # the tensors kept by reference
     try:
         model.load_state_dict(checkpoint["state_dict"])
@@ -169,8 +172,19 @@ def _as_trained(setup: dict[str, Any]) -> dict[str, Any]:
 
 
 def _peek(path: str | Path) -> dict[str, Any]:
-    """The checkpoint memory-mapped: its record and hyper-parameters without reading the weights."""
-    return _current(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    """A checkpoint's hyper-parameters and record, without reading its weights; read once per
+    version of the file (a resume asks for its seed, setup, splits and augmentation in turn)."""
+    stat = os.stat(path)
+    return _read_record(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_record(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    """`_peek` for one version of a file (its mtime and size are the key): memory-mapped, so
+    the weights are never read, and only the small entries kept."""
+    del mtime_ns, size  # the cache key only
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return _current({key: checkpoint.get(key) for key in ("hyper_parameters", RECORD_KEY)})
 
 
 def recorded_seed(path: str | Path) -> int | None:
@@ -186,9 +200,9 @@ def recorded_splits(path: str | Path) -> dict[str, Any] | None:
     return (_peek(path).get(RECORD_KEY) or {}).get("splits")
 
 
-def resume_differences(path: str | Path, model: TransferModule) -> list[str]:
+def resume_differences(path: str | Path, model: TransferModule) -> list[tuple[str, Any, Any]]:
     """What `model` (built from this command's config, with its run record) would train
-    differently from the run `path` checkpointed: one "key: there -> here" line each.
+    differently from the run `path` checkpointed: (key, there, here) each.
 
     A part the checkpoint does not record (older checkpoints) is not compared.
     """
@@ -210,7 +224,7 @@ def resume_differences(path: str | Path, model: TransferModule) -> list[str]:
         there["features.precision (as run)"] = record["precision"]
         here["features.precision (as run)"] = precision_name(model.frozen_dtype)
     return [
-        f"{key}: {there.get(key)!r} there, {here.get(key)!r} here"
+        (key, there[key], here.get(key))
         for key in sorted(there)  # a key newer than the checkpoint is not compared
         if key not in _RESUMABLE and there[key] != here.get(key)
     ]

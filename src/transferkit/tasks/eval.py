@@ -30,7 +30,7 @@ from transferkit.inference import Predictions, TorchPredictor, best_device, pred
 from transferkit.model.metrics import classification_metrics
 from transferkit.model.module import TransferModule
 from transferkit.model.multilabel import multilabel_scores
-from transferkit.runs.checkpoints import load_model, recorded_splits
+from transferkit.runs.checkpoints import load_model
 from transferkit.tasks.settings import check_config
 from transferkit.tasks.wrapper import exit_on_user_error, task_wrapper
 
@@ -174,7 +174,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_same_classes(model, datamodule.class_names)
     split = choose_split(cfg.get("split"), datamodule)
     check_same_kind(model, datamodule.splits.multilabel)
-    check_recorded_files(recorded_splits(cfg.ckpt_path), datamodule, split)
+    check_recorded_files(model.run_record.get("splits"), datamodule, split)
     items = getattr(datamodule.splits, split)
     device = best_device(cfg.device)
     dtype = checkpoint_precision(cfg.get("precision"), model.frozen_dtype, device)

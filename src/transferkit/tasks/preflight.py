@@ -78,16 +78,14 @@ def check_resume(cfg: DictConfig, model: TransferModule) -> None:
         return
     differences = resume_differences(cfg.ckpt_path, model)
     if differences:
-        ran = next(
-            (d.split("'")[1] for d in differences if d.startswith("features.precision (as run)")), None
-        )
+        listed = "; ".join(f"{key}: {there!r} there, {here!r} here" for key, there, here in differences)
+        ran = next((there for key, there, _ in differences if key == "features.precision (as run)"), None)
         precision = f" (for the precision: features.precision={ran})" if ran else ""
         raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path} continues a run set up otherwise ({'; '.join(differences)}). "
+            f"ckpt_path={cfg.ckpt_path} continues a run set up otherwise ({listed}). "
             f"Resume with the run's own settings{precision or ' (drop those overrides)'}, or leave out "
-            "ckpt_path to start "
-            "a new run (trainer.max_epochs, the devices, paths, data.num_workers and data.batch_size may "
-            "change)."
+            "ckpt_path to start a new run (trainer.max_epochs, the devices, paths, data.num_workers and "
+            "data.batch_size may change)."
         )
 
 
