@@ -8,8 +8,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 TINY_MODEL = "timm:test_efficientnet"  # 0.1 M parameters, with BatchNorm
 DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: every download fails at once
+# The frozen backbones' onnxruntime exports, shared by the session's runs as by a user's: an
+# export is named by its weights, code and input shape, so a run finds only its own (the tiny
+# backbone exports in seconds, which each of ~100 runs would pay again under its own root).
+EXPORTS = Path(tempfile.mkdtemp(prefix="transferkit-test-exports-"))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -32,6 +38,10 @@ def pytest_configure(config: pytest.Config) -> None:
         import torch
 
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(EXPORTS, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -211,6 +221,7 @@ def tiny_run(data_root: Path | None, epochs: int = 2, trainer: str = "cpu") -> l
         "callbacks.rich_progress_bar=null",
         "callbacks.rich_model_summary=null",
         "optimizer.lr=0.05",
+        f"features.exports_dir={EXPORTS}",
     ]
 
 

@@ -7,8 +7,8 @@ epoch.
 The cache (a directory of memory-mapped files, `features.store`) is named by a key of everything
 that changes the features: the backbone's (or the prefix's) weights (a hash of its tensors), the
 preprocessing and transforms, every image's path, size and modification time, the number of
-views, the precision, for augmented views the seed, and for a prefix the boundary (block and
-node) and the prefix's code. A cache whose key, format or shapes do not check out is rebuilt,
+views, the precision, the runtime that computed them (onnxruntime and its version, or PyTorch),
+for augmented views the seed, and for a prefix the boundary (block and node) and the prefix's code. A cache whose key, format or shapes do not check out is rebuilt,
 never trusted; one run writes it (`features.lock`) while others wait for it.
 """
 
@@ -40,6 +40,7 @@ from transferkit.features.lock import CacheLock
 from transferkit.features.precision import frozen_forward
 from transferkit.features.store import FORMAT_VERSION
 from transferkit.files import link_or_copy
+from transferkit.runtime import TORCH
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +136,10 @@ def cache_key(
     dtype: torch.dtype,
     seed: int | None,
     boundary: dict[str, Any] | None = None,
+    runtime: str = TORCH,
 ) -> str:
-    """The key of a cache; without `boundary` (the whole backbone's features) as it has always
-    been, so existing caches stay valid."""
+    """The key of a cache; without `boundary` (the whole backbone's features) and computed by
+    PyTorch as it has always been, so existing caches stay valid."""
     payload: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "weights": weights_fingerprint(backbone),
@@ -149,6 +151,8 @@ def cache_key(
     }
     if boundary is not None:
         payload.update(boundary=boundary)
+    if runtime != TORCH:
+        payload.update(runtime=runtime)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -203,14 +207,21 @@ def extract(
     channels_last: bool = False,
     storage: torch.dtype = torch.float32,
     decoded: Callable[[Any], torch.Tensor] | None = None,
+    runtime: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> int:
     """Write the loader's images' features, in loader order, into `shard`'s `view` as `storage`;
     returns how many images ran. `decoded` makes images of what the loader yields (encoded
-    files, decoded on the GPU: `features.decode`)."""
+    files, decoded on the GPU: `features.decode`); `runtime` computes them in place of
+    `backbone` (its onnxruntime session, on the CPU)."""
     done = 0
     task = progress.add_task(description, total=len(loader.sampler))
     for inputs, _ in loader:
         images = inputs if decoded is None else decoded(inputs)
+        if runtime is not None:
+            shard.write(view, done, _stored(frozen_forward(runtime, images, dtype), storage))
+            done += len(images)
+            progress.advance(task, len(images))
+            continue
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -235,7 +246,8 @@ class Extraction:
     """What to compute: `backbone` (or a prefix of it cut at `boundary`) over every split's
     images; train through `train_transform` with `views` > 1 (view v of image i augmented as
     key v * N + i), else every split through `eval_transform`; every split in `dtype` (fp32
-    for a prefix: `features.precision.run_precision`)."""
+    for a prefix: `features.precision.run_precision`), by `runtime` where the run has one (the
+    backbone's or prefix's onnxruntime session: `FrozenFeatures.use_runtime`)."""
 
     backbone: nn.Module
     splits: dict[str, list[tuple[Path, Any]]]
@@ -250,6 +262,11 @@ class Extraction:
     channels_last: bool = False
     boundary: dict[str, Any] | None = None
     decode: str = "pil"  # or a device: evaluation passes decode JPEGs there (`features.decode`)
+    runtime: Any = None  # a callable computing `backbone` (an OnnxModule); None: PyTorch
+
+    @property
+    def runtime_name(self) -> str:
+        return TORCH if self.runtime is None else self.runtime.name
 
     @property
     def same(self) -> bool:
@@ -320,6 +337,7 @@ class Extraction:
                 channels_last=self.channels_last,
                 storage=storage,
                 decoded=self._decoded if encoded else None,
+                runtime=self.runtime,
             )
         shard.close()
 
@@ -419,7 +437,9 @@ def job_key(job: Extraction) -> str:
     }
     if job.decode != "pil":  # tensor resizing differs from PIL's in the last bits
         transforms["decode"] = job.decode
-    return cache_key(job.backbone, job.splits, transforms, job.views, job.dtype, job.seed, job.boundary)
+    return cache_key(
+        job.backbone, job.splits, transforms, job.views, job.dtype, job.seed, job.boundary, job.runtime_name
+    )
 
 
 def warn_old_caches(directory: Path) -> None:

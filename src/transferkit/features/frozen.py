@@ -32,6 +32,7 @@ from transferkit.features.parallel import ParallelCache
 from transferkit.features.precision import PRECISIONS, frozen_forward, run_precision
 from transferkit.features.prefix import NoPrefixSplit, PrefixSplit, eval_mode, split_backbone
 from transferkit.features.size import GB, cache_bytes, default_limit, readable
+from transferkit.runtime import RUNTIMES, TORCH, resolve_runtime, session_for
 
 if TYPE_CHECKING:
     from transferkit.data.datamodule import ImageFolderDataModule
@@ -69,7 +70,10 @@ class FrozenFeatures:
     `precision`: auto (fp32 on every CPU, bf16 on a CUDA device with it), bf16, fp16 or fp32:
     what a backbone frozen for the whole run computes in (a run that trains blocks: fp32).
     `max_gb`: the largest cache to build (None: a quarter of the free memory or disk).
-    `batch_size`: the largest batch the head trains in on cached features (`features.loading`)."""
+    `batch_size`: the largest batch the head trains in on cached features (`features.loading`).
+    `runtime`: auto (onnxruntime on a CPU in fp32, else PyTorch), onnx or torch: what runs the
+    frozen part, its exports kept in `exports_dir` (None: `dir`/onnx; eval, predict and serve
+    share it)."""
 
     def __init__(
         self,
@@ -79,6 +83,8 @@ class FrozenFeatures:
         dir: str | Path = ".cache/features",
         max_gb: float | None = None,
         batch_size: int = 4096,
+        runtime: str = "auto",
+        exports_dir: str | Path | None = None,
     ) -> None:
         if not (cache == "auto" or isinstance(cache, bool)):  # 0 and 1 are not false and true here
             raise ConfigError(f"features.cache={cache!r} must be auto, true or false.")
@@ -101,6 +107,11 @@ class FrozenFeatures:
         self.cache, self.views, self.precision, self.dir = cache, int(views), precision, Path(dir)
         self.max_gb = None if max_gb is None else float(max_gb)
         self.batch_size = int(batch_size)
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"features.runtime={runtime!r} is not one of: {', '.join(RUNTIMES)}.")
+        self.runtime = runtime
+        self.exports_dir = Path(exports_dir) if exports_dir is not None else self.dir / "onnx"
+        self._splits: dict[tuple[int, int], PrefixSplit] = {}
 
     def recorded(self) -> dict[str, Any]:
         """The settings a resume must keep: each changes what trains (cached views replace the
@@ -141,11 +152,58 @@ class FrozenFeatures:
         if frozen == len(finetune.blocks):
             return None
         try:
-            return split_backbone(model.backbone, finetune.blocks, frozen, model.preprocessing.image_size)
+            return self.prefix_split(model, finetune, frozen)
         except NoPrefixSplit as error:
             raise NoCache(
                 f"the backbone cannot be cut below block {finetune.blocks[frozen].name}: {error}"
             ) from None
+
+    def prefix_split(self, model: TransferModule, finetune: BlockFinetuning, frozen: int) -> PrefixSplit:
+        """The backbone cut below its first `frozen` blocks, traced once per run (the runtime and
+        the cache run the same prefix). Raises NoPrefixSplit."""
+        key = (id(model), frozen)
+        if key not in self._splits:
+            image_size = model.preprocessing.image_size
+            self._splits[key] = split_backbone(model.backbone, finetune.blocks, frozen, image_size)
+        return self._splits[key]
+
+    def use_runtime(self, model: TransferModule, finetune: BlockFinetuning, device: torch.device) -> str:
+        """Run the part of the backbone that stays frozen for the whole run (all of it, or the
+        prefix below the lowest block that ever trains) on the chosen runtime, cached or not;
+        returns the runtime's name (results.json, the cache key): "torch" when nothing is
+        frozen, the runtime is PyTorch, or the part cannot be exported or cut (said why)."""
+        model.use_frozen_runtime(None, None)
+        if resolve_runtime(self.runtime, device, model.frozen_dtype) == TORCH:
+            return TORCH
+        if model.hparams.get("compile"):
+            if self.runtime == "onnx":
+                raise ConfigError(
+                    "features.runtime=onnx and model.compile=true both choose what runs the backbone; "
+                    "keep one of them."
+                )
+            log.info("The backbone runs compiled in PyTorch (model.compile=true), not on onnxruntime.")
+            return TORCH
+        frozen = frozen_blocks(finetune)
+        if frozen == 0:
+            return TORCH
+        split, what = None, "The frozen backbone"
+        if frozen < len(finetune.blocks):
+            try:
+                split = self.prefix_split(model, finetune, frozen)
+            except NoPrefixSplit as error:
+                log.info(
+                    "The frozen blocks run on PyTorch: the backbone cannot be cut below block %s: %s.",
+                    finetune.blocks[frozen].name, error,
+                )  # fmt: skip
+                return TORCH
+            what = f"The frozen blocks below {split.block}"
+        size = model.preprocessing.image_size
+        module = model.backbone if split is None else split.prefix()
+        session = session_for(module, (3, size, size), self.exports_dir, what)
+        if session is None:
+            return TORCH
+        model.use_frozen_runtime(session, split)
+        return session.name
 
     def check_size(self, model: TransferModule, split: PrefixSplit | None, images: dict[str, int]) -> None:
         """Log the cache's size, estimated before it is built; raise NoCache past the limit."""
@@ -189,13 +247,16 @@ class FrozenFeatures:
     ) -> CachePlan | None:
         """What this run would cache (the extraction, and the prefix split when only the top
         trains), or None when it trains uncached (the reason logged; features.cache=true
-        refuses instead). Changes nothing: `set_up` builds and attaches the plan. Every split
-        is computed in `model.frozen_dtype`, the one precision the frozen part runs in."""
+        refuses instead). First the frozen part is put on its runtime (`use_runtime`, recorded
+        as the run's `runtime`), which the cache and the uncached path share; `set_up` builds
+        and attaches the plan. Every split is computed in `model.frozen_dtype`, the one
+        precision the frozen part runs in."""
         if self.views > 1 and datamodule.augment is None:
             raise ConfigError(
                 f"features.views={self.views} caches augmented views, but data.augment is off; "
                 "use features.views=1."
             )
+        model.run_record["runtime"] = self.use_runtime(model, finetune, trainer.strategy.root_device)
         if self.cache is False:
             return None
         data = datamodule.splits
@@ -225,6 +286,7 @@ class FrozenFeatures:
             num_workers=datamodule.num_workers,
             channels_last=model.channels_last,
             boundary=None if split is None else split.boundary,
+            runtime=model.frozen_runtime,
         )
         paths = [path for items in splits.values() for path, _ in items]
         if trainer.world_size == 1:  # ranks measuring apart could choose apart: other keys

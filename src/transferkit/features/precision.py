@@ -106,9 +106,10 @@ def cpu_chunk_size() -> int:
 def frozen_forward(
     backbone: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """A frozen backbone's features: no autograd, in `dtype`, in cache-sized chunks on a CPU,
-    returned as fp32."""
+    """A frozen backbone's features: no autograd, in `dtype`, in cache-sized chunks on a CPU
+    (not for a runtime that `runs_whole_batches`: onnxruntime), returned as fp32."""
     with torch.no_grad(), autocast(dtype, images.device):
-        if images.device.type == "cpu" and len(images) > cpu_chunk_size():
+        whole = getattr(backbone, "runs_whole_batches", False)
+        if images.device.type == "cpu" and len(images) > cpu_chunk_size() and not whole:
             return torch.cat([backbone(chunk).float() for chunk in images.split(cpu_chunk_size())])
         return backbone(images).float()

@@ -189,7 +189,14 @@ class TransferModule(L.LightningModule):
     ) -> torch.Tensor:
         """Backbone features (or `run`'s: the top of a split backbone, on its prefix's
         activations); a frozen backbone runs without autograd, in `frozen_dtype`, and hands the
-        head fp32."""
+        head fp32. Images go through the frozen runtime first where the run has one
+        (`use_frozen_runtime`): the whole backbone's, or its prefix's with the top after it."""
+        frozen = self.__dict__.get("_frozen_runtime")
+        if run is None and frozen is not None:
+            session, split = frozen
+            if split is None:
+                return frozen_forward(session, images, self.frozen_dtype)
+            images, run = frozen_forward(session, images, self.frozen_dtype), split
         run = run or self._run_backbone
         if self.channels_last and images.ndim == 4:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -199,6 +206,21 @@ class TransferModule(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
+
+    def use_frozen_runtime(
+        self, session: Callable[[torch.Tensor], torch.Tensor] | None, split: Callable[[torch.Tensor], Any] | None
+    ) -> None:
+        """Run the part of the backbone frozen for the whole run on `session` (an onnxruntime
+        export of it: `transferkit.runtime`): the whole backbone (`split` None), or the prefix of
+        `split`, whose top then runs in PyTorch. None: all in PyTorch. Kept out of the module
+        tree, so the state dict is unchanged."""
+        self.__dict__["_frozen_runtime"] = None if session is None else (session, split)
+
+    @property
+    def frozen_runtime(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The session the frozen part runs on (its `name` says which runtime), or None: PyTorch."""
+        frozen = self.__dict__.get("_frozen_runtime")
+        return None if frozen is None else frozen[0]
 
     def use_prefix(self, split: Callable[[torch.Tensor], Any] | None) -> None:
         """Train and evaluate on cached activations of the backbone's frozen prefix: `split` runs

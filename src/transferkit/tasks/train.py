@@ -226,6 +226,7 @@ def measure(run: TrainingRun, best: str | None) -> dict[str, Any]:
         seed=run.cfg.seed,
         augment=model.run_record.get("augment", datamodule.augment),
         precision=precision_name(model.frozen_dtype),  # of the frozen backbone (or blocks)
+        runtime=model.run_record.get("runtime"),  # what ran them: onnxruntime (its version) or torch
         # under DDP the cache is built as the fit starts, and a full disk leaves the run uncached
         feature_cache=str(run.feature_cache) if datamodule.feature_sets is not None else None,
         epochs=trainer.current_epoch,
