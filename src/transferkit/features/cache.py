@@ -8,8 +8,9 @@ The cache (a directory of memory-mapped files, `features.store`) is named by a k
 that changes the features: the backbone's (or the prefix's) weights (a hash of its tensors), the
 preprocessing and transforms, every image's path, size and modification time, the number of
 views, the precision, the runtime that computed them (onnxruntime and its version, or PyTorch),
-for augmented views the seed, and for a prefix the boundary (block and node) and the prefix's code. A cache whose key, format or shapes do not check out is rebuilt,
-never trusted; one run writes it (`features.lock`) while others wait for it.
+for augmented views the seed, and for a prefix the boundary (block and node) and the prefix's
+code. A cache whose key, format or shapes do not check out is rebuilt, never trusted; one run
+writes it (`features.lock`) while others wait for it.
 """
 
 from __future__ import annotations

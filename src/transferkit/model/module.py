@@ -208,7 +208,9 @@ class TransferModule(L.LightningModule):
         return self.head(self.features(images))
 
     def use_frozen_runtime(
-        self, session: Callable[[torch.Tensor], torch.Tensor] | None, split: Callable[[torch.Tensor], Any] | None
+        self,
+        session: Callable[[torch.Tensor], torch.Tensor] | None,
+        split: Callable[[torch.Tensor], Any] | None,
     ) -> None:
         """Run the part of the backbone frozen for the whole run on `session` (an onnxruntime
         export of it: `transferkit.runtime`): the whole backbone (`split` None), or the prefix of

@@ -17,8 +17,10 @@ RUNTIMES = ("auto", "onnx", "torch")
 TORCH = "torch"  # the name results and cache keys give PyTorch; onnxruntime's carries its version
 
 
-def resolve_runtime(setting: str, device: torch.device, dtype: torch.dtype, key: str = "features.runtime") -> str:
-    """"onnx" or "torch" for `setting` (the config `key`) on `device` in `dtype`; an explicit
+def resolve_runtime(
+    setting: str, device: torch.device, dtype: torch.dtype, key: str = "features.runtime"
+) -> str:
+    """ "onnx" or "torch" for `setting` (the config `key`) on `device` in `dtype`; an explicit
     `onnx` that cannot run is refused in one line, `auto` falls back to PyTorch."""
     if setting not in RUNTIMES:
         raise ConfigError(f"{key}={setting!r} is not one of: {', '.join(RUNTIMES)}.")

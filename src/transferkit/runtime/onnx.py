@@ -198,7 +198,9 @@ def _make(module: nn.Module, input_shape: tuple[int, ...], path: Path, what: str
         relative = check_parity(module, OnnxModule(tmp), input_shape)
         write_atomic(
             path.with_suffix(".json"),
-            json.dumps({"what": what, "parity": relative, "tolerance": PARITY_RTOL, "input": list(input_shape)}),
+            json.dumps(
+                {"what": what, "parity": relative, "tolerance": PARITY_RTOL, "input": list(input_shape)}
+            ),
         )
         os.replace(tmp, path)
     finally:
