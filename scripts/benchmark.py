@@ -3,6 +3,7 @@
     python scripts/benchmark.py                       # 480 images, 224 px, 10 epochs, auto device
     python scripts/benchmark.py --images 40 --epochs 2 --size 64 --out /tmp/tk-small   # a quick try
     python scripts/benchmark.py scale                 # head epochs on 10k, 100k, 1M cached rows
+    python scripts/benchmark.py runtime               # onnxruntime against eager and bare, Lite0 and ResNet-50
 
 One generated image folder (circles vs triangles drawn by transferkit.data.demo, with distractor
 stickers, colour jitter and pixel noise; split 80/20 into train/ and val/, written once under
@@ -581,6 +582,11 @@ def main() -> None:
         from benchmark_scale import main as scale
 
         scale(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["runtime"]:  # the frozen backbone's runtime: scripts/benchmark_runtime.py
+        from benchmark_runtime import main as runtime
+
+        runtime(sys.argv[2:])
         return
     args = parse_args()
     args.out = args.out.resolve()
