@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_task, main_exits
+from conftest import EXPORTS, compose_task, main_exits
 from PIL import Image
 
 from transferkit.audit.duplicates import Pair, crowded_threshold, exact_groups, find_duplicates
@@ -286,11 +286,9 @@ def plant(root: Path, seed: int = 0) -> tuple[set[frozenset[str]], set[str]]:
 def run_audit(tmp_path: Path, root: Path) -> tuple[dict, Path]:
     from transferkit.tasks.audit import audit
 
-    cfg = compose_task(
-        "audit",
-        tmp_path,
-        ["data=imagefolder", f"data.root={root}", "data.image_size=96", "data.num_workers=0", "audit.show=4"],
-    )  # the shipped Lite0 weights, at 96 px: 3 s of features for 180 images on 2 cores
+    # the shipped Lite0 weights, at 96 px: 3 s of features for 180 images on 2 cores; exported once
+    data = ["data=imagefolder", f"data.root={root}", "data.image_size=96", "data.num_workers=0"]
+    cfg = compose_task("audit", tmp_path, [*data, "audit.show=4", f"features.exports_dir={EXPORTS}"])
     return audit(cfg), Path(cfg.paths.output_dir)
 
 

@@ -192,3 +192,30 @@ def test_model_compile_keeps_pytorch_and_refuses_an_explicit_onnx(
 ) -> None:
     with pytest.raises(ConfigError, match="features.runtime=onnx and model.compile=true both choose"):
         train(compose_train(tmp_path, [*tiny_overrides, "model.compile=true", "features.runtime=onnx"]))
+
+
+@pytest.mark.slow
+def test_the_audit_and_a_frozen_run_share_one_export_and_one_feature_cache(
+    compose_train, tmp_path: Path, image_folder: Path
+) -> None:
+    """The shipped Lite0 weights at 32 px: the audit after a default frozen run on the same data
+    reuses its features, computed by the same onnxruntime export (a run's frozen BatchNorm,
+    which stops tracking statistics, computes what the audit's unfrozen one does)."""
+    from conftest import compose_task, tiny_run
+
+    from transferkit.tasks.audit import audit
+
+    exports, cache = tmp_path / "exports", tmp_path / "cache"
+    shared = [f"features.exports_dir={exports}", f"features.dir={cache}", "data.image_size=32"]
+    overrides = [o for o in tiny_run(image_folder) if not o.startswith(("model.", "features.exports_dir"))]
+    trained = train(compose_train(tmp_path / "train", [*overrides, *shared, "data.augment=false"]))
+    assert trained["runtime"].startswith("onnxruntime ")
+    audited = audit(
+        compose_task(
+            "audit",
+            tmp_path / "audit",
+            ["data=imagefolder", f"data.root={image_folder}", "data.num_workers=0", *shared],
+        )
+    )
+    assert audited["feature_cache_reused"] and audited["feature_cache"] == trained["feature_cache"]
+    assert len(list(exports.glob("*.onnx"))) == 1

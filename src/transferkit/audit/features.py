@@ -1,7 +1,8 @@
 """The backbone's features of every image, through the feature cache: built the way a
 finetune=freeze training run builds its cache (the model's backbone and weights, the weights'
-evaluation preprocessing with the data's overrides, one view, the frozen precision), so the
-audit and such a run on the same data, model and precision share one file and one forward pass."""
+evaluation preprocessing with the data's overrides, one view, the frozen precision, the runtime
+`features.runtime` chooses), so the audit and such a run on the same data, model and precision
+share one file and one forward pass (and one onnxruntime export)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from transferkit.backbones import build_backbone
 from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.features.cache import Extraction, load_or_build
 from transferkit.features.precision import resolve_precision
+from transferkit.runtime import TORCH, resolve_runtime, session_for
 
 
 def image_features(
@@ -29,18 +31,24 @@ def image_features(
     preprocessing = backbone.preprocessing.with_overrides(**datamodule.preprocessing_overrides)
     datamodule.preprocessing = preprocessing
     splits = {name: items for name in SPLIT_ORDER if (items := getattr(datamodule.splits, name)) is not None}
+    dtype = resolve_precision(cfg.features.precision, device)
+    runtime = None
+    if resolve_runtime(cfg.features.get("runtime", "auto"), device, dtype) != TORCH:
+        size = preprocessing.image_size
+        runtime = session_for(model.eval(), (3, size, size), cfg.features.exports_dir, "The backbone")
     job = Extraction(
         model,
         splits,
         train_transform=None,  # one view: train is cached through the evaluation transform
         eval_transform=preprocessing.transforms(train=False),
         views=1,
-        dtype=resolve_precision(cfg.features.precision, device),
+        dtype=dtype,
         device=device,
         seed=int(cfg.seed),
         batch_size=datamodule.batch_size,
         num_workers=datamodule.num_workers,
         channels_last=any(isinstance(m, torch.nn.Conv2d) for m in model.modules()),
+        runtime=runtime,
     )
     sets, path, reused = load_or_build(job, cfg.features.dir)
     features = torch.cat([sets[name].features[0].float() for name in splits])

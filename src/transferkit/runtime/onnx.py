@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 import secrets
 import warnings
 from pathlib import Path
@@ -80,10 +81,14 @@ class OnnxModule:
 
 def module_code(module: nn.Module) -> str:
     """What says which function a module computes besides its weights: an fx graph's code (a
-    prefix of a backbone), else the module tree's repr (layer settings, pooling, the classes)."""
+    prefix of a backbone), else the module tree's repr (layer settings, pooling, the classes).
+    BatchNorm's `track_running_stats` is left out: the export runs in eval mode, where running
+    statistics that exist (they are in the weights) are used either way, so a backbone a run
+    froze (which stops them tracking) and the same one unfrozen (the audit's) share an export."""
     if isinstance(module, fx.GraphModule):
         return module.code
-    return f"{type(module).__module__}.{type(module).__qualname__}\n{module!r}"
+    tree = re.sub(r", track_running_stats=(True|False)", "", repr(module))
+    return f"{type(module).__module__}.{type(module).__qualname__}\n{tree}"
 
 
 def export_key(module: nn.Module, input_shape: tuple[int, ...]) -> str:
