@@ -219,3 +219,20 @@ def test_the_audit_and_a_frozen_run_share_one_export_and_one_feature_cache(
     )
     assert audited["feature_cache_reused"] and audited["feature_cache"] == trained["feature_cache"]
     assert len(list(exports.glob("*.onnx"))) == 1
+
+
+@pytest.mark.slow
+def test_a_resume_may_change_the_runtime_and_records_the_one_it_ran_on(
+    compose_train, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    """A run on onnxruntime resumed with features.runtime=torch goes on (the two agree within
+    the parity tolerance) on a cache of its own, and says which runtime it ended on."""
+    common = [*tiny_overrides, "data.augment=false"]
+    first = train(compose_train(tmp_path, [*common, "trainer.max_epochs=2"]))
+    resumed = train(
+        compose_train(tmp_path, [*common, "trainer.max_epochs=3", "features.runtime=torch", "ckpt_path=last"])
+    )
+    assert first["runtime"].startswith("onnxruntime ") and resumed["runtime"] == TORCH
+    assert resumed["epochs"] == 3 and resumed["feature_cache"] != first["feature_cache"]
+    record = torch.load(Path(resumed["best_model_path"]).with_name("last.ckpt"), weights_only=True)
+    assert record["transferkit"]["runtime"] == TORCH
