@@ -236,3 +236,14 @@ def test_a_resume_may_change_the_runtime_and_records_the_one_it_ran_on(
     assert resumed["epochs"] == 3 and resumed["feature_cache"] != first["feature_cache"]
     record = torch.load(Path(resumed["best_model_path"]).with_name("last.ckpt"), weights_only=True)
     assert record["transferkit"]["runtime"] == TORCH
+
+
+@pytest.mark.slow
+def test_making_an_export_draws_nothing_from_the_random_generators(tmp_path: Path) -> None:
+    """A run that exports and one that finds the export go on with the same random numbers."""
+    net = small_net(seed=3)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    assert session_for(net, (3, 16, 16), tmp_path, "The net") is not None
+    assert torch.equal(torch.rand(3), expected)

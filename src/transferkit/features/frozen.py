@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 
+from transferkit.backbones.build import output_shape
 from transferkit.errors import ConfigError
 from transferkit.features.cache import (
     CacheNotWritten,
@@ -29,7 +30,7 @@ from transferkit.features.cache import (
 from transferkit.features.decode import choose_decode
 from transferkit.features.loading import head_batch_size
 from transferkit.features.parallel import ParallelCache
-from transferkit.features.precision import PRECISIONS, frozen_forward, run_precision
+from transferkit.features.precision import PRECISIONS, run_precision
 from transferkit.features.prefix import NoPrefixSplit, PrefixSplit, eval_mode, split_backbone
 from transferkit.features.size import GB, cache_bytes, default_limit, readable
 from transferkit.runtime import RUNTIMES, TORCH, resolve_runtime, session_for
@@ -208,11 +209,8 @@ class FrozenFeatures:
     def check_size(self, model: TransferModule, split: PrefixSplit | None, images: dict[str, int]) -> None:
         """Log the cache's size, estimated before it is built; raise NoCache past the limit."""
         if split is None:
-            size, device = model.preprocessing.image_size, next(model.backbone.parameters()).device
             with eval_mode(model.backbone):
-                image = torch.zeros(1, 3, size, size, device=device)
-                width = frozen_forward(model.backbone, image, torch.float32)
-            shape = tuple(width.shape[1:])
+                shape = tuple(output_shape(model.backbone, model.preprocessing.image_size)[1:])
             what = "the backbone's features"
         else:
             shape = split.activation_shape

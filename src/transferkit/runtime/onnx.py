@@ -194,13 +194,15 @@ def session_for(
 
 
 def _make(module: nn.Module, input_shape: tuple[int, ...], path: Path, what: str) -> None:
-    """Export, check and publish `path` (with its parity record beside it, `<key>.json`)."""
+    """Export, check and publish `path` (with its parity record beside it, `<key>.json`). The
+    random generators are left as they were: a run that made the export and one that found it
+    must go on drawing the same numbers (shuffling, dropout, augmentation)."""
     tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.onnx")
-    example = torch.randn(2, *input_shape)
+    example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
     try:
-        with _inference(module):
+        with torch.random.fork_rng(devices=[]), _inference(module):
             _export(module, example, tmp)
-        relative = check_parity(module, OnnxModule(tmp), input_shape)
+            relative = check_parity(module, OnnxModule(tmp), input_shape)
         write_atomic(
             path.with_suffix(".json"),
             json.dumps(
