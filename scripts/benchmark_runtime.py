@@ -169,6 +169,17 @@ def process_rows(root: Path, out: Path, images: int) -> list[dict]:
     ]  # fmt: skip
 
 
+def subset(root: Path, out: Path, images: int) -> Path:
+    """Every k-th file of `root`'s train and val, linked into `out` (the same folders)."""
+    shutil.rmtree(out, ignore_errors=True)
+    files = sorted(p for p in root.glob("*/*/*") if p.is_file())
+    for path in files[:: max(1, len(files) // images)][:images]:
+        link = out / path.relative_to(root)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(path)
+    return out
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | row | images | s | images/s | vs bare ORT / floor |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -198,22 +209,27 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--size", type=int, default=300, help="side of the generated JPEGs")
     parser.add_argument("--out", type=Path, default=Path("/tmp/transferkit-bench-runtime"))
     parser.add_argument("--skip-process", action="store_true", help="the in-process rows only")
+    parser.add_argument(
+        "--data", type=Path, help="a real image folder ({train,val}/<class>/) instead of the generated one"
+    )
     args = parser.parse_args(argv)
     out = args.out.resolve()
     load = load_average()
     rows: list[dict] = []
-    root = generate_dataset(out / "data", args.images, args.size)
+    root = args.data.resolve() if args.data else generate_dataset(out / "data", args.images, args.size)
     train_items, val_items = samples(root)
     items = train_items + val_items
     rows += in_process_rows("Lite0", items, root, out)
-    small = generate_dataset(out / "data-small", args.resnet_images, args.size)
+    small = subset(root, out / "data-small", args.resnet_images) if args.data else generate_dataset(
+        out / "data-small", args.resnet_images, args.size
+    )  # fmt: skip
     rows += in_process_rows("ResNet-50", [x for pair in samples(small) for x in pair], small, out)
     if not args.skip_process:
         rows += process_rows(root, out, len(items))
     report = (
         f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}, "
-        f"load average {load:.2f} at the start; {args.size} px JPEGs, 224 px in, batch {BATCH}, "
-        f"{workers()} loader workers\n\n{table(rows)}\n"
+        f"load average {load:.2f} at the start; {args.data or f'{args.size} px JPEGs'}, 224 px in, "
+        f"batch {BATCH}, {workers()} loader workers\n\n{table(rows)}\n"
     )
     print(report)
     (out / "runtime.md").write_text(report)
