@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -37,16 +36,12 @@ from transferkit.data.sampling import (
     balanced_weights,
     positive_weights,
 )
+from transferkit.data.workers import default_num_workers
 from transferkit.errors import ConfigError, DataError
 from transferkit.features.loading import feature_loader
 
 log = logging.getLogger(__name__)
 BAD_IMAGE_POLICIES = ("error", "skip")
-
-
-def default_num_workers() -> int:
-    """The cores this process may use, at most 8 (more rarely helps decoding)."""
-    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 class ImageFolderDataModule(L.LightningDataModule):
