@@ -2,15 +2,15 @@
 
 A checkpoint is everything eval, predict and export need. Besides Lightning's state it holds a
 `transferkit` entry: the data the model was trained on (so `eval.py` can find it again) and the
-one precision the run's frozen backbone ran in (so eval reproduces the logged numbers).
+one precision the run's frozen backbone ran in (so eval reproduces the logged numbers). The file
+itself is read by `runs.checkpoint_file`, which predict and serve use without this module (and
+the LightningModule it builds).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,84 +19,8 @@ import torch
 from transferkit.backbones.preprocessing import CROP_SCALE
 from transferkit.errors import ConfigError
 from transferkit.features.precision import PRECISIONS, precision_name
-from transferkit.model.module import RECORD_KEY, TransferModule
-
-_MADE_BY = "Use a checkpoints/best.ckpt or last.ckpt written by train.py."
-
-# Where the modules a checkpoint's `_target_`s name (finetune._target_, say) lived before the
-# packages by noun (2026-12): the one place old paths are mapped, so an old run still
-# evaluates, predicts, exports and resumes.
-MOVED = {
-    "transferkit.config.": "transferkit.config.build.",
-    "transferkit.config_types.": "transferkit.config.types.",
-    "transferkit.preprocessing.": "transferkit.backbones.preprocessing.",
-    "transferkit.backbone_reference.": "transferkit.backbones.reference.",
-    "transferkit.module.": "transferkit.model.module.",
-    "transferkit.heads.": "transferkit.model.heads.",
-    "transferkit.metrics.": "transferkit.model.metrics.",
-    "transferkit.multilabel.": "transferkit.model.multilabel.",
-    "transferkit.history.": "transferkit.model.history.",
-    "transferkit.finetune.": "transferkit.training.finetune.",
-    "transferkit.optim.": "transferkit.training.optim.",
-    "transferkit.schedulers.": "transferkit.training.schedulers.",
-    "transferkit.callbacks.": "transferkit.training.callbacks.",
-    "transferkit.interrupts.": "transferkit.training.interrupts.",
-    "transferkit.loggers.": "transferkit.training.loggers.",
-    "transferkit.lr_finder.": "transferkit.training.lr_finder.",
-    "transferkit.swa.": "transferkit.training.swa.",
-    "transferkit.distributed.": "transferkit.training.distributed.",
-    "transferkit.rng.": "transferkit.training.rng.",
-    "transferkit.model_summary.": "transferkit.training.model_summary.",
-    "transferkit.run_dirs.": "transferkit.runs.directories.",
-    "transferkit.checkpoints.": "transferkit.runs.checkpoints.",
-    "transferkit.sweeps.": "transferkit.runs.sweeps.",
-    "transferkit.exporting.": "transferkit.inference.exporting.",
-    "transferkit.plots.": "transferkit.reports.plots.",
-}
-
-
-def current_paths(value: Any) -> Any:
-    """`value` (a record or hyper-parameters, nested) with every old module path made today's."""
-    if isinstance(value, dict):
-        return {key: current_paths(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [current_paths(item) for item in value]
-    if isinstance(value, str) and value.startswith("transferkit."):
-        old = next((old for old in MOVED if value.startswith(old)), None)
-        return value if old is None else MOVED[old] + value[len(old) :]
-    return value
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict, or a ConfigError saying what the file is instead."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={path} does not exist. {_MADE_BY}")
-    if path.suffix == ".onnx":
-        raise ConfigError(
-            f"ckpt_path={path} is an exported ONNX model; this task needs the .ckpt it was exported "
-            "from (predict.py also takes model.onnx)."
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"ckpt_path={path} is not a PyTorch checkpoint ({first}). {_MADE_BY}") from None
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(hparams, dict) or "class_names" not in hparams or "state_dict" not in checkpoint:
-        raise ConfigError(
-            f"ckpt_path={path} is a checkpoint of another kind: it has no transferkit model "
-            f"(hyper-parameters with class names, and a state dict). {_MADE_BY}"
-        )
-    return _current(checkpoint)
-
-
-def _current(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint with its hyper-parameters and record naming today's module paths."""
-    for key in ("hyper_parameters", RECORD_KEY):
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint[key] = current_paths(checkpoint[key])
-    return checkpoint
+from transferkit.model.module import TransferModule
+from transferkit.runs.checkpoint_file import MADE_BY, RECORD_KEY, current_paths, read_checkpoint
 
 
 def load_model(path: str | Path) -> TransferModule:
@@ -125,7 +49,7 @@ def load_model(path: str | Path) -> TransferModule:
     except RuntimeError as error:
         raise ConfigError(
             f"ckpt_path={path}: its weights do not fit the model its hyper-parameters describe "
-            f"({str(error).splitlines()[0]}). {_MADE_BY}"
+            f"({str(error).splitlines()[0]}). {MADE_BY}"
         ) from None
     return model.eval()
 
@@ -184,7 +108,7 @@ def _read_record(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
     the weights are never read, and only the small entries kept."""
     del mtime_ns, size  # the cache key only
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return _current({key: checkpoint.get(key) for key in ("hyper_parameters", RECORD_KEY)})
+    return {key: current_paths(checkpoint.get(key)) for key in ("hyper_parameters", RECORD_KEY)}
 
 
 def recorded_seed(path: str | Path) -> int | None:
