@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -125,7 +124,7 @@ def model_configs() -> list[tuple[str, str]]:
 def test_every_model_config_exports_with_parity(config: str, name: str, tmp_path: Path) -> None:
     size = 224 if "vit" in name else 32  # torchvision's ViT takes its own size only
     model = TransferModule(name, ["a", "b", "c"], weights=None, preprocessing={"image_size": size})
-    net = Classifier(model).eval().requires_grad_(False)
+    net = Classifier(model.backbone, model.head).eval().requires_grad_(False)
     images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     for format, file in exporting.FORMATS.items():
         path = tmp_path / file
@@ -140,39 +139,6 @@ def test_export_of_an_unknown_format_exits_2_with_one_line(
     cfg = compose_task("export", tmp_path, [f"ckpt_path={trained_run['best_model_path']}", "format=tflite"])
     code, errors = main_exits(main, cfg, caplog)
     assert code == 2 and len(errors) == 1 and "format=tflite is not supported" in errors[0]
-
-
-def test_export_py_without_the_onnx_extra_says_so_before_any_work(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Refused before the checkpoint is read (this one does not even exist): one line, exit 2."""
-    monkeypatch.setitem(sys.modules, "onnxscript", None)
-    cfg = compose_task("export", tmp_path, [f"ckpt_path={tmp_path}/missing.ckpt", "format=onnx"])
-    code, errors = main_exits(main, cfg, caplog)
-    assert code == 2 and len(errors) == 1, errors
-    assert 'export.py format=onnx needs the onnxscript package: pip install "transferkit[onnx]"' in errors[0]
-
-
-@pytest.mark.parametrize("package", ["onnx", "onnxscript", "onnxruntime"])
-def test_onnx_export_without_the_onnx_extra_names_it(
-    package: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setitem(sys.modules, package, None)  # what `import onnx` meets when it is not installed
-    message = rf'export.py format=onnx needs the {package} package: pip install "transferkit\[onnx\]"'
-    with pytest.raises(ConfigError, match=message):
-        exporting.export_onnx(torch.nn.Linear(3, 2), torch.randn(2, 3), tmp_path / "model.onnx")
-    assert not (tmp_path / "model.onnx").exists()
-    exporting.require_exporter("torchscript")  # TorchScript needs nothing more than torch
-
-
-def test_the_parity_check_without_onnxruntime_names_the_onnx_extra(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(
-        ConfigError, match=r'needs the onnxruntime package: pip install "transferkit\[onnx\]"'
-    ):
-        load_exported(tmp_path / "model.onnx")
 
 
 def test_parity_images_are_the_recorded_val_split_even_one_held_out_of_train(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, compose_task
+from conftest import EXPORTS, ROOT, compose_task
 
 from transferkit.inference import load_predictor, predict_files
 
@@ -47,6 +47,7 @@ class Server:
             f"ckpt_path={model}",
             f"port={self.port}",
             f"hydra.run.dir={root}",
+            f"runtime_dir={EXPORTS}",
         ]
         self.process = subprocess.Popen(
             [*command, *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -104,12 +105,12 @@ def images(trained_run: dict) -> list[Path]:
 
 def reference(model: str, paths: list[Path]) -> list[list[float]]:
     """predict.py's probabilities (its predictor, loop and softmax) for `paths`."""
-    return predict_files(load_predictor(model), paths, batch_size=32).probs.tolist()
+    return predict_files(load_predictor(model, runtime_dir=EXPORTS), paths, batch_size=32).probs.tolist()
 
 
 def assert_parity(server: Server, model: str, paths: list[Path]) -> None:
     expected = reference(model, paths)
-    names = load_predictor(model).class_names
+    names = load_predictor(model, runtime_dir=EXPORTS).class_names
     for path, probs in zip(paths, expected, strict=True):
         status, body = post(server.url, path.read_bytes(), "image/png")
         assert status == 200, body
@@ -264,7 +265,7 @@ def test_a_multilabel_model_answers_every_label_at_or_above_its_threshold(tmp_pa
     from conftest import TINY_MODEL, make_label_file
     from fastapi.testclient import TestClient
 
-    from transferkit.inference.predictors import TorchPredictor
+    from transferkit.inference import ModelInfo, TorchPredictor
     from transferkit.model.module import TransferModule
     from transferkit.serving import build_app
 
@@ -275,7 +276,7 @@ def test_a_multilabel_model_answers_every_label_at_or_above_its_threshold(tmp_pa
     model = TransferModule(
         TINY_MODEL, classes, weights=None, multilabel=True, preprocessing={"image_size": 32}
     )
-    predictor = TorchPredictor(model, torch.device("cpu"), torch.float32)
+    predictor = TorchPredictor(model, ModelInfo.of(model), torch.device("cpu"), torch.float32)
     probs = predict_files(predictor, paths, batch_size=32).probs
     middle = probs.median(dim=0).values
     model.thresholds.copy_(middle)
@@ -371,12 +372,12 @@ def in_process(tmp_path: Path, **limits: Any) -> Iterator[Any]:
     from conftest import TINY_MODEL
     from fastapi.testclient import TestClient
 
-    from transferkit.inference.predictors import TorchPredictor
+    from transferkit.inference import ModelInfo, TorchPredictor
     from transferkit.model.module import TransferModule
     from transferkit.serving import Limits, build_app
 
     model = TransferModule(TINY_MODEL, ["a", "b", "c"], weights=None, preprocessing={"image_size": 32})
-    predictor = TorchPredictor(model, torch.device("cpu"), torch.float32)
+    predictor = TorchPredictor(model, ModelInfo.of(model), torch.device("cpu"), torch.float32)
     with TestClient(build_app(predictor, tmp_path / "model.ckpt", limits=Limits(**limits))) as client:
         yield client
 

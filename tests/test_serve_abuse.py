@@ -271,7 +271,7 @@ def test_no_more_than_max_concurrent_decodes_images_decode_at_once(
     from conftest import TINY_MODEL, make_image_folder
     from fastapi.testclient import TestClient
 
-    from transferkit.inference.predictors import TorchPredictor
+    from transferkit.inference import ModelInfo, TorchPredictor
     from transferkit.model.module import TransferModule
     from transferkit.serving import Limits, build_app
     from transferkit.serving import images as serving_images
@@ -291,7 +291,7 @@ def test_no_more_than_max_concurrent_decodes_images_decode_at_once(
     monkeypatch.setattr(serving_images, "decode", slow_decode)
     image = next((make_image_folder(tmp_path, splits={"val": 1}) / "val").rglob("*.png")).read_bytes()
     model = TransferModule(TINY_MODEL, ["a", "b", "c"], weights=None, preprocessing={"image_size": 32})
-    predictor = TorchPredictor(model, torch.device("cpu"), torch.float32)
+    predictor = TorchPredictor(model, ModelInfo.of(model), torch.device("cpu"), torch.float32)
     limits = Limits(max_concurrent_decodes=allowed)
     with TestClient(build_app(predictor, tmp_path / "model.ckpt", limits=limits)) as client:
         assert client.get("/info").json()["max_concurrent_decodes"] == allowed

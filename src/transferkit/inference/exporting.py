@@ -1,6 +1,6 @@
 """A trained model as a file that runs without transferkit: ONNX (dynamic batch size) or
-TorchScript, checked against PyTorch before it is called a success. ONNX needs the `onnx` extra
-(onnx, onnxscript, onnxruntime), imported when it is used."""
+TorchScript, checked against PyTorch before it is called a success; and the classifier both
+formats hold: a checkpoint's backbone and head without the LightningModule around them."""
 
 from __future__ import annotations
 
@@ -14,35 +14,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transferkit.extras import require
-from transferkit.model.module import TransferModule
-
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 _ONNX_SINGLE_FILE_LIMIT = 1_800_000_000  # protobuf caps a file at 2 GB; above it weights go beside it
 
 
 class Classifier(nn.Module):
-    """images (B, 3, H, W), normalised as model.json says -> logits (B, classes), fp32."""
+    """images (B, 3, H, W), normalised as model.json says -> logits (B, classes), fp32. Its
+    state dict's keys are the TransferModule's (backbone.*, head.*), so a checkpoint's weights
+    load into it without Lightning (`inference.checkpoint`)."""
 
-    def __init__(self, model: TransferModule) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
         super().__init__()
-        self.backbone, self.head = model.backbone, model.head
+        self.backbone, self.head = backbone, head
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
 
 
-def require_exporter(format: str) -> None:
-    """Imports the packages `format` needs (all of them, before any work: onnxruntime is only used
-    by the parity check after the export), or raises a ConfigError naming their extra."""
-    if format == "onnx":  # torch.onnx's exporter needs onnx and onnxscript
-        for package in ("onnx", "onnxscript", "onnxruntime"):
-            require(package, extra="onnx", feature="export.py format=onnx")
-
-
 def export_onnx(net: nn.Module, example: torch.Tensor, path: Path) -> None:
     """With torch.onnx's dynamo exporter; the batch dimension is dynamic."""
-    require_exporter("onnx")
     size = sum(p.numel() * p.element_size() for p in net.parameters())
     batch = torch.export.Dim("batch", min=1)
     for name in ("onnx_ir", "onnxscript", "torch.onnx"):  # they log every optimisation pass
@@ -77,7 +67,8 @@ EXPORTERS: dict[str, Callable[[nn.Module, torch.Tensor, Path], None]] = {
 def load_exported(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     """The exported file as a function of images: onnxruntime for ONNX, torch.jit for TorchScript."""
     if path.suffix == ".onnx":
-        ort = require("onnxruntime", extra="onnx", feature="export.py format=onnx")
+        import onnxruntime as ort  # 0.2 s of imports, for ONNX only
+
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return lambda images: torch.from_numpy(session.run(None, {name: images.numpy()})[0])

@@ -93,6 +93,7 @@ def model_info(predictor: Any, ckpt_path: str | Path, settings: dict[str, Any]) 
         "multilabel": bool(predictor.multilabel),
         "preprocessing": asdict(predictor.preprocessing),
         "device": str(predictor.device),
+        "runtime": predictor.runtime,
         "version": transferkit.__version__,
         **settings,
     }

@@ -25,8 +25,8 @@ from transferkit.config.build import recorded_datamodule
 from transferkit.data.datamodule import ImageFolderDataModule
 from transferkit.data.digests import changed_splits, describe_changes
 from transferkit.errors import ConfigError, DataError
-from transferkit.features.precision import checkpoint_precision, precision_name
-from transferkit.inference import Predictions, TorchPredictor, best_device, predict_files
+from transferkit.features.precision import precision_name
+from transferkit.inference import Predictions, load_predictor, predict_files
 from transferkit.model.metrics import classification_metrics
 from transferkit.model.module import TransferModule
 from transferkit.model.multilabel import multilabel_scores
@@ -176,11 +176,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_same_kind(model, datamodule.splits.multilabel)
     check_recorded_files(model.run_record.get("splits"), datamodule, split)
     items = getattr(datamodule.splits, split)
-    device = best_device(cfg.device)
-    dtype = checkpoint_precision(cfg.get("precision"), model.frozen_dtype, device)
+    predictor = load_predictor(
+        cfg.ckpt_path, cfg.device, cfg.get("precision"), cfg.runtime, cfg.runtime_dir, model=model
+    )
     workers = datamodule.num_workers if cfg.get("num_workers") is None else int(cfg.num_workers)
     predictions = predict_files(
-        TorchPredictor(model, device, dtype),
+        predictor,
         [p for p, _ in items],
         int(cfg.batch_size),
         workers,
@@ -200,8 +201,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "data_root": str(Path(datamodule.root).resolve()),
         "images": len(items),
         **details,
-        "precision": precision_name(dtype),
-        "device": str(device),
+        "precision": precision_name(predictor.dtype),
+        "device": str(predictor.device),
+        "runtime": predictor.runtime,
         "class_names": model.class_names,
     }
 

@@ -17,14 +17,7 @@ from transferkit.config.build import recorded_datamodule
 from transferkit.data.images import load_rgb
 from transferkit.errors import ConfigError, ExportError, UserError, first_line
 from transferkit.inference import collect_inputs
-from transferkit.inference.exporting import (
-    EXPORTERS,
-    FORMATS,
-    Classifier,
-    load_exported,
-    parity,
-    require_exporter,
-)
+from transferkit.inference.exporting import EXPORTERS, FORMATS, Classifier, load_exported, parity
 from transferkit.model.module import TransferModule
 from transferkit.runs.checkpoints import load_model
 from transferkit.runs.directories import write_json
@@ -75,7 +68,7 @@ def export_checked(
     """Export into a staging folder, check parity there, then move the files into `output`;
     nothing is left behind on failure. Returns the largest logit difference."""
     name = FORMATS[format]
-    net = Classifier(model).eval().requires_grad_(False)
+    net = Classifier(model.backbone, model.head).eval().requires_grad_(False)
     with tempfile.TemporaryDirectory(dir=output, prefix=".export-") as staging:
         staged = Path(staging) / name
         try:
@@ -132,7 +125,6 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     count, atol = int(cfg.parity.count), float(cfg.parity.atol)
     if count < 1:
         raise ConfigError(f"parity.count={count} must be 1 or more.")
-    require_exporter(cfg.format)
     model = load_model(cfg.ckpt_path)
     images, source = parity_images(model, cfg.parity.get("images"), count)
     output = Path(cfg.output)

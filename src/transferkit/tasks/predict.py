@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from transferkit.data.datamodule import default_num_workers
+from transferkit.data.workers import default_num_workers
 from transferkit.errors import ConfigError
 from transferkit.inference import Predictions, collect_inputs, load_predictor, predict_files
 from transferkit.model.multilabel import decide
@@ -98,7 +98,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"top_k={top_k} must be 1 or more.")
     if int(cfg.batch_size) < 1:
         raise ConfigError(f"batch_size={cfg.batch_size} must be 1 or more.")
-    predictor = load_predictor(cfg.ckpt_path, cfg.device, cfg.precision)
+    predictor = load_predictor(cfg.ckpt_path, cfg.device, cfg.precision, cfg.runtime, cfg.runtime_dir)
     paths = collect_inputs(cfg.input)
     if top_k > len(predictor.class_names) and not predictor.multilabel:
         log.warning("top_k=%d, but the model has %d classes; listing all.", top_k, len(predictor.class_names))
@@ -125,6 +125,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         **label_summary(predictions, predictor.class_names, predictor.thresholds),
         "tta": bool(cfg.tta),
         "device": str(predictor.device),
+        "runtime": predictor.runtime,
         **({"multilabel": True} if predictor.multilabel else {}),
     }
 

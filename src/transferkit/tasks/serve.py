@@ -90,7 +90,7 @@ def serve(cfg: DictConfig) -> None:
     require("fastapi", extra="serve", feature="serve.py")
     from transferkit.serving import build_app  # needs FastAPI
 
-    predictor = load_predictor(cfg.ckpt_path, cfg.device, cfg.precision)
+    predictor = load_predictor(cfg.ckpt_path, cfg.device, cfg.precision, cfg.runtime, cfg.runtime_dir)
     app = build_app(
         predictor,
         cfg.ckpt_path,
@@ -102,10 +102,11 @@ def serve(cfg: DictConfig) -> None:
     )
     sock = bind(str(cfg.host), int(cfg.port))
     log.info(
-        "Serving %s (%d classes, %s) on http://%s:%d: POST /predict, GET /health, GET /info",
+        "Serving %s (%d classes, %s, %s) on http://%s:%d: POST /predict, GET /health, GET /info",
         cfg.ckpt_path,
         len(predictor.class_names),
         predictor.device,
+        predictor.runtime,
         cfg.host,
         cfg.port,
     )
