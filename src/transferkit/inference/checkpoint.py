@@ -18,9 +18,7 @@ from typing import Any
 import torch
 
 import transferkit
-from transferkit.backbones import build_backbone
 from transferkit.backbones.preprocessing import Preprocessing
-from transferkit.backbones.reference import put_back
 from transferkit.errors import ConfigError
 from transferkit.files import write_atomic
 from transferkit.inference.exporting import Classifier
@@ -77,7 +75,11 @@ def recorded_info(checkpoint: dict[str, Any], path: Path) -> ModelInfo | None:
 
 def build_classifier(checkpoint: dict[str, Any], path: Path) -> tuple[Classifier, ModelInfo]:
     """The checkpoint's backbone and head with its weights (those it keeps by reference put back
-    from the named weights on this machine: nothing is downloaded), in eval mode."""
+    from the named weights on this machine: nothing is downloaded), in eval mode. The model
+    families are imported here, when a model is built: a cached export needs none of them."""
+    from transferkit.backbones import build_backbone
+    from transferkit.backbones.reference import put_back
+
     hparams = checkpoint["hyper_parameters"]
     backbone = build_backbone(hparams["name"], None)  # the state dict has or names the weights
     head = build_head(backbone.num_features, len(hparams["class_names"]), **(hparams.get("head") or {}))
