@@ -209,3 +209,17 @@ def test_predict_and_eval_record_their_runtime_and_agree_across_them(
     assert evaluated["auto"]["precision"] == evaluated["torch"]["precision"] == "fp32"
     assert evaluated["auto"]["test/acc"] == evaluated["torch"]["test/acc"]
     assert evaluated["auto"]["test/loss"] == pytest.approx(evaluated["torch"]["test/loss"], abs=1e-4)
+
+
+def test_preprocessing_a_checkpoint_leaves_to_its_backbone_is_load_model_s(tmp_path: Path) -> None:
+    """A checkpoint recording part of its preprocessing (one saved before crop modes and with
+    no interpolation, say) is read as load_model reads it: the rest from its backbone."""
+    from transferkit.runs.checkpoints import load_model
+
+    checkpoint = torch.load(tiny_checkpoint(tmp_path / "tiny.ckpt"), weights_only=True)
+    recorded = checkpoint["hyper_parameters"]["preprocessing"]
+    del recorded["interpolation"], recorded["crop_mode"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    predictor = load_predictor(tmp_path / "old.ckpt", "cpu", runtime="torch")
+    assert predictor.preprocessing == load_model(tmp_path / "old.ckpt").preprocessing
+    assert predictor.preprocessing.crop_mode == "center" and predictor.preprocessing.image_size == 32

@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -52,31 +52,38 @@ class ModelInfo:
         return cls(list(model.class_names), model.preprocessing, bool(model.multilabel), thresholds)
 
 
-def _tuples(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+def _recorded_preprocessing(hparams: dict[str, Any]) -> dict[str, Any] | None:
+    """The preprocessing the checkpoint records, as load_model reads it (one saved before crop
+    modes was evaluated with a centre crop)."""
+    recorded = hparams.get("preprocessing")
+    return None if recorded is None else {"crop_mode": "center", **recorded}
+
+
+def _thresholds(hparams: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> torch.Tensor | None:
+    if not hparams.get("multilabel"):
+        return None
+    if "thresholds" not in state:
+        raise ConfigError(f"ckpt_path={path} is a multi-label model without its thresholds. {MADE_BY}")
+    return state["thresholds"].detach().float().clone()
 
 
 def recorded_info(checkpoint: dict[str, Any], path: Path) -> ModelInfo | None:
     """The checkpoint's ModelInfo from its hyper-parameters and thresholds, the model unbuilt;
-    None for one that does not record its preprocessing (its backbone's defaults then)."""
+    None where the preprocessing it records leaves a value to the backbone's defaults."""
     hparams = checkpoint["hyper_parameters"]
-    recorded = hparams.get("preprocessing")
-    if recorded is None:
+    recorded = _recorded_preprocessing(hparams)
+    if recorded is None or {f.name for f in fields(Preprocessing)} - recorded.keys():
         return None
-    preprocessing = Preprocessing(**{"crop_mode": "center", **_tuples(recorded)})  # as load_model
-    multilabel = bool(hparams.get("multilabel"))
-    thresholds = None
-    if multilabel:
-        if "thresholds" not in checkpoint["state_dict"]:
-            raise ConfigError(f"ckpt_path={path} is a multi-label model without its thresholds. {MADE_BY}")
-        thresholds = checkpoint["state_dict"]["thresholds"].detach().float().clone()
-    return ModelInfo(list(hparams["class_names"]), preprocessing, multilabel, thresholds)
+    preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()})
+    thresholds = _thresholds(hparams, checkpoint["state_dict"], path)
+    return ModelInfo(list(hparams["class_names"]), preprocessing, thresholds is not None, thresholds)
 
 
 def build_classifier(checkpoint: dict[str, Any], path: Path) -> tuple[Classifier, ModelInfo]:
     """The checkpoint's backbone and head with its weights (those it keeps by reference put back
-    from the named weights on this machine: nothing is downloaded), in eval mode. The model
-    families are imported here, when a model is built: a cached export needs none of them."""
+    from the named weights on this machine: nothing is downloaded), in eval mode, as
+    `runs.checkpoints.load_model` builds them. The model families are imported here, when a
+    model is built: a cached export needs none of them."""
     from transferkit.backbones import build_backbone
     from transferkit.backbones.reference import put_back
 
@@ -93,11 +100,9 @@ def build_classifier(checkpoint: dict[str, Any], path: Path) -> tuple[Classifier
             f"ckpt_path={path}: its weights do not fit the model its hyper-parameters describe "
             f"({str(error).splitlines()[0]}). {MADE_BY}"
         ) from None
-    info = recorded_info(checkpoint, path)
-    if info is None:  # preprocessing not recorded: the backbone's, evaluated with a centre crop
-        multilabel = bool(hparams.get("multilabel"))
-        thresholds = state["thresholds"].detach().float().clone() if multilabel else None
-        info = ModelInfo(list(hparams["class_names"]), backbone.preprocessing, multilabel, thresholds)
+    preprocessing = backbone.preprocessing.with_overrides(**(_recorded_preprocessing(hparams) or {}))
+    thresholds = _thresholds(hparams, state, path)
+    info = ModelInfo(list(hparams["class_names"]), preprocessing, thresholds is not None, thresholds)
     return net.eval(), info
 
 

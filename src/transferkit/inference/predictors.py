@@ -172,15 +172,15 @@ def load_predictor(
     caller has built it (eval), so it is not built twice.
     """
     path = Path(path)
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime={runtime!r} is not one of: {', '.join(RUNTIMES)}.")
     if path.suffix == ".onnx" and path.is_file():
-        if runtime not in ("auto", "onnx"):
+        if runtime == TORCH:
             raise ConfigError(
-                f"runtime={runtime} cannot run ckpt_path={path}: an exported model runs on onnxruntime; "
+                f"runtime=torch cannot run ckpt_path={path}: an exported model runs on onnxruntime; "
                 "use runtime=auto, or give the .ckpt it was exported from."
             )
         return OnnxPredictor(path)
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"runtime={runtime!r} is not one of: {', '.join(RUNTIMES)}.")
     checkpoint = read_checkpoint(path)
     target = best_device(device)
     recorded = PRECISIONS[(checkpoint.get(RECORD_KEY) or {}).get("precision", "fp32")]
