@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_task, main_exits, make_image_folder
+from conftest import EXPORTS, compose_task, main_exits, make_image_folder
+from omegaconf import DictConfig
 from PIL import Image
 
 from transferkit.errors import ConfigError, DataError
@@ -19,6 +20,11 @@ from transferkit.tasks.eval import evaluate, main
 from transferkit.tasks.train import train
 
 SHARED = ("loss", "acc", "f1")
+
+
+def compose_eval(root: Path, overrides: list[str]) -> DictConfig:
+    """conf/eval.yaml with the session's shared exports: each checkpoint is exported once."""
+    return compose_task("eval", root, [*overrides, f"runtime_dir={EXPORTS}"])
 
 
 def read_rows(path: Path) -> list[list[str]]:
@@ -30,7 +36,7 @@ def read_rows(path: Path) -> list[list[str]]:
 def test_eval_reproduces_the_training_metrics_and_writes_the_reports(
     trained_run: dict, tmp_path: Path
 ) -> None:
-    results = evaluate(compose_task("eval", tmp_path, [f"ckpt_path={trained_run['best_model_path']}"]))
+    results = evaluate(compose_eval(tmp_path, [f"ckpt_path={trained_run['best_model_path']}"]))
     assert results["split"] == "test"  # the data has test/: it is the default
     for name in SHARED:
         assert results[f"test/{name}"] == pytest.approx(trained_run[f"test/{name}"], abs=1e-4)
@@ -58,9 +64,7 @@ def test_eval_reproduces_the_training_metrics_and_writes_the_reports(
 
 @pytest.mark.slow
 def test_eval_on_val_matches_training_val(trained_run: dict, tmp_path: Path) -> None:
-    results = evaluate(
-        compose_task("eval", tmp_path, [f"ckpt_path={trained_run['best_model_path']}", "split=val"])
-    )
+    results = evaluate(compose_eval(tmp_path, [f"ckpt_path={trained_run['best_model_path']}", "split=val"]))
     for name in SHARED:
         assert results[f"val/{name}"] == pytest.approx(trained_run[f"val/{name}"], abs=1e-4)
     assert not any(key.startswith("test/") for key in results)
@@ -73,9 +77,7 @@ def test_eval_matches_a_run_whose_backbone_trained(
     """No feature cache: validation ran the whole model on images, in training mode's sibling."""
     trained = train(compose_train(tmp_path / "t", [*tiny_overrides, "finetune=full"]))
     assert trained["feature_cache"] is None
-    results = evaluate(
-        compose_task("eval", tmp_path / "e", [f"ckpt_path={trained['best_model_path']}", "split=val"])
-    )
+    results = evaluate(compose_eval(tmp_path / "e", [f"ckpt_path={trained['best_model_path']}", "split=val"]))
     for name in SHARED:
         assert results[f"val/{name}"] == pytest.approx(trained[f"val/{name}"], abs=1e-4)
 
@@ -85,11 +87,9 @@ def test_eval_on_data_given_on_the_command_line(trained_run: dict, tmp_path: Pat
     """The training data moved: data.root points at its new place, with or without data=imagefolder."""
     moved = shutil.copytree(trained_run["data_root"], tmp_path / "moved")
     ckpt = f"ckpt_path={trained_run['best_model_path']}"
-    by_key = evaluate(compose_task("eval", tmp_path / "a", [ckpt, f"data.root={moved}"]))
+    by_key = evaluate(compose_eval(tmp_path / "a", [ckpt, f"data.root={moved}"]))
     by_group = evaluate(
-        compose_task(
-            "eval", tmp_path / "b", [ckpt, "data=imagefolder", f"data.root={moved}", "data.num_workers=0"]
-        )
+        compose_eval(tmp_path / "b", [ckpt, "data=imagefolder", f"data.root={moved}", "data.num_workers=0"])
     )
     for results in (by_key, by_group):
         assert results["data_root"] == str(moved)
@@ -110,13 +110,13 @@ def test_eval_of_a_run_with_a_val_folder_scores_it_as_it_is_now_unless_the_seed_
     overrides = [f"ckpt_path={ckpt}", "split=val", f"data.root={data}"]
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        results = evaluate(compose_task("eval", tmp_path / "a", overrides))
+        results = evaluate(compose_eval(tmp_path / "a", overrides))
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("transferkit")]
     assert results["images"] == 13
     assert len(lines) == 1 and "the val split held 12 files in the run, 13 now" in lines[0]
     shutil.rmtree(data / "val")
     with pytest.raises(DataError, match="not the one the run held out"):
-        evaluate(compose_task("eval", tmp_path / "b", overrides))
+        evaluate(compose_eval(tmp_path / "b", overrides))
 
 
 @pytest.mark.slow
@@ -144,7 +144,7 @@ def test_eval_refuses_what_cannot_work(trained_run: dict, tmp_path: Path) -> Non
     ]
     for overrides, error, message in cases:
         with pytest.raises(error, match=message):
-            evaluate(compose_task("eval", tmp_path / "run_dir", overrides))
+            evaluate(compose_eval(tmp_path / "run_dir", overrides))
 
 
 @pytest.mark.parametrize(
@@ -162,17 +162,17 @@ def test_checkpoints_of_another_kind_are_named_so(tmp_path: Path, content, messa
     else:
         torch.save(content, path)
     with pytest.raises(ConfigError, match=message):
-        evaluate(compose_task("eval", tmp_path, [f"ckpt_path={path}"]))
+        evaluate(compose_eval(tmp_path, [f"ckpt_path={path}"]))
 
 
 def test_an_exported_model_is_not_a_checkpoint(tmp_path: Path) -> None:
     onnx = tmp_path / "model.onnx"
     onnx.write_bytes(b"\x08\x07")
     with pytest.raises(ConfigError, match="exported ONNX model; this task needs the .ckpt"):
-        evaluate(compose_task("eval", tmp_path, [f"ckpt_path={onnx}"]))
+        evaluate(compose_eval(tmp_path, [f"ckpt_path={onnx}"]))
 
 
 def test_eval_bad_input_exits_2_with_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """What `python eval.py` does (a good command-line run: tests/test_readme.py)."""
-    code, errors = main_exits(main, compose_task("eval", tmp_path, ["ckpt_path=missing.ckpt"]), caplog)
+    code, errors = main_exits(main, compose_eval(tmp_path, ["ckpt_path=missing.ckpt"]), caplog)
     assert code == 2 and len(errors) == 1 and "ckpt_path=missing.ckpt does not exist" in errors[0]
