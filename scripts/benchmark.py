@@ -597,6 +597,11 @@ def main() -> None:
 
         runtime(sys.argv[2:])
         return
+    if sys.argv[1:2] == ["startup"]:  # start-up and predict as whole processes: scripts/benchmark_startup.py
+        from benchmark_startup import main as startup
+
+        startup(sys.argv[2:])
+        return
     args = parse_args()
     args.out = args.out.resolve()
     load_at_start = load_average()
