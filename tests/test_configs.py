@@ -19,7 +19,7 @@ import transferkit.runs.directories  # noqa: F401 - registers the config's resol
 from transferkit.config.build import instantiate_group
 from transferkit.config.types import check_types
 from transferkit.errors import ConfigError
-from transferkit.tasks.settings import PASSED_ON, SETTINGS
+from transferkit.tasks.settings import SETTINGS, passed_on
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
@@ -56,7 +56,7 @@ def test_every_option_composes(group: str, option: str, compose_train, tmp_path:
     under trainer reaches Lightning's Trainer by name (true on any Lightning release that keeps
     these arguments, however many a release adds)."""
     cfg = compose_train(tmp_path, [f"{group}={option}"])
-    check_types(cfg, SETTINGS["train"], passed_on=PASSED_ON)
+    check_types(cfg, SETTINGS["train"], passed_on=passed_on(cfg))
     assert cfg.model.name and cfg.trainer._target_ == "lightning.pytorch.Trainer"
     assert set(cfg.trainer) - {"_target_"} <= TRAINER_ARGUMENTS, set(cfg.trainer) - TRAINER_ARGUMENTS
     if group in ("callbacks", "logger"):

@@ -18,11 +18,11 @@ import torch
 from conftest import ROOT, compose_task, offline_env, tiny_run
 from helpers import SendSignal, fit, tiny
 
-from transferkit.errors import ConfigError
+from transferkit.errors import ConfigError, exit_code
 from transferkit.runs.directories import resolve_checkpoint, settle
 from transferkit.tasks.train import train
 from transferkit.training.finetune import Freeze
-from transferkit.training.interrupts import CheckpointOnInterrupt, Interrupted, exit_code
+from transferkit.training.interrupts import CheckpointOnInterrupt, Interrupted
 
 
 def fake_run(runs: Path, name: str, mtime: float) -> Path:

@@ -17,14 +17,7 @@ import pytest
 from conftest import ROOT, compose_task, make_image_folder, offline_env
 from test_inference_runtime import tiny_checkpoint
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.xfail(
-        strict=True,
-        reason="tasks/wrapper.py, tasks/settings.py and console.py import Lightning, features/__init__.py "
-        "the feature cache and model/multilabel.py torchmetrics (owned elsewhere; see the issue 31 report)",
-    ),
-]
+pytestmark = pytest.mark.slow
 LIGHTNING = {"lightning", "pytorch_lightning", "torchmetrics"}
 
 

@@ -4,11 +4,13 @@ none of Lightning's messages that are false or useless for these runs."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich import get_console
 from rich.syntax import Syntax
@@ -42,6 +44,29 @@ def set_up_console() -> None:
     lightning_info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropLightningInfo) for f in lightning_info.filters):
         lightning_info.addFilter(_DropLightningInfo())
+
+
+def global_rank() -> int:
+    """This process's rank: Lightning's where Lightning runs (its strategies set it), else
+    the launcher's environment (torchrun, SLURM), else 0; so predict and serve, which import
+    no Lightning, print as one process."""
+    lightning = sys.modules.get("lightning.fabric.utilities.rank_zero")
+    if lightning is not None:
+        return int(getattr(lightning.rank_zero_only, "rank", 0) or 0)
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def rank_zero_only(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` run on rank 0 only (Lightning's rank_zero_only, without importing Lightning)."""
+
+    @functools.wraps(fn)
+    def on_rank_zero(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs) if global_rank() == 0 else None
+
+    return on_rank_zero
 
 
 @rank_zero_only

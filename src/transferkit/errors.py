@@ -1,4 +1,7 @@
-"""Errors a user can cause. The entry points print them as one line and exit non-zero."""
+"""Errors a user can cause, and a run a signal stopped (`Interrupted`). The entry points print
+them as one line and exit non-zero. Nothing here imports Lightning: predict and serve start without it."""
+
+import signal
 
 _WORKER_MARK = "Original Traceback"
 
@@ -41,3 +44,18 @@ def first_line(error: BaseException) -> str:
     """An exception's first line, or its type's name when it has no message."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal; `signum` gives the exit code 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def exit_code(error: BaseException) -> int:
+    """128 + the signal, as shells report a process a signal ended."""
+    if isinstance(error, Interrupted):
+        return 128 + error.signum
+    return 128 + int(signal.SIGTERM)  # SIGTERMException

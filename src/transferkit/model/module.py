@@ -17,16 +17,11 @@ from transferkit.backbones import build_backbone
 from transferkit.backbones.reference import RECORD_ENTRY, BackboneReference, put_back
 from transferkit.errors import ConfigError, TrainingDiverged
 from transferkit.features.precision import frozen_forward, precision_name
+from transferkit.model.decisions import DEFAULT_THRESHOLD, decide
 from transferkit.model.heads import build_head
 from transferkit.model.history import EpochHistory
 from transferkit.model.metrics import RunningMetrics, classification_metrics, multilabel_train_metrics
-from transferkit.model.multilabel import (
-    DEFAULT_THRESHOLD,
-    ScoresAndTargets,
-    decide,
-    multilabel_scores,
-    tune_thresholds,
-)
+from transferkit.model.multilabel import ScoresAndTargets, multilabel_scores, tune_thresholds
 from transferkit.training.finetune import hold_frozen_in_eval
 from transferkit.training.optim import check_settings, configure_optimizers, param_groups, weight_decay
 from transferkit.training.rng import RandomState

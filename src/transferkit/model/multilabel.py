@@ -20,7 +20,7 @@ from torchmetrics import Metric
 from torchmetrics.functional.classification import multilabel_auroc, multilabel_average_precision
 from torchmetrics.utilities import dim_zero_cat
 
-DEFAULT_THRESHOLD = 0.5  # before any tuning, and for a class val has no positive image of
+from transferkit.model.decisions import DEFAULT_THRESHOLD, decide
 
 
 def tune_thresholds(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -46,11 +46,6 @@ def tune_thresholds(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         below = scores[k + 1] if k + 1 < len(scores) else scores[k] / 2
         thresholds[c] = float((scores[k] + below) / 2)
     return thresholds
-
-
-def decide(probs: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """(N, C) 0/1: each class predicted where its score reaches its threshold."""
-    return (probs >= thresholds.to(probs.device)).long()
 
 
 @contextmanager

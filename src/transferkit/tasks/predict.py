@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from transferkit.data.workers import default_num_workers
 from transferkit.errors import ConfigError
 from transferkit.inference import Predictions, collect_inputs, load_predictor, predict_files
-from transferkit.model.multilabel import decide
+from transferkit.model.decisions import decide
 from transferkit.tasks.settings import check_config
 from transferkit.tasks.wrapper import exit_on_user_error, task_wrapper
 

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lightning.pytorch.tuner import Tuner
 from omegaconf import DictConfig
 
 from transferkit.config.types import check_types
@@ -50,6 +49,8 @@ class Eval:
     num_workers: int | None
     device: str
     precision: str | None
+    runtime: str
+    runtime_dir: str
     misclassified: int
 
 
@@ -65,6 +66,8 @@ class Predict:
     num_workers: int | None
     device: str
     precision: str | None
+    runtime: str
+    runtime_dir: str
 
 
 @dataclass
@@ -102,6 +105,8 @@ class Serve:
     graceful_s: float
     device: str
     precision: str | None
+    runtime: str
+    runtime_dir: str
 
 
 @dataclass
@@ -133,13 +138,21 @@ SETTINGS: dict[str, type] = {
     "audit": Audit,
 }
 
-# Nodes whose builder hands their keys on, as a dict or **kwargs, to a callable of their own: the
-# model's head options to build_head, the lr finder's to Lightning's Tuner.lr_find.
-PASSED_ON: dict[str, Callable[..., Any]] = {"model.head": build_head, "lr_finder": Tuner.lr_find}
+
+def passed_on(cfg: DictConfig) -> dict[str, Callable[..., Any]]:
+    """Nodes whose builder hands their keys on, as a dict or **kwargs, to a callable of their
+    own: the model's head options to build_head, the lr finder's to Lightning's Tuner.lr_find
+    (imported only for a config that has one: predict and serve start without Lightning)."""
+    nodes: dict[str, Callable[..., Any]] = {"model.head": build_head}
+    if "lr_finder" in cfg:
+        from lightning.pytorch.tuner import Tuner
+
+        nodes["lr_finder"] = Tuner.lr_find
+    return nodes
 
 
 def check_config(cfg: DictConfig) -> None:
     """Refuse a value of the wrong type before the task does any work, in one line: the task's
     own keys against `SETTINGS`, every `_target_` node against what it builds."""
     task = cfg.get("task_name")
-    check_types(cfg, SETTINGS.get(task), f"{task}.py", PASSED_ON)
+    check_types(cfg, SETTINGS.get(task), f"{task}.py", passed_on(cfg))

@@ -14,14 +14,11 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from transferkit.console import print_results, set_up_console
-from transferkit.errors import UserError
+from transferkit.console import print_results, rank_zero_only, set_up_console
+from transferkit.errors import Interrupted, UserError, exit_code
 from transferkit.runs.directories import write_json
-from transferkit.training.interrupts import Interrupted, exit_code
 
 log = logging.getLogger(__name__)
 Task = Callable[[DictConfig], dict[str, Any]]
@@ -56,6 +53,15 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def interrupted(error: BaseException) -> bool:
+    """A signal stopped training: ours, or Lightning's SIGTERMException (raised only where
+    Lightning is loaded, so it is looked up only there)."""
+    lightning = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    return isinstance(error, Interrupted) or (
+        lightning is not None and isinstance(error, lightning.SIGTERMException)
+    )
+
+
 def exit_on_user_error(main: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """A user error ends the process with its one-line message and exit code 2, not a traceback;
     in a multirun it fails the job (Hydra records it) and the sweep goes on."""
@@ -65,14 +71,16 @@ def exit_on_user_error(main: Callable[[DictConfig], Any]) -> Callable[[DictConfi
         set_up_console()
         try:
             return main(cfg)
-        except (Interrupted, SIGTERMException) as error:  # last.ckpt is saved and the log says how to resume
-            sys.exit(exit_code(error))
         except UserError as error:
             log.error("%s", error)
             if in_multirun():
                 raise
             sys.exit(error.exit_code)
-        except Exception as error:
+        except BaseException as error:  # Lightning's SIGTERMException is a SystemExit
+            if interrupted(error):  # last.ckpt is saved and the log says how to resume
+                sys.exit(exit_code(error))
+            if not isinstance(error, Exception):
+                raise
             # A spawned DDP process re-raises our error as text; keep its last line.
             last = str(error).strip().splitlines()[-1] if str(error).strip() else ""
             if not last.startswith("transferkit.errors."):

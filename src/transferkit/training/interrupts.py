@@ -15,24 +15,10 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from transferkit.errors import Interrupted
 from transferkit.training.callbacks import unshare
 
 log = logging.getLogger(__name__)
-
-
-class Interrupted(Exception):
-    """Training stopped by a signal; `signum` gives the exit code 128 + signum."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-def exit_code(error: BaseException) -> int:
-    """128 + the signal, as shells report a process a signal ended."""
-    if isinstance(error, Interrupted):
-        return 128 + error.signum
-    return 128 + int(signal.SIGTERM)  # SIGTERMException
 
 
 class CheckpointOnInterrupt(L.Callback):
