@@ -203,7 +203,7 @@ def table(rows: list[dict]) -> str:
         if row["images"] and reference is not None and row["row"].startswith(("floor", "python")):
             ratio = f"{row['s'] / reference['s']:.2f}x the time"
         elif row["images"] and reference is not None and reference is not row:
-            ratio = f"{reference['s'] / row['s']:.2f}x the images/s"
+            ratio = f"{(row['images'] / row['s']) / (reference['images'] / reference['s']):.2f}x the images/s"
         else:
             ratio = ""
         lines.append(
